@@ -1,0 +1,23 @@
+"""The model exactly as it is published: these files are copied verbatim into every exported repo."""
+
+from .configuration_vision_gpt import VisionGPTConfig
+from .modeling_vision_gpt import (
+    VisionGPTForConditionalGeneration,
+    VisionGPTOutput,
+    VisionGPTPreTrainedModel,
+    VisionGPTProjector,
+)
+from .pipeline_vision_gpt import VisionGPTImageToTextPipeline
+from .processing_vision_gpt import ImageLoadError, VisionGPTProcessor, load_image
+
+__all__ = [
+    "ImageLoadError",
+    "VisionGPTConfig",
+    "VisionGPTForConditionalGeneration",
+    "VisionGPTImageToTextPipeline",
+    "VisionGPTOutput",
+    "VisionGPTPreTrainedModel",
+    "VisionGPTProcessor",
+    "VisionGPTProjector",
+    "load_image",
+]

@@ -1,0 +1,196 @@
+"""VisionGPT configuration: a vision tower, a mapper into GPT-2's embedding space, and a GPT-2 decoder."""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import SubConfigSpec
+
+FUSIONS = ("prefix", "cross_attention")
+VISUAL_TOKENS = ("patches", "pooled", "queries")
+PROJECTOR_TYPES = ("linear", "mlp", "identity")
+# Towers whose outputs and image processors have been checked with this model.
+VISION_MODEL_TYPES = ("vit", "clip_vision_model", "siglip_vision_model", "dinov2")
+TEXT_MODEL_TYPES = ("gpt2",)
+
+
+class VisionGPTConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`VisionGPTForConditionalGeneration`]: a vision tower (ViT-B/16 at 224 px by default; CLIP
+    vision, SigLIP vision and DINOv2 work too), a trainable mapper and a GPT-2 decoder.
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the vision tower. Defaults to `ViTConfig()` (ViT-B/16, 224 px).
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the GPT-2 decoder. Defaults to `GPT2Config()` (GPT-2 small, 124M).
+        fusion (`str`, defaults to `"prefix"`):
+            `"prefix"`: the mapped visual tokens are placed before the caption tokens in GPT-2's input.
+            `"cross_attention"`: every GPT-2 block gets a cross-attention layer over the mapped visual tokens.
+        visual_tokens (`str`, defaults to `"queries"`):
+            Which visual tokens reach GPT-2. `"patches"`: every token of the vision tower (197 for ViT-B/16 at 224 px).
+            `"pooled"`: the tower's pooled feature mapped to `num_visual_tokens` tokens (ClipCap's MLP mapper).
+            `"queries"`: `num_visual_tokens` learned queries attend over the patch tokens.
+        num_visual_tokens (`int`, defaults to 32):
+            K, the number of visual tokens for `"pooled"` and `"queries"`.
+        projector_type (`str`, defaults to `"mlp"`):
+            `"linear"`, `"mlp"` (two layers) or `"identity"` (only when both hidden sizes match; used by conversions).
+        projector_hidden_act (`str`, defaults to `"gelu"`):
+            Activation of the MLP projector (any key of `transformers.activations.ACT2FN`).
+        projector_hidden_size (`int`, *optional*):
+            Hidden width of the MLP projector; defaults to GPT-2's hidden size.
+        vision_feature_layer (`int`, defaults to -1):
+            Hidden layer of the tower whose tokens are used by `"patches"` and `"queries"` (-1 is the last).
+        freeze_vision (`bool`, defaults to `True`):
+            Freeze the vision tower.
+        freeze_text (`bool`, defaults to `True`):
+            Freeze GPT-2's pretrained weights. Cross-attention layers are new and always stay trainable.
+        freeze_text_layers (`int`, defaults to 0):
+            Freeze the pretrained weights of the first N GPT-2 blocks (used when `freeze_text=False`).
+
+    Example:
+
+    ```python
+    >>> from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration
+    >>> config = VisionGPTConfig(fusion="cross_attention", visual_tokens="patches")
+    >>> model = VisionGPTForConditionalGeneration(config)
+    ```"""
+
+    model_type = "vision_gpt"
+    # Set here rather than by registration, so that every save writes the remote code next to the config.
+    _auto_class = "AutoConfig"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
+    }
+
+    vision_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    fusion: str = "prefix"
+    visual_tokens: str = "queries"
+    num_visual_tokens: int = 32
+    projector_type: str = "mlp"
+    projector_hidden_act: str = "gelu"
+    projector_hidden_size: int | None = None
+    vision_feature_layer: int = -1
+    freeze_vision: bool = True
+    freeze_text: bool = True
+    freeze_text_layers: int = 0
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate()
+        # GPT-2 builds its cross-attention layers (and generate its EncoderDecoderCache) from this flag.
+        self.text_config.add_cross_attention = self.fusion == "cross_attention"
+        # Generation reads the special tokens from the top-level config.
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self, name, None) is None:
+                setattr(self, name, getattr(self.text_config, name, None))
+        # What makes a saved folder load with trust_remote_code, from AutoModel, AutoModelForImageTextToText and
+        # pipeline("image-to-text") alike (transformers 5 checks custom_pipelines before redirecting that task).
+        model_class = "modeling_vision_gpt.VisionGPTForConditionalGeneration"
+        self.auto_map = {
+            "AutoConfig": "configuration_vision_gpt.VisionGPTConfig",
+            "AutoModel": model_class,
+            "AutoModelForImageTextToText": model_class,
+            "AutoProcessor": "processing_vision_gpt.VisionGPTProcessor",
+            **(getattr(self, "auto_map", None) or {}),
+        }
+        self.custom_pipelines = {
+            "image-to-text": {
+                "impl": "pipeline_vision_gpt.VisionGPTImageToTextPipeline",
+                "pt": ["AutoModelForImageTextToText"],
+                "type": "multimodal",
+            },
+            **(getattr(self, "custom_pipelines", None) or {}),
+        }
+        if self.pad_token_id is None:
+            # GPT-2 has no pad token; padding reuses eos and is told apart by the attention mask, never by its id.
+            self.pad_token_id = self.eos_token_id
+
+    def _validate(self):
+        def check_choice(field, allowed):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"VisionGPTConfig.{field}={value!r} is not supported; choose one of {list(allowed)}.")
+
+        check_choice("fusion", FUSIONS)
+        check_choice("visual_tokens", VISUAL_TOKENS)
+        check_choice("projector_type", PROJECTOR_TYPES)
+        if self.vision_config.model_type not in VISION_MODEL_TYPES:
+            raise ValueError(
+                f"VisionGPTConfig.vision_config has model_type={self.vision_config.model_type!r}; supported vision "
+                f"towers are {list(VISION_MODEL_TYPES)} (for CLIP or SigLIP pass the vision part, e.g. "
+                "CLIPConfig().vision_config)."
+            )
+        if self.text_config.model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"VisionGPTConfig.text_config has model_type={self.text_config.model_type!r}; the decoder must be "
+                f"of the GPT-2 family ({list(TEXT_MODEL_TYPES)})."
+            )
+        for field in ("num_visual_tokens", "projector_hidden_size"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"VisionGPTConfig.{field}={value!r} must be a positive integer.")
+        max_positions = self.text_config.n_positions
+        if self.num_prefix_tokens >= max_positions:
+            raise ValueError(
+                f"VisionGPTConfig: a visual prefix of {self.num_prefix_tokens} tokens (visual_tokens="
+                f"{self.visual_tokens!r}, num_visual_tokens={self.num_visual_tokens}) leaves no room for text in "
+                f"GPT-2's {max_positions} positions; use fewer visual tokens."
+            )
+        if self.projector_type == "identity":
+            if self.visual_tokens == "pooled":
+                raise ValueError(
+                    'VisionGPTConfig.projector_type="identity" cannot map one pooled feature to several tokens; '
+                    'use "linear" or "mlp" with visual_tokens="pooled".'
+                )
+            if self.vision_config.hidden_size != self.text_config.hidden_size:
+                raise ValueError(
+                    f'VisionGPTConfig.projector_type="identity" needs equal hidden sizes, but the vision tower has '
+                    f"{self.vision_config.hidden_size} and GPT-2 has {self.text_config.hidden_size}; use "
+                    '"linear" or "mlp".'
+                )
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"VisionGPTConfig.projector_hidden_act={self.projector_hidden_act!r} is not an activation known to "
+                f"transformers; choose one of {sorted(ACT2FN)}."
+            )
+        num_layers = self.text_config.n_layer
+        if (
+            isinstance(self.freeze_text_layers, bool)
+            or not isinstance(self.freeze_text_layers, int)
+            or not 0 <= self.freeze_text_layers <= num_layers
+        ):
+            raise ValueError(
+                f"VisionGPTConfig.freeze_text_layers={self.freeze_text_layers!r} must be an integer from 0 to GPT-2's "
+                f"{num_layers} layers."
+            )
+        num_vision_layers = self.vision_config.num_hidden_layers
+        if not -num_vision_layers - 1 <= self.vision_feature_layer <= num_vision_layers:
+            raise ValueError(
+                f"VisionGPTConfig.vision_feature_layer={self.vision_feature_layer} is out of range for a vision tower "
+                f"with {num_vision_layers} layers (use -1 for the last)."
+            )
+        for field in ("freeze_vision", "freeze_text"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"VisionGPTConfig.{field}={getattr(self, field)!r} must be True or False.")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """How many positions the visual prefix takes in GPT-2's sequence (0 for cross-attention)."""
+        if self.fusion != "prefix":
+            return 0
+        return self.num_image_tokens
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many visual tokens the mapper produces per image."""
+        if self.visual_tokens != "patches":
+            return self.num_visual_tokens
+        vision = self.vision_config
+        num_patches = (vision.image_size // vision.patch_size) ** 2
+        # SigLIP has no CLS token; ViT, CLIP and DINOv2 prepend one.
+        return num_patches + (0 if vision.model_type == "siglip_vision_model" else 1)
+
+
+__all__ = ["VisionGPTConfig"]

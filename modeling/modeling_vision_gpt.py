@@ -1,0 +1,471 @@
+"""VisionGPT: a vision tower, a trainable mapper and GPT-2, as one transformers model that generates captions."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .configuration_vision_gpt import VisionGPTConfig
+
+# Imported so that `save_pretrained` and the Hub's remote-code loader, which follow relative imports, always carry the
+# whole published package (processor and pipeline included) with the model.
+from .pipeline_vision_gpt import VisionGPTImageToTextPipeline  # noqa: F401
+from .processing_vision_gpt import VisionGPTProcessor  # noqa: F401
+
+
+@dataclass
+class VisionGPTOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
+        Cross-entropy over the caption tokens (labels of `-100` are ignored).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Next-token scores at each text position: `logits[:, i]` predicts `input_ids[:, i + 1]`. Visual positions of the
+        prefix are never returned.
+    past_key_values (`Cache`, *optional*):
+        GPT-2's key/value cache; with `fusion="prefix"` it holds the visual prefix too.
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, hidden_size)`, *optional*):
+        The mapped visual tokens that GPT-2 saw.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class VisionGPTMLP(nn.Module):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = ACT2FN[hidden_act]
+        self.fc2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, hidden_states):
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+def _projection(config: VisionGPTConfig, in_features: int, out_features: int) -> nn.Module:
+    if config.projector_type == "identity":
+        return nn.Identity()
+    if config.projector_type == "linear":
+        return nn.Linear(in_features, out_features)
+    hidden = config.projector_hidden_size or config.text_config.hidden_size
+    return VisionGPTMLP(in_features, hidden, out_features, config.projector_hidden_act)
+
+
+class VisionGPTQueryAttention(nn.Module):
+    """Multi-head attention of the learned queries over the projected patch tokens."""
+
+    def __init__(self, config: VisionGPTConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.num_heads = config.text_config.num_attention_heads
+        self.head_dim = hidden // self.num_heads
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.kv_proj = nn.Linear(hidden, 2 * hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, queries, keys_values):
+        batch_size, num_queries, hidden = queries.shape
+        q = self.q_proj(queries).view(batch_size, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(keys_values).view(batch_size, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, K, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(batch_size, num_queries, hidden))
+
+
+class VisionGPTProjector(nn.Module):
+    """
+    Maps the vision tower's features `(B, N, Dv)` to the visual tokens GPT-2 reads, `(B, num_image_tokens, D)`:
+    every patch token projected (`"patches"`), the pooled feature mapped to K tokens as in ClipCap (`"pooled"`, where
+    N is 1), or K learned queries attending over the projected patches (`"queries"`, a one-block Perceiver resampler).
+    """
+
+    def __init__(self, config: VisionGPTConfig):
+        super().__init__()
+        self.visual_tokens = config.visual_tokens
+        self.num_visual_tokens = config.num_visual_tokens
+        vision_hidden = config.vision_config.hidden_size
+        hidden = config.text_config.hidden_size
+        eps = config.text_config.layer_norm_epsilon
+        if self.visual_tokens == "pooled":
+            self.proj = _projection(config, vision_hidden, hidden * self.num_visual_tokens)
+        else:
+            self.proj = _projection(config, vision_hidden, hidden)
+        if self.visual_tokens == "queries":
+            self.queries = nn.Parameter(torch.zeros(self.num_visual_tokens, hidden))
+            self.ln_queries = nn.LayerNorm(hidden, eps=eps)
+            self.ln_patches = nn.LayerNorm(hidden, eps=eps)
+            self.attn = VisionGPTQueryAttention(config)
+            self.ln_mlp = nn.LayerNorm(hidden, eps=eps)
+            self.mlp = VisionGPTMLP(hidden, 4 * hidden, hidden, config.projector_hidden_act)
+
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        if self.visual_tokens == "pooled":
+            pooled = self.proj(vision_features[:, 0])  # (B, K * D)
+            return pooled.view(pooled.shape[0], self.num_visual_tokens, -1)  # (B, K, D)
+        patches = self.proj(vision_features)  # (B, N, D)
+        if self.visual_tokens == "patches":
+            return patches
+        queries = self.queries.expand(patches.shape[0], -1, -1)  # (B, K, D)
+        queries = queries + self.attn(self.ln_queries(queries), self.ln_patches(patches))
+        return queries + self.mlp(self.ln_mlp(queries))
+
+
+class VisionGPTPreTrainedModel(PreTrainedModel):
+    config: VisionGPTConfig
+    config_class = VisionGPTConfig
+    base_model_prefix = "vision_gpt"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GPT2Block", "ViTLayer", "CLIPEncoderLayer", "SiglipEncoderLayer", "Dinov2Layer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, VisionGPTProjector) and module.visual_tokens == "queries":
+            init.normal_(module.queries, mean=0.0, std=self.config.text_config.initializer_range)
+
+
+class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixin):
+    r"""
+    An image captioner: a vision tower, a [`VisionGPTProjector`] and GPT-2 (`GPT2LMHeadModel`), fused either as a visual
+    prefix or through cross-attention (see [`VisionGPTConfig`]). Captions are generated with `generate(pixel_values)`,
+    which encodes each image once per call and supports every decoding strategy of `GenerationMixin`.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("user/vision-gpt-flickr8k", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("user/vision-gpt-flickr8k", trust_remote_code=True)
+    >>> inputs = processor(images="photo.jpg")
+    >>> processor.batch_decode(model.generate(**inputs))
+    ['a dog runs through the grass']
+    ```"""
+
+    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.transformer.wte.weight"}
+    # Set here rather than by registration, so that every save writes the remote code next to the weights.
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: VisionGPTConfig):
+        super().__init__(config)
+        vision_kwargs = {}
+        if config.vision_config.model_type == "vit":
+            # ViT's pooler is a trained dense+tanh over CLS: keep it only where it is used.
+            vision_kwargs["add_pooling_layer"] = config.visual_tokens == "pooled"
+        self.vision_model = AutoModel.from_config(config.vision_config, **vision_kwargs)
+        self.projector = VisionGPTProjector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+        self.apply_freezing()
+        # Caption defaults for a model that has no saved generation_config.json yet.
+        self.generation_config.max_new_tokens = self.generation_config.max_new_tokens or 32
+        if self.generation_config.num_beams in (None, 1):
+            self.generation_config.num_beams = 3
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters, and with them their `requires_grad`.
+        model.apply_freezing()
+        return model
+
+    # ----- parameters --------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def apply_freezing(self):
+        """Set `requires_grad` from the config's `freeze_vision`, `freeze_text` and `freeze_text_layers`."""
+        config = self.config
+        self.vision_model.requires_grad_(not config.freeze_vision)
+        self.projector.requires_grad_(True)
+        self.language_model.requires_grad_(not config.freeze_text)
+        blocks = self.language_model.transformer.h
+        for block in blocks[: config.freeze_text_layers]:
+            block.requires_grad_(False)
+        for block in blocks:
+            # Cross-attention layers are new: they are trained whatever is frozen around them.
+            for name in ("crossattention", "ln_cross_attn"):
+                if hasattr(block, name):
+                    getattr(block, name).requires_grad_(True)
+
+    def set_frozen(self, vision: bool | None = None, text: bool | None = None, text_layers: int | None = None):
+        """Change what is frozen (e.g. at a stage boundary of staged unfreezing); validated like the config."""
+        updates = {"freeze_vision": vision, "freeze_text": text, "freeze_text_layers": text_layers}
+        previous = {name: getattr(self.config, name) for name in updates}
+        for name, value in updates.items():
+            if value is not None:
+                setattr(self.config, name, value)
+        try:
+            self.config._validate()
+        except ValueError:
+            for name, value in previous.items():
+                setattr(self.config, name, value)
+            raise
+        self.apply_freezing()
+
+    def parameter_summary(self) -> dict[str, dict[str, int]]:
+        """Trainable and total parameter counts per part (`vision_model`, `projector`, `language_model`, `total`)."""
+        summary = {}
+        for name in ("vision_model", "projector", "language_model"):
+            # Count the tied embedding once, as `num_parameters` does.
+            params = {id(p): p for p in getattr(self, name).parameters()}.values()
+            summary[name] = {
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "total": sum(p.numel() for p in params),
+            }
+        summary["total"] = {key: sum(part[key] for part in summary.values()) for key in ("trainable", "total")}
+        return summary
+
+    # ----- images --------------------------------------------------------------------------------------------------
+
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        The vision tower's output that the projector reads, `(B, N, Dv)`: the tokens of `config.vision_feature_layer`,
+        or for `visual_tokens="pooled"` the pooled feature as `(B, 1, Dv)`. With a frozen tower these are what a
+        training feature cache stores.
+        """
+        config = self.config
+        pooled = config.visual_tokens == "pooled"
+        use_hidden_states = not pooled and config.vision_feature_layer != -1
+        vision_dtype = next(self.vision_model.parameters()).dtype
+        outputs = self.vision_model(
+            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=use_hidden_states, return_dict=True
+        )
+        if pooled:
+            features = getattr(outputs, "pooler_output", None)
+            if features is None:
+                features = outputs.last_hidden_state.mean(dim=1)
+            return features[:, None]  # (B, 1, Dv)
+        if use_hidden_states:
+            return outputs.hidden_states[config.vision_feature_layer]
+        return outputs.last_hidden_state  # (B, N, Dv)
+
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor | None = None, vision_features: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
+        """The visual tokens GPT-2 reads, `(B, num_image_tokens, D)`, from pixels or from cached vision features."""
+        if vision_features is None:
+            if pixel_values is None:
+                raise ValueError("get_image_features needs `pixel_values` or precomputed `vision_features`.")
+            vision_features = self.get_vision_features(pixel_values)
+        projector_dtype = self.get_input_embeddings().weight.dtype
+        return self.projector(vision_features.to(projector_dtype))
+
+    # ----- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> VisionGPTOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
+            tower's cached output) or `image_embeds` (already mapped visual tokens).
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token.
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
+            1 for text tokens, 0 for padding. Visual positions are always attended and are not part of this mask.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Targets aligned with `input_ids` (the model shifts them); `-100` is ignored. Padding must be `-100`.
+        """
+        if input_ids is None:
+            raise ValueError(
+                "VisionGPT needs `input_ids`: at least the start token. Use the processor, or `generate(pixel_values)`."
+            )
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        batch_size, seq_len = input_ids.shape
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        is_prefix = self.config.fusion == "prefix"
+
+        if image_embeds is None and (pixel_values is not None or vision_features is not None):
+            if not is_prefix or past_len == 0:
+                image_embeds = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+
+        prefill_prefix = is_prefix and past_len == 0
+        if prefill_prefix:
+            if image_embeds is None:
+                raise ValueError("The first forward pass needs `pixel_values` (or `vision_features` / `image_embeds`).")
+            if image_embeds.shape[0] != batch_size:
+                raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
+            inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
+        full_mask = self._full_attention_mask(attention_mask, inputs_embeds, past_len, seq_len)
+        # Positions count attended tokens only, so a left-padded row gets the positions it would have alone.
+        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+
+        encoder_hidden_states = None
+        if not is_prefix:
+            if image_embeds is None:
+                raise ValueError(
+                    "Cross-attention fusion needs `pixel_values` (or `vision_features` / `image_embeds`) at every step."
+                )
+            encoder_hidden_states = image_embeds.to(inputs_embeds.dtype)
+
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"`labels` has shape {tuple(labels.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
+        # Only text positions get logits: the visual prefix is never predicted, and GPT-2's LM head is the costliest
+        # layer per position.
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            encoder_hidden_states=encoder_hidden_states,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep if not _is_zero(logits_to_keep) else seq_len,
+            **kwargs,
+        )
+        logits = outputs.logits  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = _caption_loss(logits, labels, num_items_in_batch)
+        return VisionGPTOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_embeds=image_embeds,
+        )
+
+    @staticmethod
+    def _full_attention_mask(attention_mask, inputs_embeds, past_len, seq_len):
+        """The 2D mask over everything GPT-2 attends to: cached positions, the visual prefix and the new tokens."""
+        batch_size, new_len = inputs_embeds.shape[:2]
+        total_len = past_len + new_len
+        if attention_mask is None:
+            return torch.ones(batch_size, total_len, dtype=torch.long, device=inputs_embeds.device)
+        num_visual = total_len - attention_mask.shape[1]
+        if num_visual < 0:
+            raise ValueError(
+                f"`attention_mask` covers {attention_mask.shape[1]} tokens but the cache and the new tokens "
+                f"only hold {total_len - (new_len - seq_len)} text tokens."
+            )
+        if num_visual == 0:
+            return attention_mask
+        visual = attention_mask.new_ones(batch_size, num_visual)
+        return torch.cat([visual, attention_mask], dim=1)
+
+    # ----- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        **kwargs,
+    ):
+        r"""
+        Caption images. Takes `pixel_values` (or `vision_features` / `image_embeds`) and, optionally, a text prompt
+        in `input_ids` (left-padded, starting with the start token); every other argument is `GenerationMixin.generate`'s
+        (`num_beams`, `do_sample`, `top_p`, `num_return_sequences`, `repetition_penalty`, `generation_config`, ...).
+        Each image is encoded once per call, before beams or return sequences are expanded.
+        Returns the token ids, start token and prompt included; decode them with `processor.batch_decode`.
+        """
+        if image_embeds is None:
+            if pixel_values is None and vision_features is None:
+                raise ValueError("generate() needs `pixel_values` (or `vision_features` / `image_embeds`).")
+            image_embeds = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
+        batch_size = image_embeds.shape[0]
+        if input_ids is None:
+            start = self.generation_config.bos_token_id
+            if start is None:
+                start = self.config.bos_token_id
+            input_ids = torch.full((batch_size, 1), start, dtype=torch.long, device=image_embeds.device)
+        elif input_ids.shape[0] != batch_size:
+            raise ValueError(f"Got {batch_size} images but {input_ids.shape[0]} prompts in `input_ids`.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return super().generate(
+            input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
+        )
+
+    # ----- assembly --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model: str, text_model: str, **config_overrides
+    ) -> "VisionGPTForConditionalGeneration":
+        r"""
+        Assemble a captioner from a pretrained vision tower and a pretrained GPT-2 (Hub ids or local folders), as
+        `VisionEncoderDecoderModel.from_encoder_decoder_pretrained` does. The projector (and any cross-attention
+        layers) start from random weights; `config_overrides` are [`VisionGPTConfig`] fields.
+
+        Example:
+
+        ```python
+        >>> model = VisionGPTForConditionalGeneration.from_vision_text_pretrained(
+        ...     "google/vit-base-patch16-224-in21k", "gpt2", fusion="cross_attention"
+        ... )
+        ```"""
+        vision_config = AutoConfig.from_pretrained(vision_model)
+        # A full CLIP or SigLIP checkpoint: keep its vision tower only.
+        vision_config = getattr(vision_config, "vision_config", None) or vision_config
+        text_config = AutoConfig.from_pretrained(text_model)
+        config = VisionGPTConfig(vision_config=vision_config, text_config=text_config, **config_overrides)
+        model = cls(config)
+
+        vision_kwargs = {}
+        if config.vision_config.model_type == "vit":
+            vision_kwargs["add_pooling_layer"] = config.visual_tokens == "pooled"
+        vision = AutoModel.from_pretrained(vision_model, config=config.vision_config, dtype=torch.float32, **vision_kwargs)
+        model.vision_model.load_state_dict(vision.state_dict())
+        text = AutoModelForCausalLM.from_pretrained(text_model, config=config.text_config, dtype=torch.float32)
+        model.language_model.load_state_dict(text.state_dict())
+        model.apply_freezing()
+        return model
+
+
+def _is_zero(logits_to_keep) -> bool:
+    return isinstance(logits_to_keep, int) and logits_to_keep == 0
+
+
+def _caption_loss(logits, labels, num_items_in_batch=None):
+    """Next-token cross-entropy over the caption; `-100` labels (padding, the start token) are ignored."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # fp32 for a stable log-softmax
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return loss / num_items_in_batch
+
+
+__all__ = [
+    "VisionGPTForConditionalGeneration",
+    "VisionGPTOutput",
+    "VisionGPTPreTrainedModel",
+    "VisionGPTProjector",
+]

@@ -1,0 +1,59 @@
+"""The `image-to-text` pipeline for VisionGPT, shipped through `custom_pipelines` in the model's `config.json`."""
+
+from transformers import GenerationConfig, Pipeline
+
+
+class VisionGPTImageToTextPipeline(Pipeline):
+    r"""
+    Captions images: `captioner(image)` returns `[{"generated_text": caption}]`; a list of images returns one such
+    list per image. Images may be PIL images, paths, URLs (where the network allows), numpy arrays or tensors.
+    Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, `num_return_sequences`, `generate_kwargs`, ...)
+    go to `model.generate`; `prompt` makes every caption start with the given text.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> captioner = pipeline("image-to-text", model="user/vision-gpt-flickr8k", trust_remote_code=True)
+    >>> captioner("photo.jpg")
+    [{'generated_text': 'a dog runs through the grass'}]
+    ```"""
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _pipeline_calls_generate = True
+    _default_generation_config = GenerationConfig(max_new_tokens=32)
+
+    def _sanitize_parameters(self, prompt=None, max_new_tokens=None, generate_kwargs=None, **kwargs):
+        preprocess_params = {} if prompt is None else {"prompt": prompt}
+        forward_params = dict(generate_kwargs or {})
+        if max_new_tokens is not None:
+            if "max_new_tokens" in forward_params:
+                raise ValueError("`max_new_tokens` was given both directly and in `generate_kwargs`; give it once.")
+            forward_params["max_new_tokens"] = max_new_tokens
+        forward_params.update(kwargs)
+        return preprocess_params, forward_params, {}
+
+    def __call__(self, images, **kwargs):
+        return super().__call__(images, **kwargs)
+
+    def preprocess(self, image, prompt=None):
+        inputs = self.processor(images=image, prompt=prompt)
+        return inputs.to(self.dtype) if self.dtype is not None else inputs
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        sequences = self.model.generate(**model_inputs, **generate_kwargs)
+        # (B * n, L) -> (B, n, L), so that batching splits return sequences by image.
+        batch_size = model_inputs["pixel_values"].shape[0]
+        return {"sequences": sequences.view(batch_size, -1, sequences.shape[-1])}
+
+    def postprocess(self, model_outputs):
+        sequences = model_outputs["sequences"]
+        sequences = sequences.reshape(-1, sequences.shape[-1])
+        return [{"generated_text": caption} for caption in self.processor.batch_decode(sequences)]
+
+
+__all__ = ["VisionGPTImageToTextPipeline"]

