@@ -92,12 +92,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image).astype(np.float64)
         high = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
         array = np.clip(array / high * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(array, mode="L").convert("RGB")
+        return Image.fromarray(array).convert("RGB")
     if image.mode == "F":
         array = np.asarray(image)
         low, high = float(array.min()), float(array.max())
         array = (array - low) / max(high - low, 1e-12) * 255.0
-        return Image.fromarray(array.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(array.round().astype(np.uint8)).convert("RGB")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         image.mode == "P" and "transparency" in image.info
     )

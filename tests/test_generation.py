@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from .conftest import random_images, tiny_model
+
+START = 50256
+FUSIONS = ["prefix", "cross_attention"]
+
+
+def captions(model, processor, images, prompt=None, **kwargs):
+    inputs = processor(images=images, prompt=prompt)
+    return processor.batch_decode(model.generate(**inputs, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(4, seed=3)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_greedy_beam_and_sampling_shapes(fusion, processor, images):
+    model = tiny_model(fusion=fusion)
+    pixel_values = processor(images=images[:2])["pixel_values"]
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6)
+    assert model.generate(pixel_values, num_beams=1, **kwargs).shape == (2, 7)
+    assert model.generate(pixel_values, num_beams=3, **kwargs).shape == (2, 7)
+    assert model.generate(pixel_values, num_beams=3, num_return_sequences=3, **kwargs).shape == (6, 7)
+    sampled = model.generate(pixel_values, do_sample=True, top_k=20, top_p=0.9, temperature=1.3,
+                             num_return_sequences=2, num_beams=1, **kwargs)
+    assert sampled.shape == (4, 7)
+    assert (sampled[:, 0] == START).all()
+
+
+def test_random_images_get_different_captions(processor, images):
+    # Guards the equality tests below: a decoder that ignored its image would pass them trivially.
+    assert len(set(captions(tiny_model(), processor, images, max_new_tokens=8, num_beams=1))) > 1
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_captions_equal_single_image_captions(fusion, num_beams, processor, images):
+    model = tiny_model(fusion=fusion)
+    kwargs = dict(max_new_tokens=8, num_beams=num_beams)
+    batched = captions(model, processor, images, **kwargs)
+    assert batched == [captions(model, processor, [image], **kwargs)[0] for image in images]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_left_padded_prompts_caption_as_they_do_alone(fusion, processor, images):
+    model = tiny_model(fusion=fusion)
+    prompts = ["a", "a photo of two", "the", "three small red"]
+    batched = captions(model, processor, images, prompt=prompts, max_new_tokens=6, num_beams=1)
+    alone = [captions(model, processor, [image], prompt=[p], max_new_tokens=6, num_beams=1)[0]
+             for image, p in zip(images, prompts)]
+    assert batched == alone
+    assert all(caption.startswith(prompt) for caption, prompt in zip(batched, prompts))
+
+
+def test_sampling_is_reproducible_under_a_seed(processor, images):
+    model = tiny_model()
+    pixel_values = processor(images=images)["pixel_values"]
+    kwargs = dict(do_sample=True, temperature=1.5, max_new_tokens=8, num_beams=1)
+    torch.manual_seed(7)
+    first = model.generate(pixel_values, **kwargs)
+    torch.manual_seed(7)
+    again = model.generate(pixel_values, **kwargs)
+    torch.manual_seed(8)
+    other = model.generate(pixel_values, **kwargs)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_each_image_is_encoded_once_per_call(fusion, processor, images):
+    model = tiny_model(fusion=fusion)
+    seen = []
+    model.vision_model.register_forward_hook(lambda module, args, kwargs_out: seen.append(1))
+    calls = []
+    model.vision_model.register_forward_pre_hook(lambda module, args, kw: calls.append(kw["pixel_values"].shape[0]),
+                                                 with_kwargs=True)
+    pixel_values = processor(images=images[:2])["pixel_values"]
+    model.generate(pixel_values, num_beams=3, num_return_sequences=2, max_new_tokens=5)
+    assert calls == [2]
+
+
+def test_no_repeat_ngram_size_is_honoured(processor, images):
+    model = tiny_model()
+    pixel_values = processor(images=images)["pixel_values"]
+    plain = model.generate(pixel_values, max_new_tokens=12, min_new_tokens=12, num_beams=1)
+    controlled = model.generate(pixel_values, max_new_tokens=12, min_new_tokens=12, num_beams=1,
+                                no_repeat_ngram_size=2, repetition_penalty=1.3)
+
+    def repeats_a_bigram(row):
+        bigrams = list(zip(row[1:-1].tolist(), row[2:].tolist()))
+        return len(bigrams) != len(set(bigrams))
+
+    assert any(repeats_a_bigram(row) for row in plain), "the tiny model should repeat itself without controls"
+    assert not any(repeats_a_bigram(row) for row in controlled)
+
+
+def test_default_generation_config_is_set_for_captions():
+    config = tiny_model().generation_config
+    assert (config.max_new_tokens, config.num_beams) == (32, 3)
+    assert config.bos_token_id == config.eos_token_id == config.pad_token_id == START
+
+
+def test_generate_refuses_mismatched_inputs(processor, images):
+    model = tiny_model()
+    pixel_values = processor(images=images[:2])["pixel_values"]
+    with pytest.raises(ValueError, match="pixel_values"):
+        model.generate(max_new_tokens=2)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        model.generate(pixel_values, input_ids=torch.tensor([[START]]), max_new_tokens=2)

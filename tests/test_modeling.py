@@ -1,0 +1,246 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
+from transformers.cache_utils import DynamicCache
+
+from vision_gpt import VisionGPTForConditionalGeneration
+
+from .conftest import ALL_MODES, IMAGE_SIZE, tiny_model, tiny_text_config, tiny_vision_config
+
+START = 50256
+
+
+def batch(batch_size=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    # Row 1 is shorter (right padding) and contains GPT-2's token 0 ("!"), a real token.
+    input_ids = torch.tensor([[START, 64, 3290, 4539, START], [START, 0, 0, START, START], [START, 5, 6, 7, START]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, 0] = -100
+    return pixel_values[:batch_size], input_ids[:batch_size], attention_mask[:batch_size], labels[:batch_size]
+
+
+@pytest.mark.parametrize("fusion, visual_tokens", ALL_MODES)
+def test_every_mode_gives_text_logits_and_a_finite_loss(fusion, visual_tokens):
+    model = tiny_model(fusion=fusion, visual_tokens=visual_tokens)
+    pixel_values, input_ids, attention_mask, labels = batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert out.logits.shape == (3, 5, 50257)
+    assert out.image_embeds.shape == (3, model.config.num_image_tokens, 32)
+    assert torch.isfinite(out.loss) and out.loss.item() > 0
+    out.loss.backward()
+    assert model.projector.proj.fc1.weight.grad is not None if hasattr(model.projector.proj, "fc1") else True
+
+
+def test_loss_covers_exactly_the_unmasked_caption_tokens_including_token_zero():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask, labels = batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    targets = labels[:, 1:]
+    keep = targets != -100
+    assert (targets[keep] == 0).sum() == 2, "token 0 must be a target, not treated as padding"
+    log_probs = F.log_softmax(out.logits[:, :-1].float(), dim=-1)
+    expected = -log_probs[keep, targets[keep]].mean()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_padding_token_ids_do_not_change_the_loss():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask, labels = batch()
+    loss = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    other_padding = input_ids.masked_fill(attention_mask == 0, 123)
+    loss_other = model(pixel_values=pixel_values, input_ids=other_padding, attention_mask=attention_mask,
+                       labels=labels).loss
+    torch.testing.assert_close(loss, loss_other)
+
+
+def test_loss_with_num_items_in_batch_is_a_sum_over_that_count():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask, labels = batch()
+    mean_loss = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+                      labels=labels).loss
+    count = int((labels[:, 1:] != -100).sum())
+    summed = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                   num_items_in_batch=torch.tensor(2 * count)).loss
+    torch.testing.assert_close(summed, mean_loss / 2)
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_kv_cache_steps_match_a_full_forward(fusion):
+    model = tiny_model(fusion=fusion)
+    pixel_values, input_ids, _, _ = batch()
+    full = model(pixel_values=pixel_values, input_ids=input_ids).logits
+    cache = DynamicCache(config=model.config.text_config)
+    first = model(pixel_values=pixel_values, input_ids=input_ids[:, :3], past_key_values=cache, use_cache=True)
+    image_embeds = first.image_embeds
+    step = model(input_ids=input_ids[:, 3:4], image_embeds=image_embeds, past_key_values=first.past_key_values,
+                 attention_mask=torch.ones(3, 4, dtype=torch.long), use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], full[:, 3], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_left_padded_prompt_gives_the_logits_of_the_unpadded_prompt(fusion):
+    model = tiny_model(fusion=fusion)
+    pixel_values = batch()[0][:1]
+    alone = model(pixel_values=pixel_values, input_ids=torch.tensor([[START, 64]])).logits[:, -1]
+    padded = model(pixel_values=pixel_values, input_ids=torch.tensor([[START, START, START, 64]]),
+                   attention_mask=torch.tensor([[0, 0, 1, 1]])).logits[:, -1]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_vision_features_and_image_embeds_are_alternatives_to_pixels():
+    model = tiny_model()
+    pixel_values, input_ids, attention_mask, _ = batch()
+    from_pixels = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+    features = model.get_vision_features(pixel_values)
+    assert features.shape == (3, 17, 32)
+    from_features = model(vision_features=features, input_ids=input_ids, attention_mask=attention_mask).logits
+    embeds = model.get_image_features(pixel_values)
+    from_embeds = model(image_embeds=embeds, input_ids=input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(from_features, from_pixels)
+    torch.testing.assert_close(from_embeds, from_pixels)
+
+
+def test_pooled_mode_reads_one_feature_per_image():
+    model = tiny_model(visual_tokens="pooled", num_visual_tokens=3)
+    features = model.get_vision_features(batch()[0])
+    assert features.shape == (3, 1, 32)
+    assert model.get_image_features(vision_features=features).shape == (3, 3, 32)
+
+
+def test_vision_feature_layer_selects_an_earlier_layer():
+    model = tiny_model(vision_feature_layer=1)
+    pixel_values = batch()[0]
+    hidden = model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(model.get_vision_features(pixel_values), hidden)
+
+
+@pytest.mark.parametrize("tower", ["clip_vision_model", "siglip_vision_model", "dinov2"])
+@pytest.mark.parametrize("visual_tokens", ["patches", "pooled"])
+def test_other_towers_train_and_generate(tower, visual_tokens):
+    model = tiny_model(tower, visual_tokens=visual_tokens)
+    pixel_values, input_ids, attention_mask, labels = batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert torch.isfinite(out.loss)
+    assert out.image_embeds.shape[1] == model.config.num_image_tokens
+    assert model.generate(pixel_values=pixel_values, max_new_tokens=3, num_beams=1).shape[0] == 3
+
+
+def test_errors_name_what_is_missing():
+    model = tiny_model()
+    pixel_values, input_ids, _, labels = batch()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(pixel_values=pixel_values)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(input_ids=input_ids)
+    with pytest.raises(ValueError, match="3 images for 2"):
+        model(pixel_values=pixel_values, input_ids=input_ids[:2])
+    with pytest.raises(ValueError, match="labels"):
+        model(pixel_values=pixel_values, input_ids=input_ids, labels=labels[:, :3])
+    with pytest.raises(ValueError, match="every step"):
+        tiny_model(fusion="cross_attention")(input_ids=input_ids)
+
+
+def trainable_names(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_default_freezing_trains_only_the_projector():
+    model = tiny_model()
+    assert trainable_names(model) and all(name.startswith("projector.") for name in trainable_names(model))
+    summary = model.parameter_summary()
+    assert summary["vision_model"]["trainable"] == summary["language_model"]["trainable"] == 0
+    assert summary["projector"]["trainable"] == summary["projector"]["total"] > 0
+    assert summary["total"]["total"] == model.num_parameters()
+    assert summary["total"]["trainable"] == model.num_parameters(only_trainable=True)
+
+
+def test_cross_attention_layers_stay_trainable_with_gpt2_frozen():
+    names = trainable_names(tiny_model(fusion="cross_attention"))
+    assert any(".crossattention." in name for name in names)
+    assert any(".ln_cross_attn." in name for name in names)
+    gpt2_names = {name for name in names if name.startswith("language_model.")}
+    assert gpt2_names and all(".crossattention." in name or ".ln_cross_attn." in name for name in gpt2_names)
+
+
+def test_first_n_gpt2_layers_can_be_frozen():
+    names = trainable_names(tiny_model(freeze_text=False, freeze_text_layers=1))
+    assert not any(".h.0." in name for name in names)
+    assert any(".h.1." in name for name in names)
+    assert any("transformer.wte" in name for name in names)
+
+
+def test_set_frozen_changes_what_trains_and_refuses_bad_values():
+    model = tiny_model()
+    before = model.parameter_summary()["total"]["trainable"]
+    model.set_frozen(text=False)
+    after_text = model.parameter_summary()["total"]["trainable"]
+    model.set_frozen(vision=False)
+    after_all = model.parameter_summary()["total"]["trainable"]
+    assert before < after_text < after_all == model.num_parameters()
+    with pytest.raises(ValueError, match="freeze_text_layers"):
+        model.set_frozen(text_layers=7)
+    assert model.config.freeze_text_layers == 0
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = tiny_model(freeze_text=False, freeze_text_layers=1).train()
+    pixel_values, input_ids, attention_mask, labels = batch()
+    model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = tiny_model(freeze_text=False, freeze_vision=False).train()
+        model.config.text_config.attn_pdrop = model.config.text_config.resid_pdrop = 0.0
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        pixel_values, input_ids, attention_mask, labels = batch()
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
+              labels=labels).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_from_vision_text_pretrained_loads_both_towers(tmp_path):
+    torch.manual_seed(1)
+    vit = ViTModel(ViTConfig(**{k: v for k, v in tiny_vision_config().items() if k != "model_type"}),
+                   add_pooling_layer=False)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"}))
+    vit.save_pretrained(tmp_path / "vit")
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    model = VisionGPTForConditionalGeneration.from_vision_text_pretrained(
+        str(tmp_path / "vit"), str(tmp_path / "gpt2"), fusion="cross_attention", num_visual_tokens=5)
+    assert model.config.num_visual_tokens == 5 and model.config.fusion == "cross_attention"
+    for name, tensor in vit.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    for name, tensor in gpt2.state_dict().items():
+        assert torch.equal(model.language_model.state_dict()[name], tensor), name
+    assert model.language_model.lm_head.weight is model.language_model.transformer.wte.weight
+    assert hasattr(model.language_model.transformer.h[0], "crossattention")
+    assert all(name.startswith("projector.") or ".crossattention." in name or ".ln_cross_attn." in name
+               for name in trainable_names(model))
+
+
+def test_from_vision_text_pretrained_takes_the_vision_part_of_a_full_clip(tmp_path):
+    vision = {k: v for k, v in tiny_vision_config("clip_vision_model").items() if k != "model_type"}
+    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99)
+    clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
+    clip.save_pretrained(tmp_path / "clip")
+    GPT2LMHeadModel(GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})).save_pretrained(
+        tmp_path / "gpt2")
+    model = VisionGPTForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "clip"),
+                                                                          str(tmp_path / "gpt2"))
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    for name, tensor in clip.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name

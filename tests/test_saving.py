@@ -1,0 +1,161 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from vision_gpt import VisionGPTForConditionalGeneration, VisionGPTImageToTextPipeline, VisionGPTProcessor
+
+from .conftest import random_images, tiny_model
+
+REMOTE_FILES = {"configuration_vision_gpt.py", "modeling_vision_gpt.py", "processing_vision_gpt.py",
+                "pipeline_vision_gpt.py"}
+GREEDY = dict(max_new_tokens=6, num_beams=1)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, processor):
+    """A tiny model and its processor saved as a Hub repo, with the greedy captions of two test images."""
+    folder = tmp_path_factory.mktemp("repo")
+    model = tiny_model(fusion="prefix", visual_tokens="queries")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    images = random_images(2, seed=5)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(folder.parent / f"image{index}.png"))
+        image.save(paths[-1])
+    expected = processor.batch_decode(model.generate(**processor(images=images), **GREEDY))
+    return folder, model, paths, expected
+
+
+def test_save_writes_a_complete_hub_repo(saved):
+    folder, _, _, _ = saved
+    files = set(os.listdir(folder))
+    assert REMOTE_FILES | {"config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+                           "tokenizer.json", "tokenizer_config.json"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "vision_gpt"
+    assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoProcessor"}
+    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_vision_gpt.VisionGPTImageToTextPipeline"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["max_new_tokens"] == 32 and generation["num_beams"] == 3
+    for name in REMOTE_FILES:
+        source = os.path.join(os.path.dirname(__file__), "..", "modeling", name)
+        assert (folder / name).read_text() == open(source).read(), f"{name} must be copied verbatim"
+
+
+def test_tied_embeddings_are_stored_once_and_tied_again(saved):
+    folder, _, _, _ = saved
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        keys = set(weights.keys())
+    assert "language_model.transformer.wte.weight" in keys and "language_model.lm_head.weight" not in keys
+    reloaded = VisionGPTForConditionalGeneration.from_pretrained(folder)
+    assert reloaded.language_model.lm_head.weight is reloaded.language_model.transformer.wte.weight
+
+
+def test_reload_gives_the_same_logits_captions_and_freezing(saved, processor):
+    folder, model, paths, expected = saved
+    reloaded = VisionGPTForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = processor(images=paths, text=["a dog", "two cats run"])
+    torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)
+    assert processor.batch_decode(reloaded.generate(**processor(images=paths), **GREEDY)) == expected
+    assert reloaded.parameter_summary() == model.parameter_summary()
+
+
+def test_fp16_export_is_half_the_bytes_and_loads_on_cpu(saved, tmp_path, processor):
+    folder, model, paths, _ = saved
+    half = VisionGPTForConditionalGeneration.from_pretrained(folder).to(torch.float16)
+    half.save_pretrained(tmp_path / "fp16")
+    ratio = (tmp_path / "fp16" / "model.safetensors").stat().st_size / (folder / "model.safetensors").stat().st_size
+    assert 0.49 < ratio < 0.51
+    with safe_open(tmp_path / "fp16" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}
+    as_saved = VisionGPTForConditionalGeneration.from_pretrained(tmp_path / "fp16")
+    assert as_saved.dtype == torch.float16
+    as_fp32 = VisionGPTForConditionalGeneration.from_pretrained(tmp_path / "fp16", dtype=torch.float32).eval()
+    assert as_fp32.dtype == torch.float32
+    inputs = processor(images=paths, text=["a dog", "two cats"])
+    torch.testing.assert_close(as_fp32(**inputs).logits, model(**inputs).logits, rtol=0.05, atol=0.05)
+    assert as_saved.generate(**processor(images=paths), **GREEDY).shape[0] == 2
+
+
+def test_bfloat16_load_generates(saved, processor):
+    folder, _, paths, _ = saved
+    model = AutoModel.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.generate(**processor(images=paths), **GREEDY).shape[0] == 2
+
+
+def test_installed_package_loads_without_trust_remote_code(saved):
+    folder, _, paths, expected = saved
+    model = AutoModel.from_pretrained(folder)
+    assert type(model) is VisionGPTForConditionalGeneration
+    assert type(AutoModelForImageTextToText.from_pretrained(folder)) is VisionGPTForConditionalGeneration
+    processor = AutoProcessor.from_pretrained(folder)
+    assert type(processor) is VisionGPTProcessor
+    captioner = pipeline("image-to-text", model=str(folder), pipeline_class=VisionGPTImageToTextPipeline)
+    assert captioner(paths[0], **GREEDY) == [{"generated_text": expected[0]}]
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["vision_gpt"] = None  # the package must not be importable here
+    from PIL import Image
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    reference, paths, expected = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    greedy = dict(max_new_tokens=6, num_beams=1)
+    model = AutoModel.from_pretrained(reference, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    assert type(AutoModelForImageTextToText.from_pretrained(reference, trust_remote_code=True)) .__name__ == (
+        "VisionGPTForConditionalGeneration")
+    processor = AutoProcessor.from_pretrained(reference, trust_remote_code=True)
+    captions = processor.batch_decode(model.generate(**processor(images=paths), **greedy))
+    assert captions == expected, (captions, expected)
+
+    captioner = pipeline("image-to-text", model=reference, trust_remote_code=True)
+    assert type(captioner).__name__ == "VisionGPTImageToTextPipeline", type(captioner)
+    image = Image.open(paths[0])
+    assert captioner(image, **greedy) == [{"generated_text": expected[0]}]
+    assert captioner(paths[1], **greedy) == [{"generated_text": expected[1]}]
+    assert captioner(paths, **greedy) == [[{"generated_text": c}] for c in expected]
+    print("REMOTE-OK")
+    """
+)
+
+
+def run_without_package(reference, paths, expected, tmp_path, **env):
+    script = tmp_path / "remote_check.py"
+    script.write_text(REMOTE_SCRIPT)
+    environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), **env}
+    result = subprocess.run(
+        [sys.executable, str(script), reference, json.dumps(paths), json.dumps(expected)],
+        capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
+    )
+    assert "REMOTE-OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_remote_code_loads_from_a_folder_without_the_package(saved, tmp_path):
+    folder, _, paths, expected = saved
+    run_without_package(str(folder), paths, expected, tmp_path)
+
+
+def test_remote_code_loads_from_an_offline_hub_cache_snapshot(saved, tmp_path):
+    folder, _, paths, expected = saved
+    cache = tmp_path / "hub"
+    repo = cache / "models--user--vision-gpt-flickr8k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    run_without_package("user/vision-gpt-flickr8k", paths, expected, tmp_path,
+                        HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"))
