@@ -161,11 +161,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def __init__(self, config: VisionGPTConfig):
         super().__init__(config)
-        vision_kwargs = {}
-        if config.vision_config.model_type == "vit":
-            # ViT's pooler is a trained dense+tanh over CLS: keep it only where it is used.
-            vision_kwargs["add_pooling_layer"] = config.visual_tokens == "pooled"
-        self.vision_model = AutoModel.from_config(config.vision_config, **vision_kwargs)
+        self.vision_model = AutoModel.from_config(config.vision_config, **_vision_model_kwargs(config))
         self.projector = VisionGPTProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
@@ -318,7 +314,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             if image_embeds.shape[0] != batch_size:
                 raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
             inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
-        full_mask = self._full_attention_mask(attention_mask, inputs_embeds, past_len, seq_len)
+        full_mask = self._full_attention_mask(attention_mask, inputs_embeds, past_len)
         # Positions count attended tokens only, so a left-padded row gets the positions it would have alone.
         position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
@@ -359,7 +355,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         )
 
     @staticmethod
-    def _full_attention_mask(attention_mask, inputs_embeds, past_len, seq_len):
+    def _full_attention_mask(attention_mask, inputs_embeds, past_len):
         """The 2D mask over everything GPT-2 attends to: cached positions, the visual prefix and the new tokens."""
         batch_size, new_len = inputs_embeds.shape[:2]
         total_len = past_len + new_len
@@ -368,8 +364,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         num_visual = total_len - attention_mask.shape[1]
         if num_visual < 0:
             raise ValueError(
-                f"`attention_mask` covers {attention_mask.shape[1]} tokens but the cache and the new tokens "
-                f"only hold {total_len - (new_len - seq_len)} text tokens."
+                f"`attention_mask` covers {attention_mask.shape[1]} positions, more than the {total_len} that the "
+                "cache and the new tokens hold."
             )
         if num_visual == 0:
             return attention_mask
@@ -438,15 +434,21 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         config = VisionGPTConfig(vision_config=vision_config, text_config=text_config, **config_overrides)
         model = cls(config)
 
-        vision_kwargs = {}
-        if config.vision_config.model_type == "vit":
-            vision_kwargs["add_pooling_layer"] = config.visual_tokens == "pooled"
-        vision = AutoModel.from_pretrained(vision_model, config=config.vision_config, dtype=torch.float32, **vision_kwargs)
+        vision = AutoModel.from_pretrained(
+            vision_model, config=config.vision_config, dtype=torch.float32, **_vision_model_kwargs(config)
+        )
         model.vision_model.load_state_dict(vision.state_dict())
         text = AutoModelForCausalLM.from_pretrained(text_model, config=config.text_config, dtype=torch.float32)
         model.language_model.load_state_dict(text.state_dict())
         model.apply_freezing()
         return model
+
+
+def _vision_model_kwargs(config: VisionGPTConfig) -> dict:
+    if config.vision_config.model_type == "vit":
+        # ViT's pooler is a trained dense+tanh over CLS: keep it only where it is used.
+        return {"add_pooling_layer": config.visual_tokens == "pooled"}
+    return {}
 
 
 def _is_zero(logits_to_keep) -> bool:

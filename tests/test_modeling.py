@@ -139,6 +139,8 @@ def test_errors_name_what_is_missing():
         model(pixel_values=pixel_values, input_ids=input_ids[:2])
     with pytest.raises(ValueError, match="labels"):
         model(pixel_values=pixel_values, input_ids=input_ids, labels=labels[:, :3])
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones(3, 12, dtype=torch.long))
     with pytest.raises(ValueError, match="every step"):
         tiny_model(fusion="cross_attention")(input_ids=input_ids)
 

@@ -47,3 +47,12 @@ def test_bad_image_file_is_a_clear_error(captioner, tmp_path):
     bad.write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="broken.jpg"):
         captioner(str(bad))
+
+
+def test_bfloat16_pipeline_captions(captioner):
+    import torch
+
+    bf16 = pipeline("image-to-text", model=captioner.model.name_or_path, dtype=torch.bfloat16,
+                    pipeline_class=VisionGPTImageToTextPipeline)
+    assert bf16.model.dtype == torch.bfloat16
+    assert bf16(random_images(1, seed=14)[0], max_new_tokens=4, num_beams=1)[0]["generated_text"]
