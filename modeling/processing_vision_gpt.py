@@ -222,10 +222,12 @@ class VisionGPTProcessor(ProcessorMixin):
                     raise ValueError(f"Captions must be strings, got {type(caption).__name__}: {caption!r}.")
             if num_images is not None and len(captions) != num_images:
                 raise ValueError(f"Got {num_images} images but {len(captions)} captions; pass one caption per image.")
-            data.update(self._tokenize(captions, is_prompt=prompt is not None, max_length=max_length or self.max_length))
+            data.update(self.encode_captions(captions, is_prompt=prompt is not None, max_length=max_length))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _tokenize(self, captions: list[str], is_prompt: bool, max_length: int) -> dict:
+    def encode_captions(self, captions: list[str], is_prompt: bool = False, max_length: int | None = None) -> dict:
+        """Token lists (not tensors) for `captions`: training targets with labels, or left-padded prompts."""
+        max_length = max_length or self.max_length
         start, end = self.start_token_id, self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         ids = self.tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]

@@ -1,0 +1,106 @@
+"""Tiny captioning datasets in every supported layout, and tiny pretrained towers, written by the tests themselves."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+
+
+def colour_image(name: str, size: int = 40) -> Image.Image:
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    array = np.clip(np.array(COLOURS[name])[None, None] + rng.integers(-20, 20, (size, size, 3)), 0, 255)
+    return Image.fromarray(array.astype(np.uint8))
+
+
+def samples(count: int, offset: int = 0):
+    """(file name, colour, five captions) triples."""
+    names = list(COLOURS)
+    out = []
+    for index in range(offset, offset + count):
+        colour = names[index % len(names)]
+        captions = [f"A {colour} square .", f"a {colour} picture", f"something {colour}", f"the colour {colour}",
+                    f"an image that is {colour}"]
+        out.append((f"img_{index:03d}.jpg", colour, captions))
+    return out
+
+
+def write_flickr8k(root: Path, train: int = 8, val: int = 4, test: int = 4) -> Path:
+    """The original distribution: Flicker8k_Dataset/, Flickr8k.token.txt, Flickr_8k.{train,dev,test}Images.txt."""
+    (root / "Flicker8k_Dataset").mkdir(parents=True)
+    lines, offset = [], 0
+    for split, count in (("train", train), ("dev", val), ("test", test)):
+        split_samples = samples(count, offset)
+        offset += count
+        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(s[0] for s in split_samples) + "\n")
+        for name, colour, captions in split_samples:
+            colour_image(colour).save(root / "Flicker8k_Dataset" / name)
+            lines += [f"{name}#{k}\t{caption}" for k, caption in enumerate(captions)]
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_karpathy(root: Path, train: int = 6, val: int = 2, test: int = 2) -> Path:
+    (root / "images").mkdir(parents=True)
+    entries, offset = [], 0
+    for split, count in (("train", train), ("val", val), ("test", test)):
+        for name, colour, captions in samples(count, offset):
+            colour_image(colour).save(root / "images" / name)
+            entries.append({"filename": name, "split": split,
+                            "sentences": [{"raw": c, "tokens": c.split()} for c in captions]})
+        offset += count
+    (root / "dataset_flickr8k.json").write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
+    return root
+
+
+def write_coco(root: Path, train: int = 6, val: int = 2) -> Path:
+    (root / "annotations").mkdir(parents=True)
+    offset = 0
+    for split, count in (("train", train), ("val", val)):
+        (root / f"{split}2017").mkdir()
+        images, annotations = [], []
+        for image_id, (name, colour, captions) in enumerate(samples(count, offset)):
+            colour_image(colour).save(root / f"{split}2017" / name)
+            images.append({"id": image_id, "file_name": name})
+            annotations += [{"image_id": image_id, "id": len(annotations), "caption": c} for c in captions]
+        offset += count
+        (root / "annotations" / f"captions_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def write_datasets(root: Path, numbered_columns: bool = False, train: int = 6, val: int = 2) -> Path:
+    import datasets
+
+    splits = {}
+    offset = 0
+    for split, count in (("train", train), ("validation", val)):
+        rows = samples(count, offset)
+        offset += count
+        data = {"image": [colour_image(colour) for _, colour, _ in rows]}
+        if numbered_columns:
+            for k in range(5):
+                data[f"caption_{k}"] = [captions[k] for _, _, captions in rows]
+        else:
+            data["captions"] = [captions for _, _, captions in rows]
+        features = {"image": datasets.Image()}
+        splits[split] = datasets.Dataset.from_dict(data).cast_column("image", datasets.Image())
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+    return root
+
+
+def save_tiny_towers(root: Path, tokenizer) -> tuple[str, str]:
+    """A tiny ViT (no pooler) and a tiny GPT-2 with GPT-2's tokenizer, saved as pretrained checkpoints."""
+    import torch
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                             image_size=32, patch_size=8), add_pooling_layer=False)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=96))
+    vit.save_pretrained(root / "vit")
+    gpt2.save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    return str(root / "vit"), str(root / "gpt2")

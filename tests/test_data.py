@@ -1,0 +1,158 @@
+import json
+
+import pytest
+import torch
+
+from vision_gpt.data import (CaptionCollator, CaptionPairDataset, detect_layout, load_captioning_dataset,
+                             normalize_caption)
+from vision_gpt.feature_cache import FeatureCache
+
+from .conftest import tiny_model
+from .data_fixtures import write_coco, write_datasets, write_flickr8k, write_karpathy
+
+
+def counts(splits):
+    return {name: (len(images), sum(len(i.captions) for i in images)) for name, images in splits.items()}
+
+
+def test_flickr8k_original_layout(tmp_path):
+    root = write_flickr8k(tmp_path / "f8k", train=4, val=2, test=2)
+    assert detect_layout(root) == "flickr8k"
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    assert counts(splits) == {"train": (4, 20), "validation": (2, 10), "test": (2, 10)}
+    assert not report.counts
+    assert splits["train"][0].captions[0] == "a red square"  # lowercased, trailing " ." dropped
+
+
+def test_karpathy_json_layout(tmp_path):
+    root = write_karpathy(tmp_path / "k")
+    assert detect_layout(root) == "karpathy"
+    splits, _ = load_captioning_dataset("auto", str(root))
+    assert counts(splits) == {"train": (6, 30), "validation": (2, 10), "test": (2, 10)}
+
+
+def test_coco_captions_layout(tmp_path):
+    root = write_coco(tmp_path / "coco")
+    splits, _ = load_captioning_dataset("coco", str(root))
+    assert counts(splits) == {"train": (6, 30), "validation": (2, 10)}
+
+
+@pytest.mark.parametrize("numbered", [False, True])
+def test_datasets_folder_with_caption_list_or_numbered_columns(tmp_path, numbered):
+    root = write_datasets(tmp_path / "ds", numbered_columns=numbered)
+    splits, _ = load_captioning_dataset(str(root))
+    assert counts(splits) == {"train": (6, 30), "validation": (2, 10)}
+    assert splits["train"][1].captions == ["a green square", "a green picture", "something green",
+                                           "the colour green", "an image that is green"]
+
+
+def test_bad_data_is_skipped_counted_and_reported(tmp_path):
+    root = write_flickr8k(tmp_path / "f8k", train=6, val=2, test=2)
+    images = root / "Flicker8k_Dataset"
+    (images / "img_000.jpg").unlink()  # missing file
+    data = (images / "img_001.jpg").read_bytes()
+    (images / "img_001.jpg").write_bytes(data[: len(data) // 3])  # truncated
+    with open(root / "Flickr8k.token.txt", "a") as tokens:
+        tokens.write("ghost.jpg.1#0\ta caption for an image that does not exist\n")
+        tokens.write("img_002.jpg#5\t   \n")  # empty caption
+        tokens.write("no tab on this line\n")
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    assert report.counts == {"missing image files": 1, "unreadable images": 1,
+                             "captions naming images in no split": 1, "empty captions": 1,
+                             "malformed caption lines": 1}
+    assert counts(splits)["train"] == (4, 20)
+    summary = report.summary(splits)
+    assert "img_000.jpg" in summary and "img_001.jpg" in summary and "ghost.jpg.1" in summary
+
+
+def test_layout_errors_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        load_captioning_dataset("flickr8k", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*no layout"):
+        load_captioning_dataset("auto", str(tmp_path / "empty"))
+
+
+def test_normalize_caption():
+    assert normalize_caption("  A dog  runs through the Grass .") == "a dog runs through the grass"
+    assert normalize_caption("hi!") == "hi!"
+
+
+def test_every_caption_is_a_training_pair_and_batches_pad_dynamically(tmp_path, processor):
+    splits, _ = load_captioning_dataset("flickr8k", str(write_flickr8k(tmp_path / "f8k", train=2, val=1, test=1)))
+    dataset = CaptionPairDataset(splits["train"], processor.image_processor)
+    assert len(dataset) == 10
+    collate = CaptionCollator(processor, max_length=64)
+    batch = collate([dataset[0], dataset[4]])  # "a red square" and the longer "an image that is red"
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    width = batch["input_ids"].shape[1]
+    assert width == len(processor.tokenizer("an image that is red")["input_ids"]) + 2
+    assert batch["attention_mask"][0].sum() < width
+    assert (batch["labels"][0][batch["attention_mask"][0] == 0] == -100).all()
+    assert (batch["labels"][:, 0] == -100).all()
+
+
+# ----- feature cache -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_setup(tmp_path, processor):
+    splits, _ = load_captioning_dataset("flickr8k", str(write_flickr8k(tmp_path / "f8k", train=3, val=1, test=1)))
+    return tmp_path / "cache", tiny_model(), processor, splits["train"]
+
+
+def count_tower_calls(model):
+    calls = []
+    model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    return calls
+
+
+def test_cache_computes_each_image_once_and_serves_its_features(cache_setup):
+    root, model, processor, images = cache_setup
+    calls = count_tower_calls(model)
+    cache = FeatureCache(root, model, processor.image_processor)
+    cache.build(images, batch_size=2)
+    assert sum(calls) == 3  # three images, fifteen captions
+    dataset = CaptionPairDataset(images, processor.image_processor, cache)
+    item = dataset[7]  # a caption of the second image
+    assert set(item) == {"vision_features", "caption"}
+    with torch.no_grad():
+        expected = model.get_vision_features(processor(images=[str(images[1].image)])["pixel_values"])[0]
+    torch.testing.assert_close(item["vision_features"], expected, rtol=1e-3, atol=1e-3)  # stored as float16
+    again = FeatureCache(root, model, processor.image_processor)
+    again.build(images)
+    assert sum(calls) == 3 + 1, "a complete cache must be reused (only the expected-value call above ran)"
+
+
+def test_cache_is_not_reused_for_changed_weights_or_processor(cache_setup):
+    root, model, processor, images = cache_setup
+    first = FeatureCache(root, model, processor.image_processor)
+    first.build(images)
+    with torch.no_grad():
+        model.vision_model.embeddings.patch_embeddings.projection.weight.add_(0.01)
+    assert FeatureCache(root, model, processor.image_processor).folder != first.folder
+    other = type(processor.image_processor)(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                                            image_std=[0.5] * 3)
+    assert FeatureCache(root, model, other).folder != first.folder
+
+
+def test_cache_refuses_a_folder_written_for_another_model(cache_setup):
+    root, model, processor, images = cache_setup
+    cache = FeatureCache(root, model, processor.image_processor)
+    cache.build(images)
+    manifest = json.loads(cache.manifest_path.read_text())
+    manifest["key"] = "0" * 64
+    cache.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="another vision model"):
+        FeatureCache(root, model, processor.image_processor).build(images)
+
+
+def test_an_interrupted_cache_is_rebuilt(cache_setup):
+    root, model, processor, images = cache_setup
+    cache = FeatureCache(root, model, processor.image_processor)
+    cache.build(images)
+    cache.manifest_path.unlink()  # as if killed before the manifest was written
+    calls = count_tower_calls(model)
+    FeatureCache(root, model, processor.image_processor).build(images)
+    assert sum(calls) == 3

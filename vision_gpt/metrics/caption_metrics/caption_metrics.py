@@ -1,0 +1,74 @@
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) as an `evaluate` metric.
+
+A thin wrapper: the numbers come from `vision_gpt.evaluation.compute_caption_metrics`, so both routes agree.
+Load it with `evaluate.load(vision_gpt.evaluation.CAPTION_METRICS_PATH)`.
+"""
+
+import datasets
+import evaluate
+
+from vision_gpt.evaluation import compute_caption_metrics
+
+_CITATION = """\
+@inproceedings{chen2015microsoft,
+  title={Microsoft {COCO} Captions: Data Collection and Evaluation Server},
+  author={Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and Vedantam, Ramakrishna and Gupta, Saurabh and Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
+  journal={arXiv preprint arXiv:1504.00325},
+  year={2015}
+}
+@inproceedings{vedantam2015cider,
+  title={{CIDEr}: Consensus-based Image Description Evaluation},
+  author={Vedantam, Ramakrishna and Zitnick, C. Lawrence and Parikh, Devi},
+  booktitle={CVPR},
+  year={2015}
+}
+"""
+
+_DESCRIPTION = """\
+The caption metrics of the COCO evaluation server, computed by pycocoevalcap: captions are lowercased and tokenized by
+Stanford's PTB tokenizer with punctuation removed, then scored by BLEU-1..4, METEOR 1.5, ROUGE-L and CIDEr-D, plus
+SPICE when its Stanford CoreNLP models are installed. Scores are on the 0-100 scale captioning papers use. Needs Java.
+"""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (`list` of `str`): one generated caption per image; empty captions score 0.
+    references (`list` of `list` of `str`): the reference captions of each image, at least one per image.
+    spice (`bool` or `None`, defaults to `None`): `None` adds SPICE when its CoreNLP jars are installed and otherwise
+        says why under "SPICE_skipped"; `True` requires it; `False` never runs it.
+Returns:
+    "BLEU-1" ... "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D" (0-100; CIDEr-D up to 1000), "num_images", "num_references",
+    and "SPICE" or "SPICE_skipped".
+Examples:
+    >>> import evaluate
+    >>> from vision_gpt.evaluation import CAPTION_METRICS_PATH
+    >>> caption_metrics = evaluate.load(CAPTION_METRICS_PATH)
+    >>> results = caption_metrics.compute(
+    ...     predictions=["a dog runs on the beach", "a cat on a sofa"],
+    ...     references=[["a dog runs on the beach", "a brown dog running"], ["a cat sleeps on a red sofa"]],
+    ...     spice=False,
+    ... )
+    >>> round(results["BLEU-1"], 1)
+    83.4
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CaptionMetrics(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+            codebase_urls=["https://github.com/salaniz/pycocoevalcap"],
+            reference_urls=["https://arxiv.org/abs/1504.00325", "https://arxiv.org/abs/1411.5726"],
+        )
+
+    def _compute(self, predictions, references, spice=None):
+        return compute_caption_metrics(list(predictions), [list(refs) for refs in references], spice=spice)

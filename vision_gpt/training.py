@@ -1,0 +1,553 @@
+"""Train a captioner with `Trainer`: `accelerate launch scripts/train.py [flags | config.yaml | config.json]`.
+
+Arguments are three `HfArgumentParser` dataclasses: `ModelArguments`, `DataArguments` and transformers'
+`TrainingArguments` (as `CaptionTrainingArguments`, with captioning defaults). Multi-GPU, FSDP and DeepSpeed come from
+Accelerate; this module only builds the model and data, runs `Trainer`, and exports the result as Hub-ready repos.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
+from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
+
+logger = logging.getLogger("vision_gpt.training")
+
+CAPTION_METRIC_KEYS = {"BLEU-1": "bleu_1", "BLEU-2": "bleu_2", "BLEU-3": "bleu_3", "BLEU-4": "bleu_4",
+                       "METEOR": "meteor", "ROUGE-L": "rouge_l", "CIDEr-D": "cider_d", "SPICE": "spice"}
+
+
+@dataclass
+class ModelArguments:
+    vision_model: str | None = field(default=None, metadata={
+        "help": "Vision tower to start from: Hub id or folder (ViT, CLIP, SigLIP, DINOv2), e.g. "
+                "google/vit-base-patch16-224-in21k."})
+    text_model: str | None = field(default=None, metadata={"help": "GPT-2 checkpoint: Hub id or folder, e.g. gpt2."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Continue from an existing vision-gpt model (Hub id or folder) instead of --vision_model/--text_model."})
+    fusion: str = field(default="prefix", metadata={"help": f"One of {list(FUSIONS)}."})
+    visual_tokens: str = field(default="queries", metadata={"help": f"One of {list(VISUAL_TOKENS)}."})
+    num_visual_tokens: int = field(default=32, metadata={"help": "K visual tokens for 'queries' and 'pooled'."})
+    projector_type: str = field(default="mlp", metadata={"help": f"One of {list(PROJECTOR_TYPES)}."})
+    projector_hidden_act: str = field(default="gelu")
+    vision_feature_layer: int = field(default=-1)
+    freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision tower."})
+    freeze_text: bool = field(default=True, metadata={"help": "Freeze GPT-2 (cross-attention layers still train)."})
+    freeze_text_layers: int = field(default=0, metadata={"help": "When GPT-2 trains, keep its first N blocks frozen."})
+    unfreeze_text_epoch: int | None = field(default=None, metadata={
+        "help": "Staged unfreezing: from this epoch (0-based) on, GPT-2 trains too."})
+    unfreeze_vision_epoch: int | None = field(default=None, metadata={
+        "help": "Staged unfreezing: from this epoch (0-based) on, everything trains."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="flickr8k", metadata={
+        "help": "flickr8k, flickr30k, coco or auto (layout detected in --data_dir), or a datasets Hub id / folder."})
+    data_dir: str | None = field(default=None, metadata={"help": "Folder with the images and caption files."})
+    image_column: str | None = field(default=None, metadata={"help": "For datasets: the image column."})
+    caption_column: str | None = field(default=None, metadata={
+        "help": "For datasets: the captions column (default: caption_0..N, captions, sentences, caption, text)."})
+    max_caption_length: int = field(default=64, metadata={"help": "Longest caption in tokens, start and end included."})
+    max_train_images: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
+    max_eval_images: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
+    feature_cache: bool = field(default=True, metadata={
+        "help": "With a frozen vision tower, compute its features once per image and train from a disk cache."})
+    feature_cache_dir: str = field(default="~/.cache/vision-gpt/features")
+    caption_metrics: bool = field(default=True, metadata={
+        "help": "At each evaluation, caption validation images and score them (BLEU, METEOR, ROUGE-L, CIDEr-D)."})
+    caption_metrics_images: int = field(default=100, metadata={"help": "How many validation images to caption."})
+    generation_num_beams: int = field(default=3)
+    generation_max_new_tokens: int = field(default=32)
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop when metric_for_best_model has not improved for this many evaluations."})
+
+
+@dataclass
+class CaptionTrainingArguments(TrainingArguments):
+    """transformers' `TrainingArguments` with captioning defaults (evaluate and save each epoch, keep the best)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and the final repos go."})
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=2)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="loss")
+    logging_steps: float = field(default=10)
+    learning_rate: float = field(default=5e-4)
+    remove_unused_columns: bool = field(default=False)
+    prediction_loss_only: bool = field(default=True)
+    report_to: None | str | list[str] = field(default="auto", metadata={
+        "help": "Where to log: 'auto' is TensorBoard when installed, else none."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            raise ValueError("--output_dir is required.")
+        if self.report_to == "auto":
+            try:
+                import tensorboard  # noqa: F401
+
+                self.report_to = ["tensorboard"]
+            except ImportError:
+                self.report_to = "none"
+        super().__post_init__()
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ----- arguments -----------------------------------------------------------------------------------------------------
+
+
+def parse_arguments(argv=None):
+    """Flags, or a single JSON/YAML file; unknown keys and bad values fail here, before any data is read."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, CaptionTrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(argv[0])
+        if not path.is_file():
+            parser.error(f"config file '{path}' does not exist")
+        try:
+            if path.suffix == ".json":
+                args = parser.parse_json_file(path, allow_extra_keys=False)
+            else:
+                args = parser.parse_yaml_file(path, allow_extra_keys=False)
+        except ValueError as error:
+            parser.error(f"{path}: {error}")
+    else:
+        args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = args
+    try:
+        validate_arguments(model_args, data_args, training_args)
+    except ValueError as error:
+        parser.error(str(error))
+    return model_args, data_args, training_args
+
+
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    if model_args.model_name_or_path is None and not (model_args.vision_model and model_args.text_model):
+        raise ValueError("give --vision_model and --text_model, or --model_name_or_path to continue a vision-gpt model")
+    if data_args.dataset in ("flickr8k", "flickr30k", "coco", "auto"):
+        if not data_args.data_dir:
+            raise ValueError(f"--dataset {data_args.dataset} needs --data_dir")
+        if not Path(data_args.data_dir).is_dir():
+            raise ValueError(f"--data_dir '{data_args.data_dir}' is not a folder")
+    for name in ("unfreeze_text_epoch", "unfreeze_vision_epoch"):
+        value = getattr(model_args, name)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must be 0 or more, got {value}")
+    staged = model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None
+    if staged and training_args.world_size > 1:
+        # DistributedDataParallel registers the parameters that train when it wraps the model; parameters unfrozen
+        # later would never be synchronised across processes.
+        raise ValueError("staged unfreezing (--unfreeze_*_epoch) needs a single process; under DDP, run each stage "
+                         "as its own run with --model_name_or_path")
+    for name in ("max_caption_length", "caption_metrics_images", "generation_num_beams", "generation_max_new_tokens"):
+        if getattr(data_args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(data_args, name)}")
+    best = training_args.metric_for_best_model
+    caption_metrics = set(CAPTION_METRIC_KEYS.values())
+    if best is not None:
+        key = best.removeprefix("eval_")
+        if key not in {"loss", "perplexity"} | caption_metrics:
+            raise ValueError(f"--metric_for_best_model {best!r} is not computed; use loss, perplexity or one of "
+                             f"{sorted(caption_metrics)}")
+        if key in caption_metrics and not data_args.caption_metrics:
+            raise ValueError(f"--metric_for_best_model {best} needs --caption_metrics true")
+    if data_args.early_stopping_patience is not None and data_args.early_stopping_patience < 1:
+        raise ValueError("--early_stopping_patience must be at least 1")
+    # Model fields are checked by VisionGPTConfig itself, against the real tower sizes, in build_model_config.
+
+
+def _model_overrides(model_args: ModelArguments) -> dict:
+    names = ("fusion", "visual_tokens", "num_visual_tokens", "projector_type", "projector_hidden_act",
+             "vision_feature_layer", "freeze_vision", "freeze_text", "freeze_text_layers")
+    return {name: getattr(model_args, name) for name in names}
+
+
+def build_model_config(model_args: ModelArguments) -> VisionGPTConfig:
+    """The config the run will train, validated before any weights or data are loaded."""
+    if model_args.model_name_or_path:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        if not isinstance(config, VisionGPTConfig):
+            raise ValueError(f"--model_name_or_path {model_args.model_name_or_path} is not a vision-gpt model "
+                             f"(model_type {config.model_type!r})")
+        freezing = {k: getattr(model_args, k) for k in ("freeze_vision", "freeze_text", "freeze_text_layers")}
+        return VisionGPTConfig.from_dict({**config.to_dict(), **freezing})
+    vision_config = AutoConfig.from_pretrained(model_args.vision_model)
+    vision_config = getattr(vision_config, "vision_config", None) or vision_config
+    text_config = AutoConfig.from_pretrained(model_args.text_model)
+    return VisionGPTConfig(vision_config=vision_config, text_config=text_config, **_model_overrides(model_args))
+
+
+def build_model_and_processor(model_args: ModelArguments):
+    if model_args.model_name_or_path:
+        model = VisionGPTForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
+        model.set_frozen(vision=model_args.freeze_vision, text=model_args.freeze_text,
+                         text_layers=model_args.freeze_text_layers)
+        return model, VisionGPTProcessor.from_pretrained(model_args.model_name_or_path)
+    from .assembly import assemble
+
+    return assemble(model_args.vision_model, model_args.text_model, **_model_overrides(model_args))
+
+
+# ----- trainer -------------------------------------------------------------------------------------------------------
+
+
+def stage_for_epoch(model_args: ModelArguments, epoch: int) -> dict:
+    """What is frozen during `epoch` under the staged schedule (projector first, then GPT-2, then everything)."""
+    text_on = model_args.unfreeze_text_epoch is not None and epoch >= model_args.unfreeze_text_epoch
+    vision_on = model_args.unfreeze_vision_epoch is not None and epoch >= model_args.unfreeze_vision_epoch
+    return {
+        "vision": model_args.freeze_vision and not vision_on,
+        "text": model_args.freeze_text and not (text_on or vision_on),
+    }
+
+
+class StagedUnfreezingCallback(TrainerCallback):
+    """Unfreezes GPT-2 and then the vision tower at the epochs the arguments give (the VisionGPT2 seed's schedule)."""
+
+    def __init__(self, model_args: ModelArguments):
+        self.model_args = model_args
+
+    def _apply(self, model, epoch: int):
+        stage = stage_for_epoch(self.model_args, epoch)
+        before = model.parameter_summary()["total"]["trainable"]
+        model.set_frozen(vision=stage["vision"], text=stage["text"])
+        after = model.parameter_summary()["total"]["trainable"]
+        if after != before:
+            logger.info("Epoch %d: trainable parameters %s -> %s (vision frozen: %s, GPT-2 frozen: %s).", epoch,
+                        f"{before:,}", f"{after:,}", stage["vision"], stage["text"])
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # A resumed run starts mid-schedule.
+        self._apply(model, int(state.epoch or 0))
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        self._apply(model, int(round(state.epoch or 0)))
+
+
+class PlotCallback(TrainerCallback):
+    """Loss and caption-metric curves as PNG files in `output_dir`, redrawn after every evaluation."""
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_history(state.log_history, Path(args.output_dir))
+
+    on_train_end = on_evaluate
+
+
+def plot_history(history: list[dict], output_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if train or evals:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for points, label in ((train, "train loss"), (evals, "validation loss")):
+            if points:
+                axis.plot(*zip(*points), marker="o" if label.startswith("val") else None, label=label)
+        axis.set_xlabel("step")
+        axis.set_ylabel("cross-entropy per caption token")
+        axis.legend()
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        written.append(output_dir / "loss.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+    metric_names = [f"eval_{key}" for key in CAPTION_METRIC_KEYS.values()]
+    series = {name: [(h["step"], h[name]) for h in history if name in h] for name in metric_names}
+    series = {name: points for name, points in series.items() if points}
+    if series:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for name, points in series.items():
+            axis.plot(*zip(*points), marker="o", label=name.removeprefix("eval_"))
+        axis.set_xlabel("step")
+        axis.set_ylabel("score (0-100)")
+        axis.legend()
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        written.append(output_dir / "caption_metrics.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+    return written
+
+
+class CaptionTrainer(Trainer):
+    """`Trainer` plus: an optimizer that covers parameters unfrozen later, a stop on non-finite losses, and
+    perplexity and caption metrics at each evaluation."""
+
+    def __init__(self, *args, later_trainable=(), caption_images=None, data_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.later_trainable = list(later_trainable)
+        self.caption_images = caption_images
+        self.data_args = data_args
+        self._metrics_unavailable = None
+
+    def create_optimizer(self, model=None):
+        # Parameters that a later stage unfreezes must be in the optimizer from the start (AdamW skips them while
+        # they have no gradient), or they would never be updated.
+        if self.optimizer is not None or not self.later_trainable:
+            return super().create_optimizer(model)
+        flags = [p.requires_grad for p in self.later_trainable]
+        for parameter in self.later_trainable:
+            parameter.requires_grad_(True)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            for parameter, flag in zip(self.later_trainable, flags):
+                parameter.requires_grad_(flag)
+
+    def _load_weights(self, folder: str) -> None:
+        # Trainer reads checkpoint files straight into `load_state_dict`, but transformers 5 saves ViT (and other
+        # towers) under their legacy key names: only `from_pretrained` maps them back. Without this, resuming and
+        # load_best_model_at_end would silently keep the current vision weights.
+        model = self.accelerator.unwrap_model(self.model)
+        reference = type(model).from_pretrained(folder, dtype=torch.float32)
+        model.load_state_dict(reference.state_dict())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        logger.info("Loading the best model from %s (%s = %s).", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        self._load_weights(self.state.best_model_checkpoint)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss).all().float()
+        if self.accelerator.num_processes > 1:
+            # Every process must stop together, or the others would wait for it forever.
+            finite = self.accelerator.reduce(finite.to(self.accelerator.device), reduction="mean")
+        if finite.item() < 1:
+            raise NonFiniteLossError(
+                f"Training stopped at step {self.state.global_step + 1}: the loss became {loss.item()}. fp16 training "
+                "of GPT-2 is known to overflow; use --bf16 (or full precision), a lower --learning_rate, or "
+                "--max_grad_norm. No final model was written; earlier checkpoints are intact."
+            )
+        return loss
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 50.0))
+        if self.caption_images and self.data_args.caption_metrics:
+            for name, value in self.caption_metrics().items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+    def caption_metrics(self) -> dict[str, float]:
+        """Caption the validation subset and score it; an unavailable scorer (no Java) is reported once, not fatal."""
+        if self._metrics_unavailable:
+            return {}
+        try:
+            from .evaluation import compute_caption_metrics
+        except ImportError as error:
+            self._metrics_unavailable = str(error)
+            logger.warning("Caption metrics are unavailable (%s); evaluating loss and perplexity only.", error)
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        predictions, references = generate_captions(
+            model, self.processing_class, self.caption_images, batch_size=self.args.per_device_eval_batch_size,
+            num_beams=self.data_args.generation_num_beams, max_new_tokens=self.data_args.generation_max_new_tokens)
+        try:
+            scores = compute_caption_metrics(predictions, references)
+        except (OSError, RuntimeError) as error:
+            self._metrics_unavailable = str(error)
+            logger.warning("Caption metrics failed (%s); evaluating loss and perplexity only.", error)
+            return {}
+        return {CAPTION_METRIC_KEYS[name]: value for name, value in scores.items() if name in CAPTION_METRIC_KEYS}
+
+
+@torch.no_grad()
+def generate_captions(model, processor, images, batch_size: int = 16, **generate_kwargs):
+    """Captions for `CaptionedImage` records: `({image_id: caption}, {image_id: references})`."""
+    from .data import pixel_values_for
+
+    was_training = model.training
+    model.eval()
+    predictions, references = {}, {}
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = torch.cat([pixel_values_for(r.image, processor.image_processor) for r in chunk])
+            sequences = model.generate(pixel_values=pixels.to(model.device, model.dtype), **generate_kwargs)
+            for record, caption in zip(chunk, processor.batch_decode(sequences)):
+                predictions[record.image_id] = caption
+                references[record.image_id] = record.captions
+    finally:
+        model.train(was_training)
+    return predictions, references
+
+
+# ----- main ----------------------------------------------------------------------------------------------------------
+
+
+def _setup_logging(training_args) -> None:
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, force=True)
+    if training_args.process_index == 0:
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(training_args.output_dir) / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    import transformers
+
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+
+
+def _training_description(model_args, data_args, training_args, model, num_pairs, runtime) -> str:
+    summary = model.parameter_summary()["total"]
+    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    lines = [
+        f"Trained with `vision_gpt.training` on {data_args.dataset} ({num_pairs} image-caption pairs, every reference "
+        f"caption a training example), {training_args.num_train_epochs:g} epochs"
+        + (f" (max {training_args.max_steps} steps)" if training_args.max_steps > 0 else "")
+        + f", learning rate {training_args.learning_rate:g}, batch size "
+        f"{training_args.per_device_train_batch_size} x {training_args.world_size} process(es) x "
+        f"{training_args.gradient_accumulation_steps} accumulation, {precision}, {runtime:.0f} s.",
+        f"Trainable parameters at the end: {summary['trainable']:,} of {summary['total']:,}.",
+    ]
+    if model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None:
+        lines.append(f"Staged unfreezing: GPT-2 from epoch {model_args.unfreeze_text_epoch}, everything from epoch "
+                     f"{model_args.unfreeze_vision_epoch}.")
+    config = {"model": asdict(model_args), "data": asdict(data_args)}
+    lines.append("\nTraining configuration:\n\n```json\n" + json.dumps(config, indent=2) + "\n```")
+    return "\n".join(lines)
+
+
+def _evaluation_description(metrics: dict, num_images: int) -> str:
+    if not metrics:
+        return "No validation split was evaluated."
+    rows = [f"| {name} | {value:.2f} |" for name, value in metrics.items()]
+    return (f"On the validation split ({num_images} images captioned for caption metrics; scores 0-100, loss per "
+            "caption token):\n\n| metric | value |\n|---|---|\n" + "\n".join(rows))
+
+
+def main(argv=None) -> dict:
+    """Train and export; returns the final validation metrics. `argv` as on the command line (or one config file)."""
+    model_args, data_args, training_args = parse_arguments(argv)
+    _setup_logging(training_args)
+    try:
+        build_model_config(model_args)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .data import CaptionCollator, CaptionPairDataset, load_captioning_dataset
+    from .export import export_repo
+    from .feature_cache import FeatureCache
+
+    push = training_args.push_to_hub
+    # Our export writes the repo and pushes it; Trainer's own push would create the repo at start-up.
+    training_args.push_to_hub = False
+
+    model, processor = build_model_and_processor(model_args)
+    try:
+        splits, report = load_captioning_dataset(data_args.dataset, data_args.data_dir, data_args.image_column,
+                                                 data_args.caption_column)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    train_images = splits["train"][: data_args.max_train_images]
+    eval_images = splits.get("validation", [])[: data_args.max_eval_images]
+    logger.info("%s", report.summary(splits))
+
+    cache = None
+    vision_trains_later = model_args.unfreeze_vision_epoch is not None
+    if data_args.feature_cache and model.config.freeze_vision and not vision_trains_later:
+        cache = FeatureCache(data_args.feature_cache_dir, model, processor.image_processor)
+        with training_args.main_process_first(desc="vision feature cache"):
+            cache.build(train_images + eval_images, batch_size=training_args.per_device_eval_batch_size)
+    elif data_args.feature_cache:
+        logger.info("Feature cache off: the vision tower trains (now or in a later stage), so its features change.")
+
+    train_dataset = CaptionPairDataset(train_images, processor.image_processor, cache)
+    eval_dataset = CaptionPairDataset(eval_images, processor.image_processor, cache) if eval_images else None
+    if eval_dataset is None:
+        training_args.eval_strategy = "no"
+        training_args.load_best_model_at_end = False
+
+    later_trainable = []
+    if model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None:
+        final_stage = stage_for_epoch(model_args, 10**9)
+        current = {id(p) for p in model.parameters() if p.requires_grad}
+        model.set_frozen(vision=final_stage["vision"], text=final_stage["text"])
+        later_trainable = [p for p in model.parameters() if p.requires_grad and id(p) not in current]
+        model.set_frozen(vision=model_args.freeze_vision, text=model_args.freeze_text)
+
+    callbacks = [StagedUnfreezingCallback(model_args), PlotCallback()]
+    if data_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
+    caption_images = eval_images[: data_args.caption_metrics_images] if data_args.caption_metrics else None
+    trainer = CaptionTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=CaptionCollator(processor, data_args.max_caption_length), processing_class=processor,
+        callbacks=callbacks, later_trainable=later_trainable, caption_images=caption_images, data_args=data_args,
+    )
+
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "latest"):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise SystemExit(f"error: --resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint "
+                             f"in {training_args.output_dir}")
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        raise SystemExit(f"error: {error}") from None
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
+    if metrics:
+        trainer.log_metrics("eval", metrics)
+
+    if trainer.is_world_process_zero():
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        card_metrics = {name.removeprefix("eval_"): value for name, value in metrics.items()
+                        if name.removeprefix("eval_") in set(CAPTION_METRIC_KEYS.values()) | {"loss", "perplexity"}}
+        repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+        folders = export_repo(
+            final.to(torch.float32), processor, training_args.output_dir, repo_id=repo_id,
+            vision_model=model_args.vision_model or model_args.model_name_or_path,
+            text_model=model_args.text_model or model_args.model_name_or_path,
+            datasets=[data_args.dataset],
+            dataset_name=data_args.dataset, metrics=card_metrics,
+            training_description=_training_description(model_args, data_args, training_args, final,
+                                                       len(train_dataset), result.metrics.get("train_runtime", 0)),
+            evaluation_description=_evaluation_description(card_metrics, len(caption_images or eval_images)),
+            data_limitations=f"{data_args.dataset} captions",
+        )
+        config = {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
+        (Path(training_args.output_dir) / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
+        logger.info("Wrote %s", ", ".join(str(f) for f in folders.values()))
+        if push:
+            from .hub import push_folder
+
+            url = push_folder(training_args.output_dir, repo_id, token=training_args.hub_token,
+                              private=training_args.hub_private_repo, revision=training_args.hub_revision)
+            logger.info("Pushed to %s", url)
+    trainer.accelerator.wait_for_everyone()
+    return metrics
