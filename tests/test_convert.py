@@ -116,10 +116,13 @@ def test_unset_generation_settings_keep_the_ved_defaults():
     assert torch.equal(model.generate(pixel_values=pixel_values), ved.generate(pixel_values))
 
 
-def test_decoder_start_token_other_than_bos_becomes_the_start_token():
+def test_decoder_start_token_other_than_bos_becomes_the_start_token(tokenizer):
     ved = tiny_ved(start=7)
-    model, _ = convert_vision_encoder_decoder(ved)
+    image_processor = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    model, processor = convert_vision_encoder_decoder(ved, tokenizer, image_processor)
     assert model.generation_config.bos_token_id == 7 and model.config.bos_token_id == 7
+    # Prompts and training captions start with it too; the caller's tokenizer is left alone.
+    assert processor(prompt="a")["input_ids"][0, 0] == 7 and tokenizer.bos_token_id == 50256
     assert model.generation_config.eos_token_id == EOS
     pixel_values = pixels(batch=2)
     ours = model.generate(pixel_values=pixel_values, max_new_tokens=8, num_beams=1)
@@ -167,6 +170,12 @@ def test_wrong_architectures_are_refused_by_name(tmp_path):
     ).save_pretrained(deit)
     with pytest.raises(ValueError, match=f"'{deit}' has a 'deit' encoder"):
         convert_checkpoint(str(deit), str(tmp_path / "out"))
+
+
+def test_checkpoint_without_tokenizer_is_refused_by_name(tmp_path):
+    tiny_ved().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"Could not load the tokenizer of '{tmp_path}'"):
+        convert_checkpoint(str(tmp_path), str(tmp_path / "out"))
 
 
 @pytest.fixture(scope="module")

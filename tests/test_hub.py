@@ -13,6 +13,9 @@ from vision_gpt.hub import HubPushError, push_folder
 from .conftest import tiny_model
 from .hub_stub import HubStub
 
+# huggingface_hub's own LFS PUT passes a file object as `data=`, which its HTTP client deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")
+
 TOKEN = "hf_test_token"
 REPO_ID = "user/tiny-captioner"
 LEFTOVERS = {  # what a training run leaves next to the exported repo; none of it may reach the Hub
@@ -141,3 +144,20 @@ def test_http_and_connection_errors_name_the_repo_and_endpoint(exported, hub):
     endpoint = f"http://127.0.0.1:{closed_port}"
     with pytest.raises(HubPushError, match=rf"'{REPO_ID}' at {endpoint} during create_repo: ConnectError"):
         push_folder(folder, REPO_ID, token=TOKEN, endpoint=endpoint)
+
+
+@pytest.mark.parametrize("path, uploaded", [
+    ("model.safetensors", True), ("fp16/model.safetensors", True), ("README.md", True), ("loss.png", True),
+    ("training_config.json", True), ("trainer_state.json", True), ("tokenizer.json", True),
+    ("checkpoint-500/model.safetensors", False), ("fp16/checkpoint-1/optimizer.pt", False),
+    ("runs/Jan01/events.out.tfevents.1.host", False), ("events.out.tfevents.2.host", False), ("train.log", False),
+    ("fp16/train.log", False), ("training_args.bin", False), ("optimizer.pt", False), ("rng_state_0.pth", False),
+    ("__pycache__/modeling_vision_gpt.cpython-311.pyc", False), ("wandb/run-1/files/config.yaml", False),
+])
+def test_ignore_patterns(path, uploaded):
+    # The same matching upload_folder applies (fnmatch on folder-relative paths, trailing "/" = folder contents).
+    from huggingface_hub.utils import filter_repo_objects
+
+    from vision_gpt.hub import IGNORE_PATTERNS
+
+    assert list(filter_repo_objects([path], ignore_patterns=IGNORE_PATTERNS)) == ([path] if uploaded else [])

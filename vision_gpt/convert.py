@@ -41,8 +41,9 @@ KEY_PREFIXES = (
 DROPPED_PREFIXES = ("encoder.pooler.",)
 WTE, LM_HEAD = "decoder.transformer.wte.weight", "decoder.lm_head.weight"
 
-# Generation fields that do not carry over: the start token is handled by `_special_tokens`, the length limit by
-# `_length_settings`, and the encoder_* penalties act on encoder *token ids*, which an image encoder has none of.
+# Generation fields that are not copied as they are: the special tokens come from `_special_tokens`, the length limit
+# is restated by `_generation_config`, and the encoder_* penalties act on encoder *token ids*, which an image encoder
+# has none of.
 _NOT_CARRIED = {
     "transformers_version",
     "_from_model_config",
@@ -83,8 +84,7 @@ def convert_vision_encoder_decoder(
     ...     AutoTokenizer.from_pretrained(source),
     ...     AutoImageProcessor.from_pretrained(source),
     ... )
-    >>> processor.batch_decode(model.generate(**processor(images="photo.jpg")))
-    ['a dog running through the grass']
+    >>> captions = processor.batch_decode(model.generate(**processor(images="photo.jpg")))
     ```"""
     name = _describe(ved_model)
     if not isinstance(ved_model, VisionEncoderDecoderModel):
@@ -98,7 +98,7 @@ def convert_vision_encoder_decoder(
             "convert_vision_encoder_decoder builds a processor from both `tokenizer` and `image_processor`; pass "
             "both, or neither to convert the model alone."
         )
-    source = {key: value for key, value in ved_model.state_dict().items()}
+    source = ved_model.state_dict()
     has_proj = "enc_to_dec_proj.weight" in source
     encoder_config, decoder_config = ved_model.config.encoder, ved_model.config.decoder
     if encoder_config.hidden_size != decoder_config.hidden_size and not has_proj:
@@ -185,16 +185,10 @@ def convert_checkpoint(source: str, output_dir: str, fp16: bool = False) -> Path
     name = f"'{source}'"
     # Check the architecture from config.json before loading (possibly large) weights.
     check_architecture(AutoConfig.from_pretrained(source), name)
+    tokenizer = _load_part(AutoTokenizer, source, "tokenizer")
+    image_processor = _load_part(AutoImageProcessor, source, "image_processor")
+    # FP32 whatever the checkpoint's dtype: the parity check compares FP32 logits.
     ved = VisionEncoderDecoderModel.from_pretrained(source, dtype=torch.float32).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-    except OSError as error:
-        raise ValueError(
-            f"{name} has no tokenizer or image processor files ({str(error).splitlines()[0]}); save them next to the "
-            "model (`tokenizer.save_pretrained(folder)`, `image_processor.save_pretrained(folder)`) and convert the "
-            "folder."
-        ) from error
     model, processor = convert_vision_encoder_decoder(ved, tokenizer, image_processor)
 
     image = _random_image(ved.config.encoder.image_size)
@@ -234,7 +228,8 @@ def check_parity(
     ```"""
     start = model.generation_config.bos_token_id
     generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.config.text_config.vocab_size, (pixel_values.shape[0], num_tokens), generator=generator)
+    vocab_size, batch_size = model.config.text_config.vocab_size, pixel_values.shape[0]
+    tokens = torch.randint(0, vocab_size, (batch_size, num_tokens), generator=generator)
     input_ids = torch.cat([torch.full_like(tokens[:, :1], start), tokens], dim=1)  # (B, 1 + num_tokens)
     theirs = ved_model(pixel_values=pixel_values, decoder_input_ids=input_ids).logits
     ours = model(pixel_values=pixel_values, input_ids=input_ids).logits  # (B, T, V), aligned with input_ids
@@ -260,6 +255,18 @@ def check_parity(
 def _describe(ved_model) -> str:
     name = getattr(getattr(ved_model, "config", None), "name_or_path", "") or ""
     return f"'{name}'" if name else f"the given {type(ved_model).__name__}"
+
+
+def _load_part(auto_class, source: str, part: str):
+    try:
+        return auto_class.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        # Without its files AutoTokenizer raises a ValueError about sentencepiece and tiktoken: say what is missing.
+        raise ValueError(
+            f"Could not load the {part.replace('_', ' ')} of '{source}'; the conversion needs the checkpoint's own "
+            f"to build the processor. Save it next to the model (`{part}.save_pretrained(folder)`) and convert that "
+            "folder."
+        ) from error
 
 
 def _special_tokens(ved_model) -> tuple[int, int, int]:

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 # `evaluate.load(CAPTION_METRICS_PATH)` gives the same numbers as `compute_caption_metrics`, as an `evaluate` metric.
 CAPTION_METRICS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "caption_metrics")
 
-CAPTION_METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
 JAVA_INSTALL_HINT = "apt-get install openjdk-17-jre-headless"
 _METEOR_EXIT_TIMEOUT_S = 10
-# The METEOR scorer of the innermost `caption_metrics_session()`, shared by the `compute_caption_metrics` calls in it.
+# The METEOR scorer of the active `caption_metrics_session()`, shared by the `compute_caption_metrics` calls in it.
 _session_meteor = None
 
 
@@ -81,19 +80,18 @@ def compute_caption_metrics(
 
     # Positions, not the caller's ids, key pycocoevalcap's dicts: SPICE sorts and JSON-dumps them, which breaks on
     # mixed or non-JSON ids.
-    # A fresh METEOR jar loads its paraphrase table (seconds) while the tokenizer runs.
+    res, gts = _ptb_tokenize(prediction_list, reference_lists)
+    for index, refs in gts.items():
+        for number, ref in enumerate(refs):
+            if not ref:
+                raise ValueError(
+                    f"Reference {number} of image {ids[index]!r} ({reference_lists[index][number]!r}) has no words "
+                    "after PTB tokenization, which drops punctuation; fix or remove that reference."
+                )
+    bleu, _ = bleu_cls(4).compute_score(gts, res, verbose=0)
+    metrics = {f"BLEU-{n}": 100.0 * float(bleu[n - 1]) for n in range(1, 5)}
     meteor_context = _meteor_scorer() if _session_meteor is None else contextlib.nullcontext(_session_meteor)
     with meteor_context as meteor:
-        res, gts = _ptb_tokenize(prediction_list, reference_lists)
-        for index, refs in gts.items():
-            for number, ref in enumerate(refs):
-                if not ref:
-                    raise ValueError(
-                        f"Reference {number} of image {ids[index]!r} ({reference_lists[index][number]!r}) has no words "
-                        "after PTB tokenization, which drops punctuation; fix or remove that reference."
-                    )
-        bleu, _ = bleu_cls(4).compute_score(gts, res, verbose=0)
-        metrics = {f"BLEU-{n}": 100.0 * float(bleu[n - 1]) for n in range(1, 5)}
         metrics["METEOR"] = 100.0 * _meteor_score(meteor, gts, res)
     metrics["ROUGE-L"] = 100.0 * float(rouge_cls().compute_score(gts, res)[0])
     # pycocoevalcap's `Cider` is CIDEr-D: clipped n-gram counts, a Gaussian length penalty (sigma 6) and a factor of 10,
@@ -235,7 +233,9 @@ def _ptb_tokenize(predictions: list[str], references: list[list[str]]):
         captions[("reference", i)] = [{"caption": " ".join(text.split())} for text in refs]
     tokenized = ptbtokenizer.PTBTokenizer().tokenize(captions)
     if any(len(tokenized.get(key, ())) != len(value) for key, value in captions.items()):
-        raise RuntimeError("pycocoevalcap's PTB tokenizer returned fewer lines than it was given; see Java's error above.")
+        raise RuntimeError(
+            "pycocoevalcap's PTB tokenizer returned fewer lines than it was given; see Java's error above."
+        )
     res = {i: tokenized[("prediction", i)] for i in range(len(predictions))}
     gts = {i: tokenized[("reference", i)] for i in range(len(references))}
     return res, gts
@@ -253,8 +253,10 @@ def _meteor_scorer():
         yield scorer
     finally:
         process = scorer.meteor_p
-        # EOF on stdin ends the jar's read loop; kill only if it does not exit.
-        process.stdin.close()
+        # EOF on stdin ends the jar's read loop; kill only if it does not exit. Closing the pipe of a process that
+        # already died raises BrokenPipeError, and the process is then ended all the same.
+        with contextlib.suppress(OSError):
+            process.stdin.close()
         try:
             process.wait(timeout=_METEOR_EXIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -264,7 +266,7 @@ def _meteor_scorer():
         process.stderr.close()
         # `compute_score` leaves its lock held when it raises, and `Meteor.__del__` acquires it: without a fresh lock
         # garbage collection would block forever.
-        scorer.lock = threading.Lock()
+
 
 
 def _meteor_score(scorer, gts, res) -> float:
@@ -272,12 +274,17 @@ def _meteor_score(scorer, gts, res) -> float:
     # only). PTB output has neither newlines nor `|||` (it splits it into `| | |`), so both sides are safe.
     try:
         score, _ = scorer.compute_score(gts, res)
-    except ValueError as error:
-        # The jar answered with something other than a number, or nothing: it died (often: no 2 GB heap for -Xmx2G).
-        scorer.meteor_p.kill()
-        scorer.meteor_p.wait()
-        detail = scorer.meteor_p.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"METEOR's Java process (meteor-1.5.jar, -Xmx2G) failed: {' | '.join(detail)}") from error
+    except (ValueError, OSError) as error:
+        # A closed pipe (OSError) or an answer that is not a number (ValueError, b"" once it exited): the jar died,
+        # often for want of the 2 GB heap it asks for, or lost the protocol. Either way it cannot answer any more.
+        process = scorer.meteor_p
+        process.kill()
+        process.wait()
+        detail = " | ".join(process.stderr.read().decode(errors="replace").strip().splitlines()[-3:])
+        raise RuntimeError(
+            f"METEOR's Java process (meteor-1.5.jar, -Xmx2G) stopped with status {process.returncode}: "
+            f"{detail or 'no error output'}."
+        ) from error
     return float(score)
 
 
@@ -448,7 +455,9 @@ def perplexity(model, dataloader) -> dict:
     finally:
         model.train(was_training)
     if num_tokens == 0:
-        raise ValueError("The dataloader has no label tokens (all `labels` are -100, or it is empty); nothing to score.")
+        raise ValueError(
+            "The dataloader has no label tokens (all `labels` are -100, or it is empty); there is nothing to score."
+        )
     loss = total_nll / num_tokens
     return {"loss": loss, "perplexity": math.exp(loss), "num_tokens": num_tokens}
 
@@ -468,7 +477,8 @@ def format_metrics_table(rows: Mapping[str, Mapping]) -> str:
 
     ```python
     >>> from vision_gpt.evaluation import format_metrics_table
-    >>> print(format_metrics_table({"vision-gpt": {"CIDEr-D": 91.234, "num_images": 5000}, "baseline": {"CIDEr-D": 80.0}}))
+    >>> rows = {"vision-gpt": {"CIDEr-D": 91.234, "num_images": 5000}, "baseline": {"CIDEr-D": 80.0}}
+    >>> print(format_metrics_table(rows))
     | metric | vision-gpt | baseline |
     |---|---:|---:|
     | CIDEr-D | 91.2 | 80.0 |

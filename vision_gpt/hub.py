@@ -42,9 +42,11 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 class HubPushError(OSError):
     """
-    A push could not reach the endpoint (refused connection, timeout, ...). The message names the repo and endpoint;
-    `__cause__` is the client's error. HTTP errors answered by the Hub are re-raised as huggingface_hub's own
-    `HfHubHTTPError` subclasses (e.g. `RepositoryNotFoundError`) with the repo and endpoint appended to the message.
+    A push failed without an HTTP error answer from the Hub's API: the endpoint could not be reached (refused
+    connection, DNS, timeout) or an LFS upload failed (huggingface_hub wraps that in a RuntimeError). The message names
+    the repo, endpoint and step; `__cause__` is the client's error. HTTP errors answered by the API are re-raised as
+    huggingface_hub's own `HfHubHTTPError` subclasses (e.g. `RepositoryNotFoundError`, so callers can catch them) with
+    the repo, endpoint and step appended to their message.
     """
 
 
@@ -170,8 +172,11 @@ def _is_transport_error(error: BaseException) -> bool:
 
 def _describe(error: BaseException) -> str:
     # huggingface_hub sometimes wraps the informative error (e.g. "Error while uploading 'x'" from a 403 on the PUT).
+    # httpx also re-raises its transport's identically named error; say each message once.
     messages = []
     while error is not None:
-        messages.append(f"{type(error).__name__}: {error}")
+        message = f"{type(error).__name__}: {error}"
+        if message not in messages:
+            messages.append(message)
         error = error.__cause__
     return " <- ".join(messages)

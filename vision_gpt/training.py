@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import (AutoConfig, EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback,
+                          TrainingArguments, set_seed)
 
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
@@ -91,6 +92,10 @@ class CaptionTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.output_dir is None:
             raise ValueError("--output_dir is required.")
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # A multi-process launch (accelerate launch --multi_gpu / torchrun) on a machine without accelerators:
+            # run data-parallel over CPU processes (gloo) instead of silently falling back to one process each.
+            self.use_cpu = True
         if self.report_to == "auto":
             try:
                 import tensorboard  # noqa: F401
@@ -112,19 +117,23 @@ def parse_arguments(argv=None):
     """Flags, or a single JSON/YAML file; unknown keys and bad values fail here, before any data is read."""
     parser = HfArgumentParser((ModelArguments, DataArguments, CaptionTrainingArguments))
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0])
-        if not path.is_file():
-            parser.error(f"config file '{path}' does not exist")
-        try:
+    try:
+        if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+            path = Path(argv[0])
+            if not path.is_file():
+                parser.error(f"config file '{path}' does not exist")
             if path.suffix == ".json":
                 args = parser.parse_json_file(path, allow_extra_keys=False)
             else:
                 args = parser.parse_yaml_file(path, allow_extra_keys=False)
-        except ValueError as error:
-            parser.error(f"{path}: {error}")
-    else:
-        args = parser.parse_args_into_dataclasses(args=argv)
+        else:
+            *args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+            if unknown:
+                parser.error(f"unknown arguments: {' '.join(unknown)} (see --help)")
+    except ValueError as error:
+        # TrainingArguments checks its own values (e.g. bf16 without a GPU needs --use_cpu): say so as an argument
+        # error, with no traceback.
+        parser.error(f"{argv[0] + ': ' if len(argv) == 1 else ''}{error}")
     model_args, data_args, training_args = args
     try:
         validate_arguments(model_args, data_args, training_args)
@@ -466,6 +475,8 @@ def main(argv=None) -> dict:
     # Our export writes the repo and pushes it; Trainer's own push would create the repo at start-up.
     training_args.push_to_hub = False
 
+    # Seeded before the model exists: its mapper (and any cross-attention) starts from random weights.
+    set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
     try:
         splits, report = load_captioning_dataset(data_args.dataset, data_args.data_dir, data_args.image_column,

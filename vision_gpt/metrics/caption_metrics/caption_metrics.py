@@ -10,9 +10,10 @@ import evaluate
 from vision_gpt.evaluation import compute_caption_metrics
 
 _CITATION = """\
-@inproceedings{chen2015microsoft,
+@article{chen2015microsoft,
   title={Microsoft {COCO} Captions: Data Collection and Evaluation Server},
-  author={Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and Vedantam, Ramakrishna and Gupta, Saurabh and Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
+  author={Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and Vedantam, Ramakrishna and Gupta, Saurabh and
+          Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
   journal={arXiv preprint arXiv:1504.00325},
   year={2015}
 }
