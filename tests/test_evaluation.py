@@ -247,8 +247,9 @@ def test_dead_meteor_process_raises_instead_of_hanging():
         with pytest.raises(RuntimeError, match="METEOR's Java process .* stopped"):
             evaluation._meteor_score(scorer, gts, res)
     # pycocoevalcap's compute_score left its lock held; garbage collection (Meteor.__del__) must not block on it.
-    assert scorer.lock.acquire(timeout=1)
-    scorer.lock.release()
+    lock_is_free = scorer.lock.acquire(blocking=False)
+    scorer.lock.release()  # either way, so that a regression fails here rather than hanging in Meteor.__del__
+    assert lock_is_free
 
 
 # ----- compute_caption_metrics: inputs and environment -------------------------------------------------------------

@@ -266,7 +266,7 @@ def _meteor_scorer():
         process.stderr.close()
         # `compute_score` leaves its lock held when it raises, and `Meteor.__del__` acquires it: without a fresh lock
         # garbage collection would block forever.
-
+        scorer.lock = threading.Lock()
 
 
 def _meteor_score(scorer, gts, res) -> float:
@@ -313,8 +313,8 @@ def _spice_score(gts, res) -> tuple[float | None, str | None]:
         score, _ = Spice().compute_score(gts, res)
     except subprocess.CalledProcessError as error:
         return None, (
-            f"SPICE failed: `java -jar spice-1.0.jar` exited with status {error.returncode} (its error is printed "
-            "above); SPICE 1.0 needs Java 8 or 11 and 8 GB of heap."
+            f"SPICE failed: `java -jar spice-1.0.jar` exited with status {error.returncode} (Java's error is printed "
+            "above); SPICE 1.0 is known to fail on Java 17 and later (use Java 8 or 11) and asks for 8 GB of heap."
         )
     return float(score), None
 

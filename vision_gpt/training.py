@@ -457,7 +457,8 @@ def _evaluation_description(metrics: dict, num_images: int) -> str:
 
 
 def main(argv=None) -> dict:
-    """Train and export; returns the final validation metrics. `argv` as on the command line (or one config file)."""
+    """Train and export; returns the training and final validation metrics. `argv` as on the command line (or one
+    JSON/YAML config file)."""
     model_args, data_args, training_args = parse_arguments(argv)
     _setup_logging(training_args)
     try:
@@ -561,4 +562,4 @@ def main(argv=None) -> dict:
                               private=training_args.hub_private_repo, revision=training_args.hub_revision)
             logger.info("Pushed to %s", url)
     trainer.accelerator.wait_for_everyone()
-    return metrics
+    return {**result.metrics, **metrics}
