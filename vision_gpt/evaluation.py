@@ -522,3 +522,95 @@ __all__ = [
     "perplexity",
     "repeats_phrase",
 ]
+
+
+# ----- `vision-gpt evaluate` -----------------------------------------------------------------------------------------
+
+
+def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_length: int = 64,
+                   **generate_kwargs) -> dict:
+    """
+    Caption `images` (`CaptionedImage` records) and score them: caption metrics against all references, caption
+    statistics, and perplexity of the references. Returns `{"metrics", "statistics", "perplexity", "predictions"}`.
+    """
+    from torch.utils.data import DataLoader
+
+    from .data import CaptionCollator, CaptionPairDataset
+    from .training import generate_captions
+
+    predictions, references = generate_captions(model, processor, images, batch_size=batch_size, **generate_kwargs)
+    loader = DataLoader(CaptionPairDataset(images, processor.image_processor), batch_size=batch_size,
+                        collate_fn=CaptionCollator(processor, max_caption_length))
+    return {
+        "metrics": compute_caption_metrics(predictions, references),
+        "statistics": caption_statistics(list(predictions.values())),
+        "perplexity": perplexity(model, loader),
+        "predictions": [{"image_id": i, "prediction": predictions[i], "references": references[i]}
+                        for i in predictions],
+    }
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="caption a dataset split and score it with COCO-standard metrics",
+        description="Caption a split with a vision-gpt model and write metrics.json (BLEU-1..4, METEOR, ROUGE-L, "
+                    "CIDEr-D on the 0-100 scale, SPICE when available; perplexity; caption statistics), metrics.md "
+                    "and predictions.jsonl (one line per image, with its references).")
+    parser.add_argument("--model", required=True, help="vision-gpt model: Hub id or folder")
+    parser.add_argument("--dataset", default="flickr8k",
+                        help="flickr8k, flickr30k, coco or auto (layout detected in --data_dir), or a datasets id/folder")
+    parser.add_argument("--data-dir", help="folder with the images and caption files")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
+    parser.add_argument("--output-dir", default="evaluation", help="where the results go (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-beams", type=int, help="default: the model's generation_config")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the model's generation_config")
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--image-column")
+    parser.add_argument("--caption-column")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from .data import load_captioning_dataset
+
+    torch.manual_seed(args.seed)
+    splits, report = load_captioning_dataset(args.dataset, args.data_dir, args.image_column, args.caption_column)
+    images = splits.get(args.split)
+    if not images:
+        raise ValueError(f"{report.source} has no usable '{args.split}' split (splits: {sorted(splits)}).")
+    images = images[: args.max_images]
+    print(report.summary(splits))
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    settings = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    settings = {key: value for key, value in settings.items() if value not in (None, False)}
+    result = evaluate_model(model, processor, images, batch_size=args.batch_size, **settings)
+
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "generation": settings,
+               "dtype": args.dtype, **{key: result[key] for key in ("metrics", "statistics", "perplexity")}}
+    (output / "metrics.json").write_text(json.dumps(summary, indent=2))
+    table = format_metrics_table({args.model: {**result["metrics"], "perplexity": result["perplexity"]["perplexity"]}})
+    (output / "metrics.md").write_text(f"# {args.model} on {args.dataset} {args.split}\n\n{table}\n")
+    with open(output / "predictions.jsonl", "w") as predictions:
+        for row in result["predictions"]:
+            predictions.write(json.dumps(row) + "\n")
+    print(table)
+    print(f"perplexity {result['perplexity']['perplexity']:.2f} over {result['perplexity']['num_tokens']} tokens")
+    print(f"Wrote {output / 'metrics.json'}, {output / 'metrics.md'}, {output / 'predictions.jsonl'}")
+    return 0

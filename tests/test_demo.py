@@ -1,0 +1,50 @@
+import json
+import shutil
+
+import pytest
+
+from vision_gpt import cli
+from vision_gpt.demo import run_demo
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
+
+
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    result = run_demo(workdir, num_train=40, num_val=8, num_test=8, max_steps=3, batch_size=8,
+                      require_improvement=False, show=4)
+    return workdir, result
+
+
+def test_short_demo_produces_every_artifact(short_demo):
+    workdir, result = short_demo
+    for path in ("shapes/Flickr8k.token.txt", "model/model.safetensors", "model/fp16/model.safetensors",
+                 "model/README.md", "contact_sheet.png", "demo_metrics.json"):
+        assert (workdir / path).is_file(), path
+    saved = json.loads((workdir / "demo_metrics.json").read_text())
+    assert saved["model"]["num_images"] == saved["baseline"]["num_images"] == 8
+    assert saved["baseline_caption"] == result["baseline_caption"]
+    assert len(result["fp16_captions"]) == 4
+
+
+def test_baseline_is_the_most_frequent_training_caption(short_demo):
+    workdir, result = short_demo
+    from collections import Counter
+
+    captions = [line.split("\t", 1)[1] for line in (workdir / "shapes" / "Flickr8k.token.txt").read_text().splitlines()]
+    train = set((workdir / "shapes" / "Flickr_8k.trainImages.txt").read_text().split())
+    lines = (workdir / "shapes" / "Flickr8k.token.txt").read_text().splitlines()
+    train_captions = [line.split("\t", 1)[1] for line in lines if line.split("#")[0] in train]
+    assert len(train_captions) == 200 and len(captions) == 280
+    assert result["baseline_caption"] == Counter(train_captions).most_common(1)[0][0]
+
+
+def test_second_run_reuses_and_an_untrained_model_fails_loudly(short_demo, capsys):
+    workdir, _ = short_demo
+    code = cli.main(["demo", "--workdir", str(workdir), "--train-images", "40", "--val-images", "8",
+                     "--test-images", "8", "--max-steps", "3", "--batch-size", "8"])
+    out, err = capsys.readouterr()
+    assert "Reusing the model trained by an earlier run" in out and "reused" in out
+    assert code == 1 and "does not clearly beat the baseline" in err

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from vision_gpt import cli
+
+from .conftest import tiny_model
+from .data_fixtures import write_flickr8k
+
+pytestmark = pytest.mark.skipif(__import__("shutil").which("java") is None,
+                                reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
+
+
+def test_evaluate_command_writes_metrics_table_and_predictions(tmp_path, processor, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=3)
+    output = tmp_path / "eval"
+    code = cli.main(["evaluate", "--model", str(model_dir), "--dataset", "flickr8k", "--data-dir", str(data),
+                     "--split", "test", "--output-dir", str(output), "--num-beams", "2", "--max-new-tokens", "5"])
+    assert code == 0
+    summary = json.loads((output / "metrics.json").read_text())
+    assert summary["metrics"]["num_images"] == 3 and summary["metrics"]["num_references"] == 15
+    assert {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"} <= set(summary["metrics"])
+    assert summary["generation"] == {"num_beams": 2, "max_new_tokens": 5}
+    assert summary["perplexity"]["num_tokens"] > 0 and summary["statistics"]["num_captions"] == 3
+    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+    assert [row["image_id"] for row in rows] == ["img_003.jpg", "img_004.jpg", "img_005.jpg"]
+    assert rows[0]["references"][0] == "a yellow square" and isinstance(rows[0]["prediction"], str)
+    table = (output / "metrics.md").read_text()
+    assert "CIDEr-D" in table and "|" in table
+    assert "CIDEr-D" in capsys.readouterr().out
+
+
+def test_evaluate_command_names_a_missing_split(tmp_path, processor, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=1)
+    (data / "Flickr_8k.testImages.txt").write_text("")
+    assert cli.main(["evaluate", "--model", str(model_dir), "--data-dir", str(data), "--output-dir",
+                     str(tmp_path / "e")]) == 2
+    assert "no usable 'test' split" in capsys.readouterr().err
