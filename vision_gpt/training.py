@@ -256,43 +256,37 @@ class PlotCallback(TrainerCallback):
 
 
 def plot_history(history: list[dict], output_dir: Path) -> list[Path]:
+    """`loss.png` (train and validation loss) and `caption_metrics.png` from a Trainer's `log_history`."""
+    losses = {"train loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h],
+              "validation loss": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
+    metrics = {key: [(h["step"], h[f"eval_{key}"]) for h in history if f"eval_{key}" in h]
+               for key in CAPTION_METRIC_KEYS.values()}
+    written = []
+    for series, ylabel, name in ((losses, "cross-entropy per caption token", "loss.png"),
+                                 (metrics, "score (0-100)", "caption_metrics.png")):
+        series = {label: points for label, points in series.items() if points}
+        if series:
+            written.append(_plot(series, ylabel, output_dir / name))
+    return written
+
+
+def _plot(series: dict[str, list[tuple]], ylabel: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if train or evals:
-        figure, axis = plt.subplots(figsize=(7, 4))
-        for points, label in ((train, "train loss"), (evals, "validation loss")):
-            if points:
-                axis.plot(*zip(*points), marker="o" if label.startswith("val") else None, label=label)
-        axis.set_xlabel("step")
-        axis.set_ylabel("cross-entropy per caption token")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        written.append(output_dir / "loss.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
-    metric_names = [f"eval_{key}" for key in CAPTION_METRIC_KEYS.values()]
-    series = {name: [(h["step"], h[name]) for h in history if name in h] for name in metric_names}
-    series = {name: points for name, points in series.items() if points}
-    if series:
-        figure, axis = plt.subplots(figsize=(7, 4))
-        for name, points in series.items():
-            axis.plot(*zip(*points), marker="o", label=name.removeprefix("eval_"))
-        axis.set_xlabel("step")
-        axis.set_ylabel("score (0-100)")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        written.append(output_dir / "caption_metrics.png")
-        figure.savefig(written[-1], dpi=100)
-        plt.close(figure)
-    return written
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=label)
+    axis.set_xlabel("step")
+    axis.set_ylabel(ylabel)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 class CaptionTrainer(Trainer):
