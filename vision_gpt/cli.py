@@ -64,6 +64,28 @@ def cmd_assemble(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import DemoFailed, run_demo
+
+    try:
+        run_demo(args.workdir, overwrite=args.overwrite, num_train=args.train_images, num_val=args.val_images,
+                 num_test=args.test_images, epochs=args.epochs, max_steps=args.max_steps,
+                 batch_size=args.batch_size, seed=args.seed, require_improvement=not args.no_check)
+    except DemoFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    folder = convert_checkpoint(args.source, args.output_dir, fp16=args.fp16)
+    print(f"Converted {args.source} into {folder}: load it with AutoModel.from_pretrained({str(folder)!r}, "
+          "trust_remote_code=True) or pipeline('image-to-text', ...).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision-gpt", description="ViT + GPT-2 image captioning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +102,45 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--no_fp16", action="store_true", help="skip the FP16 copy")
     _add_model_options(assemble)
     assemble.set_defaults(func=cmd_assemble)
+
+    demo = commands.add_parser(
+        "demo", help="train, evaluate and caption on a generated dataset, offline, in minutes",
+        description="Generate a captioned shapes corpus (Flickr8k layout), train a small ViT + GPT-2 with the "
+                    "training pipeline, evaluate it next to a most-frequent-caption baseline, export FP32/FP16 repos "
+                    "and reload the FP16 one with trust_remote_code. Fails (exit 1) if the model does not clearly "
+                    "beat the baseline. A second run reuses what the first produced.")
+    demo.add_argument("--workdir", default="vision-gpt-demo", help="where everything goes (default: %(default)s)")
+    demo.add_argument("--overwrite", action="store_true", help="regenerate and retrain instead of reusing")
+    demo.add_argument("--train-images", type=int, default=2000)
+    demo.add_argument("--val-images", type=int, default=200)
+    demo.add_argument("--test-images", type=int, default=200)
+    demo.add_argument("--epochs", type=float, default=1.0)
+    demo.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: train --epochs)")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-check", action="store_true", help="do not fail when the baseline is not beaten")
+    demo.set_defaults(func=cmd_demo)
+
+    convert = commands.add_parser(
+        "convert", help="convert a VisionEncoderDecoder ViT-GPT2 captioner into a vision-gpt repo",
+        description="Convert a transformers VisionEncoderDecoderModel with a ViT encoder and a GPT-2 decoder (e.g. "
+                    "nlpconnect/vit-gpt2-image-captioning) into a vision-gpt model with fusion=cross_attention: same "
+                    "logits and captions, checked on a random image before saving.")
+    convert.add_argument("source", help="Hub id or folder of the VisionEncoderDecoder checkpoint")
+    convert.add_argument("output_dir")
+    convert.add_argument("--fp16", action="store_true", help="save FP16 weights (half the size)")
+    convert.set_defaults(func=cmd_convert)
+
+    from . import evaluation
+
+    evaluation.register(commands)
+    for module_name in ("captioning", "app"):
+        # Commands with heavier dependencies register themselves when their module is present.
+        try:
+            module = __import__(f"vision_gpt.{module_name}", fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(commands)
     return parser
 
 

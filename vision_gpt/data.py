@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .modeling.processing_vision_gpt import ImageLoadError, load_image
 
@@ -236,25 +236,32 @@ def read_datasets(name_or_path: str, report: DataReport, image_column: str | Non
 # ----- checks --------------------------------------------------------------------------------------------------------
 
 
-def _open_stored_image(image) -> Image.Image:
-    """A file path, PIL image, or a `datasets` image dict ({"bytes", "path"}) as an RGB PIL image."""
-    if isinstance(image, dict):
-        if image.get("bytes"):
-            try:
-                stored = Image.open(io.BytesIO(image["bytes"]))
-                stored.load()
-            except Exception as error:
-                raise ImageLoadError(f"Image bytes of {image.get('path') or 'a dataset row'} are unreadable: "
-                                     f"{error}") from None
-            return load_image(stored)
-        image = image.get("path")
-    return load_image(image)
+def open_stored_image(value, name: str | None = None) -> Image.Image:
+    """
+    An image as a data set stores it (a file path, a PIL image, or a `datasets` cell `{"bytes", "path"}`) as an
+    RGB PIL image. Errors are `ImageLoadError`s naming the file or, for encoded bytes, `name` (a row id).
+    """
+    if isinstance(value, dict) and not value.get("bytes"):
+        value = value.get("path")
+    if value is None:
+        raise ImageLoadError(f"Dataset row '{name}' has no image.")
+    if isinstance(value, dict):
+        name = name or value.get("path") or "a dataset row"
+        try:
+            image = Image.open(io.BytesIO(value["bytes"]))
+            image.load()
+        except UnidentifiedImageError:
+            raise ImageLoadError(f"Dataset row '{name}' holds bytes that are not an image PIL can read.") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageLoadError(f"Dataset row '{name}' holds an image that could not be decoded: {error}.") from None
+        return load_image(image)
+    return load_image(value)
 
 
-def _check_image(image) -> str | None:
+def _check_image(record: CaptionedImage) -> str | None:
     """None if the image decodes, else the reason."""
     try:
-        _open_stored_image(image)
+        open_stored_image(record.image, record.image_id)
     except ImageLoadError as error:
         return str(error)
     return None
@@ -283,7 +290,7 @@ def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport,
             candidates.append(CaptionedImage(record.image_id, record.image, texts))
         # Decoding releases the GIL, so threads check a large folder several times faster.
         with ThreadPoolExecutor(num_threads) as pool:
-            problems = list(pool.map(lambda r: _check_image(r.image), candidates))
+            problems = list(pool.map(_check_image, candidates))
         kept = []
         for record, problem in zip(candidates, problems):
             if problem:
@@ -373,7 +380,7 @@ class CaptionImageDataset(torch.utils.data.Dataset):
 
 def pixel_values_for(image, image_processor) -> torch.Tensor:
     """`(1, 3, H, W)` pixel values for one stored image."""
-    return image_processor(images=[_open_stored_image(image)], return_tensors="pt")["pixel_values"]
+    return image_processor(images=[open_stored_image(image)], return_tensors="pt")["pixel_values"]
 
 
 class CaptionCollator:

@@ -99,7 +99,7 @@ def contact_sheet(records, captions: list[str], path: Path, cell: int = 224) -> 
     """A grid of images, each with its generated caption and first reference underneath."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .data import _open_stored_image
+    from .data import open_stored_image
 
     font = ImageFont.load_default()
     columns = min(4, len(records))
@@ -109,7 +109,7 @@ def contact_sheet(records, captions: list[str], path: Path, cell: int = 224) -> 
     draw = ImageDraw.Draw(sheet)
     for index, (record, caption) in enumerate(zip(records, captions)):
         x, y = (index % columns) * cell, (index // columns) * (cell + text_height)
-        sheet.paste(_open_stored_image(record.image).resize((cell - 8, cell - 8)), (x + 4, y + 4))
+        sheet.paste(open_stored_image(record.image).resize((cell - 8, cell - 8)), (x + 4, y + 4))
         lines = [(line, (20, 20, 160)) for line in textwrap.wrap(f"model: {caption}", 36)[:2]]
         lines += [(line, (90, 90, 90)) for line in textwrap.wrap(f"ref: {record.captions[0]}", 36)[:2]]
         for line_index, (line, fill) in enumerate(lines):

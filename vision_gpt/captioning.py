@@ -1,0 +1,772 @@
+"""`vision-gpt caption`: caption many images with a trained model, resumably, on one or many processes.
+
+Inputs are image files, folders (searched recursively), glob patterns, list files (`--from-file`) and `datasets`
+splits (`--dataset`). Images are decoded and preprocessed by DataLoader workers while the model generates, so decoding
+overlaps generation. A few images (at most `TABLE_LIMIT`, no `--output`) are printed as a table; otherwise rows go to a
+JSONL or CSV file, appended and flushed after every batch, one line per image. Rerunning with the same `--output` skips
+the images it already holds, so an interrupted job loses at most one batch. Under `accelerate launch` every process
+captions its share into a part file next to `--output`, and the main process merges the parts when all are done.
+
+An image that cannot be read becomes an error row naming the file and the reason; the run goes on and exits with 1.
+"""
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import open_stored_image
+from .modeling.processing_vision_gpt import ImageLoadError, load_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Up to this many images (and no --output) the captions are printed as a table; more belong in a resumable file.
+TABLE_LIMIT = 20
+FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# The decoding settings written into every row, in this order (CSV columns follow it).
+SETTINGS = ("model", "num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_captions",
+            "dtype", "seed")
+SAMPLING_FLAGS = ("temperature", "top_p", "top_k")
+
+
+@dataclass
+class ImageRef:
+    """One image to caption: `key` names it in the output (and is what resuming matches); `source` is a file path, or
+    a row index into `--dataset`."""
+
+    key: str
+    source: str | int
+
+
+# ----- inputs --------------------------------------------------------------------------------------------------------
+
+
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_folder(folder: str) -> list[str]:
+    """Image files under `folder`, recursively, in sorted order so that every process sees the same list."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        # Hidden entries are skipped: macOS writes `._name.jpg` resource forks that are not images.
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".") and _is_image_file(f)]
+    return found
+
+
+def _expand_argument(argument: str) -> list[str]:
+    """A command-line input as image paths: a file as is, a folder walked, a glob expanded (for quoted globs)."""
+    if os.path.isdir(argument):
+        return _walk_folder(argument)
+    if os.path.exists(argument):
+        # A file named explicitly is captioned whatever its extension; if it is not an image, its row says so.
+        return [argument]
+    if glob.has_magic(argument):
+        paths = []
+        for match in sorted(glob.glob(argument, recursive=True)):
+            if os.path.isdir(match):
+                paths += _walk_folder(match)
+            elif _is_image_file(match):
+                paths.append(match)
+        if not paths:
+            raise ValueError(f"The pattern '{argument}' matches no image files ({', '.join(IMAGE_EXTENSIONS)}); check "
+                             "the pattern, or name other files explicitly.")
+        return paths
+    raise ValueError(f"'{argument}' is not a file, a folder or a glob pattern that exists; check the path.")
+
+
+def _read_list_file(list_file: str) -> list[str]:
+    """Paths from a list file ('-' is stdin): one file or folder per line, taken literally (file names may contain
+    glob characters); blank lines and lines starting with '#' are ignored; relative paths are relative to the current
+    directory, as on the command line."""
+    if list_file == "-":
+        lines = sys.stdin.read().splitlines()
+    else:
+        try:
+            lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ValueError(f"Cannot read the list file --from-file '{list_file}': {error.strerror}.") from None
+    paths = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        # A missing listed file is not fatal: lists of 100k paths go stale, and its error row names it.
+        paths += _walk_folder(line) if os.path.isdir(line) else [line]
+    return paths
+
+
+def collect_inputs(arguments: list[str], list_files: list[str]) -> list[ImageRef]:
+    """Every image named by the command-line inputs and list files, once each, keyed by its normalised path."""
+    refs, seen = [], set()
+    paths = [path for argument in arguments for path in _expand_argument(argument)]
+    paths += [path for list_file in list_files for path in _read_list_file(list_file)]
+    for path in paths:
+        # normpath makes `./a.jpg` and `a.jpg` one image, so a folder and a glob over it never caption it twice.
+        key = os.path.normpath(path)
+        if key not in seen:
+            seen.add(key)
+            refs.append(ImageRef(key, path))
+    return refs
+
+
+def load_dataset_split(name_or_path: str, split: str | None, image_column: str | None, id_column: str | None):
+    """
+    A `datasets` split as (dataset with only its image column, kept encoded; refs). A `save_to_disk` folder loads with
+    `load_from_disk`, anything else with `load_dataset`. Rows are keyed by `id_column` (default: an `image_id` or `id`
+    column when there is one), else by `SPLIT-ROW` as in `vision_gpt.data`.
+    """
+    import datasets
+
+    if Path(name_or_path).is_dir() and any(
+            (Path(name_or_path) / f).is_file() for f in ("dataset_dict.json", "dataset_info.json", "state.json")):
+        loaded = datasets.load_from_disk(name_or_path)
+    else:
+        # Naming the split here loads (and, from the Hub, downloads) only that one.
+        loaded = datasets.load_dataset(name_or_path, split=split)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            if len(loaded) != 1:
+                raise ValueError(f"--dataset '{name_or_path}' has splits {list(loaded)}; choose one with --split.")
+            split = next(iter(loaded))
+        if split not in loaded:
+            raise ValueError(f"--dataset '{name_or_path}' has no split {split!r}; its splits are {list(loaded)}.")
+        dataset = loaded[split]
+    else:
+        dataset, split = loaded, split or "train"
+    features = dataset.features
+    if image_column is None:
+        image_column = next((c for c, f in features.items() if isinstance(f, datasets.Image)),
+                            "image" if "image" in features else None)
+    if image_column not in features:
+        raise ValueError(f"--dataset '{name_or_path}' split {split!r} has no image column "
+                         f"{'' if image_column is None else repr(image_column) + ' '}(columns: {list(features)}); "
+                         "pass --image-column.")
+    if id_column is None:
+        id_column = next((c for c in ("image_id", "id") if c in features), None)
+    elif id_column not in features:
+        raise ValueError(f"--id-column {id_column!r} is not a column of --dataset '{name_or_path}' "
+                         f"(columns: {list(features)}).")
+    if id_column is not None:
+        keys = [str(value) for value in dataset[id_column]]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"Column {id_column!r} of --dataset '{name_or_path}' has repeated values, so it cannot "
+                             "key the output rows; pass another --id-column.")
+    else:
+        keys = [f"{split}-{index}" for index in range(len(dataset))]
+    dataset = dataset.select_columns([image_column])
+    if isinstance(features[image_column], datasets.Image):
+        # Decode in the workers, through load_image: a bad image becomes an error row, not a crash in `datasets`.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset, [ImageRef(key, index) for index, key in enumerate(keys)]
+
+
+# ----- decoding, in DataLoader workers -------------------------------------------------------------------------------
+
+
+class ImageDecoder(torch.utils.data.Dataset):
+    """Loads and preprocesses one image per item: `(key, pixel_values (C, H, W), None)`, or `(key, None, reason)` for
+    an image that cannot be read, so that one bad file never stops the run."""
+
+    def __init__(self, refs: list[ImageRef], image_processor, dataset=None, max_image_pixels: int | None = None):
+        self.refs = refs
+        self.image_processor = image_processor
+        self.dataset = dataset
+        self.max_image_pixels = max_image_pixels
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, index):
+        ref = self.refs[index]
+        try:
+            if isinstance(ref.source, int):
+                image = open_stored_image(self.dataset[ref.source][self.dataset.column_names[0]], ref.key)
+            else:
+                image = load_image(ref.source)
+            pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        except Image.DecompressionBombWarning as error:
+            return ref.key, None, (f"Image '{ref.key}' is too large: {error} (the limit is --max-image-pixels "
+                                   f"{self.max_image_pixels}; raise it or downscale the image).")
+        except ImageLoadError as error:
+            return ref.key, None, _one_line(error if ref.key in str(error) else f"Image '{ref.key}': {error}")
+        except Image.DecompressionBombError as error:
+            return ref.key, None, _one_line(f"Image '{ref.key}' is too large to decode safely: {error}")
+        except Exception as error:  # noqa: BLE001
+            # PIL's format plugins raise many types on malformed files (struct.error, IndexError, ...); one such file
+            # must cost one error row, not a 100k-image run.
+            return ref.key, None, _one_line(f"Image '{ref.key}' could not be read: {type(error).__name__}: {error}")
+        return ref.key, pixel_values, None
+
+    def limit_pixels(self, worker_id=None):
+        """Make images over `max_image_pixels` errors (PIL only warns below twice its limit). Runs in each worker."""
+        if self.max_image_pixels is not None:
+            Image.MAX_IMAGE_PIXELS = self.max_image_pixels
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def _keep_items(items):
+    """The DataLoader's collate: items stay a list, since error items have no tensor to stack."""
+    return items
+
+
+def _one_line(text) -> str:
+    # Every output row is one line, which is what lets a resumed run find and drop a half-written last row.
+    return " ".join(str(text).split())
+
+
+# ----- output files --------------------------------------------------------------------------------------------------
+
+
+def output_format(path: str) -> str:
+    fmt = FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"--output '{path}' must end in .jsonl (one JSON object per line) or .csv; the format is "
+                         "taken from the extension.")
+    return fmt
+
+
+def csv_columns(num_captions: int) -> list[str]:
+    extra = [f"caption_{i}" for i in range(2, num_captions + 1)]
+    return ["image", "caption", *extra, "error", *SETTINGS]
+
+
+def part_path(output: str, rank: int) -> Path:
+    """Where process `rank` writes its rows under `accelerate launch`: `out.part-1.jsonl` next to `out.jsonl`."""
+    path = Path(output)
+    return path.with_name(f"{path.stem}.part-{rank}{path.suffix}")
+
+
+def leftover_parts(output: str) -> list[Path]:
+    path = Path(output)
+    pattern = f"{glob.escape(path.stem)}.part-*{glob.escape(path.suffix)}"
+    return sorted(p for p in path.parent.glob(pattern) if p.stem.rsplit(".part-", 1)[-1].isdigit())
+
+
+def repair_last_line(path: Path) -> bool:
+    """Drop a half-written last row (from a killed run), so that appending continues on a line boundary. True if one
+    was dropped."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb+") as file:
+        size = file.seek(0, os.SEEK_END)
+        file.seek(size - 1)
+        if file.read(1) == b"\n":
+            return False
+        # Scan back for the last complete line in chunks: outputs can hold 100k rows.
+        end, keep = size, 0
+        while end > 0:
+            start = max(0, end - 65536)
+            file.seek(start)
+            newline = file.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            end = start
+        file.truncate(keep)
+    return True
+
+
+def read_rows(path: Path, fmt: str, expected_columns: list[str] | None = None):
+    """The rows of an output or part file as dicts (CSV values are strings)."""
+    if not path.exists():
+        return
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
+        if fmt == "csv":
+            reader = csv.DictReader(file)
+            if reader.fieldnames is None:
+                return
+            if expected_columns is not None and reader.fieldnames != expected_columns:
+                raise ValueError(
+                    f"'{path}' has the columns {reader.fieldnames}, but this run writes {expected_columns} (different "
+                    "--num-captions?). Resume with the settings that wrote it, or choose a new --output.")
+            yield from reader
+            return
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or "image" not in row:
+                raise ValueError(f"Line {number} of '{path}' is not a row written by `vision-gpt caption`; remove or "
+                                 "fix that line, or choose a new --output.")
+            yield row
+
+
+class RowWriter:
+    """Appends rows to a JSONL or CSV file and flushes them, so that a killed run keeps every finished batch."""
+
+    def __init__(self, path: Path, fmt: str, columns: list[str]):
+        self.fmt = fmt
+        new = not path.exists() or path.stat().st_size == 0
+        # newline="" lets the csv module write exactly "\n" line ends, which repair_last_line relies on;
+        # surrogateescape round-trips file names that are not valid UTF-8 instead of failing on them.
+        self.file = open(path, "a", newline="", encoding="utf-8", errors="surrogateescape")
+        if fmt == "csv":
+            self.writer = csv.DictWriter(self.file, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+            if new:
+                self.writer.writeheader()
+
+    def write(self, rows: list[dict]) -> None:
+        for row in rows:
+            if self.fmt == "csv":
+                self.writer.writerow(row)
+            else:
+                self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def merge_parts(output: Path, fmt: str, columns: list[str]) -> int:
+    """Append the rows of every part file to `output` and delete the parts. Rows already in `output` are skipped, so
+    a merge interrupted half-way can simply run again. Returns how many rows were added."""
+    parts = leftover_parts(str(output))
+    if not parts:
+        return 0
+    repair_last_line(output)
+    existing = {row["image"] for row in read_rows(output, fmt, columns)}
+    writer = RowWriter(output, fmt, columns)
+    added = 0
+    try:
+        for part in parts:
+            repair_last_line(part)
+            rows = [row for row in read_rows(part, fmt, columns) if row["image"] not in existing]
+            writer.write(rows)
+            existing.update(row["image"] for row in rows)
+            added += len(rows)
+    finally:
+        writer.close()
+    for part in parts:
+        part.unlink()
+    return added
+
+
+def prepare_output(output: Path, fmt: str, columns: list[str], retry_errors: bool) -> tuple[dict[str, bool], list[str]]:
+    """Make `output` ready to append to: drop a half-written last row, merge parts left by an interrupted multi-process
+    run, and (with `retry_errors`) remove error rows. Returns {image key: True if its row is an error} for the rows it
+    holds, and messages for the user."""
+    notes = []
+    if repair_last_line(output):
+        notes.append(f"{output}: dropped a half-written last row (from an interrupted run); that image is captioned "
+                     "again.")
+    merged = merge_parts(output, fmt, columns)
+    if merged:
+        notes.append(f"{output}: merged {merged} rows left in part files by an interrupted multi-process run.")
+    rows = list(read_rows(output, fmt, columns))
+    if retry_errors and any(row.get("error") for row in rows):
+        kept = [row for row in rows if not row.get("error")]
+        # Rewrite to a temporary file and rename, so that a kill here never leaves a half-written output.
+        temporary = output.with_name(output.name + ".tmp")
+        temporary.unlink(missing_ok=True)
+        writer = RowWriter(temporary, fmt, columns)
+        writer.write(kept)
+        writer.close()
+        os.replace(temporary, output)
+        notes.append(f"{output}: removed {len(rows) - len(kept)} error rows; --retry-errors tries those images again.")
+        rows = kept
+    return {row["image"]: bool(row.get("error")) for row in rows}, notes
+
+
+def make_row(key: str, captions: list[str] | None, error: str | None, settings: dict, fmt: str | None) -> dict:
+    """One output row; `captions` (N of them) is None when the image could not be read."""
+    row = {"image": key, "caption": captions[0] if captions else None}
+    num_captions = settings["num_captions"]
+    if num_captions > 1:
+        if fmt == "csv":
+            row.update({f"caption_{n}": captions[n - 1] if captions else None for n in range(2, num_captions + 1)})
+        else:
+            row["captions"] = captions
+    return {**row, "error": error, **settings}
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    """The captions as a two-column table; with several captions per image, one numbered line each."""
+    width = max([len("image")] + [len(row["image"]) for row in rows])
+    lines = [header, "", f"{'image':<{width}}  caption", f"{'-' * width}  {'-' * 7}"]
+    for row in rows:
+        if row["error"]:
+            texts = [f"ERROR: {row['error']}"]
+        else:
+            captions = row.get("captions") or [row["caption"]]
+            texts = captions if len(captions) == 1 else [f"{i}. {c}" for i, c in enumerate(captions, 1)]
+        for i, text in enumerate(texts):
+            lines.append(f"{row['image'] if i == 0 else '':<{width}}  {text}")
+    return "\n".join(lines)
+
+
+# ----- decoding settings ---------------------------------------------------------------------------------------------
+
+
+def decoding_settings(args, generation_config) -> tuple[dict, dict]:
+    """(`generate` kwargs for the flags given; every setting as used, for the rows). Flags not given fall back to the
+    model's generation_config."""
+    from transformers import GenerationConfig
+
+    given = {
+        "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+        "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "num_return_sequences": args.num_captions,
+    }
+    for name, flag in (("num_beams", "--num-beams"), ("max_new_tokens", "--max-new-tokens"),
+                       ("num_return_sequences", "--num-captions")):
+        if given[name] is not None and given[name] < 1:
+            raise ValueError(f"{flag} must be at least 1, got {given[name]}.")
+    if args.temperature is not None and args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}; for deterministic captions drop "
+                         "--do-sample instead.")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    if args.top_k is not None and args.top_k < 0:
+        raise ValueError(f"--top-k must be 0 (off) or more, got {args.top_k}.")
+    generate_kwargs = {name: value for name, value in given.items() if value is not None}
+    # What generate falls back to for fields neither the flags nor generation_config.json set (transformers 5 leaves
+    # them None in the config), so that rows record the values actually used.
+    library = GenerationConfig._get_default_generation_params()
+    used = {}
+    for name, value in given.items():
+        for candidate in (value, getattr(generation_config, name, None), library.get(name)):
+            if candidate is not None:
+                used[name] = candidate
+                break
+        else:
+            used[name] = None
+    if not used["do_sample"]:
+        ignored = [f"--{name.replace('_', '-')}" for name in SAMPLING_FLAGS if getattr(args, name) is not None]
+        if ignored:
+            one = len(ignored) == 1
+            raise ValueError(f"{', '.join(ignored)} only matter{'s' if one else ''} with --do-sample; add --do-sample, "
+                             f"or drop {'it' if one else 'them'}.")
+        if used["num_return_sequences"] > used["num_beams"]:
+            raise ValueError(f"--num-captions {used['num_return_sequences']} needs at least as many beams (the model "
+                             f"uses --num-beams {used['num_beams']}), or --do-sample for sampled captions.")
+    settings = {
+        "num_beams": used["num_beams"], "max_new_tokens": used["max_new_tokens"], "do_sample": used["do_sample"],
+        # Sampling knobs are recorded only when sampling: greedy and beam search never read them.
+        **{name: used[name] if used["do_sample"] else None for name in SAMPLING_FLAGS},
+        "num_captions": used["num_return_sequences"],
+    }
+    return generate_kwargs, settings
+
+
+def caption_batches(loader, model, processor, generate_kwargs: dict, settings: dict, fmt: str | None):
+    """Yield the rows of each batch of `loader` (an `ImageDecoder`'s): readable images are captioned in one `generate`
+    call, the others become error rows."""
+    num_captions = settings["num_captions"]
+    for items in loader:
+        good = [(key, pixels) for key, pixels, error in items if error is None]
+        captions = {}
+        if good:
+            pixel_values = torch.stack([pixels for _, pixels in good])  # (B, C, H, W)
+            pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+            sequences = model.generate(pixel_values=pixel_values, **generate_kwargs)  # (B * N, L), by image
+            texts = [_one_line(text) for text in processor.batch_decode(sequences)]
+            captions = {key: texts[i * num_captions:(i + 1) * num_captions] for i, (key, _) in enumerate(good)}
+        yield [make_row(key, captions.get(key), error, settings, fmt) for key, _, error in items]
+
+
+def _dtype_name(text: str) -> str:
+    return DTYPE_ALIASES.get(text.lower(), text.lower())
+
+
+def _resolve_device(requested: str, state) -> torch.device:
+    if state.num_processes > 1:
+        if requested not in ("auto", "cpu"):
+            raise ValueError(f"--device {requested} cannot be used under a multi-process launch: each process takes "
+                             "its own accelerator. Leave --device auto (or use cpu).")
+        return state.device
+    if requested == "auto":
+        return state.device
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu or auto.")
+    return device
+
+
+# ----- the command ---------------------------------------------------------------------------------------------------
+
+
+def _broadcast(state, value):
+    """`value` as computed on the main process, on every process."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def _gather(state, values: list) -> list:
+    if state.num_processes == 1:
+        return values
+    from accelerate.utils import gather_object
+
+    return gather_object(values)
+
+
+def _on_main(state, function):
+    """Run `function` on the main process only and hand its result (or its ValueError) to every process, so that a
+    user error on the main process stops all of them instead of leaving the others waiting."""
+    result = error = None
+    if state.is_main_process:
+        try:
+            result = function()
+        except ValueError as caught:
+            error = str(caught)
+    result, error = _broadcast(state, (result, error))
+    if error is not None:
+        raise ValueError(error)
+    return result
+
+
+def run(args) -> int:
+    """Caption the inputs of `args` (parsed by the parser `register` builds). Returns the exit code: 0, or 1 when
+    any image could not be captioned."""
+    from accelerate import PartialState
+    from transformers import AutoModel, AutoProcessor, set_seed
+
+    def say(message):
+        if state.is_main_process:
+            print(message, file=sys.stderr, flush=True)
+
+    if not (args.images or args.from_file or args.dataset):
+        raise ValueError("Nothing to caption: give image files, folders or glob patterns, --from-file LIST, or "
+                         "--dataset NAME_OR_FOLDER.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    # Under torchrun without accelerators, PartialState() would make every process a separate single-process run;
+    # cpu=True makes them one gloo group that splits the images.
+    use_cpu = args.device == "cpu" or (world_size > 1 and not torch.accelerator.is_available())
+    state = PartialState(cpu=use_cpu)
+    device = _resolve_device(args.device, state)
+
+    refs = collect_inputs(args.images, args.from_file)
+    dataset = None
+    if args.dataset:
+        dataset, dataset_refs = load_dataset_split(args.dataset, args.split, args.image_column, args.id_column)
+        refs += dataset_refs
+    if not refs:
+        raise ValueError("The inputs hold no images (folders are searched for " + ", ".join(IMAGE_EXTENSIONS) + ").")
+    if args.output is None and len(refs) > TABLE_LIMIT:
+        raise ValueError(f"{len(refs)} images are too many for a table on the terminal (at most {TABLE_LIMIT}); pass "
+                         "--output captions.jsonl (or .csv): rows are written as they are captioned, and rerunning "
+                         "the same command resumes where it stopped.")
+    fmt = output_format(args.output) if args.output else None
+    dtype_name = args.dtype or "float32"
+
+    try:
+        model = AutoModel.from_pretrained(args.model, dtype=DTYPES[dtype_name],
+                                          trust_remote_code=args.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except OSError as error:
+        raise ValueError(f"Could not load the model --model '{args.model}': {error}\nPass a folder written by "
+                         "save_pretrained (or `vision-gpt assemble`), or a Hub id; offline (HF_HUB_OFFLINE=1) a Hub "
+                         "model must already be in the cache.") from None
+    model.to(device).eval()
+    generate_kwargs, settings = decoding_settings(args, model.generation_config)
+    settings = {"model": args.model, **settings, "dtype": dtype_name, "seed": args.seed}
+    columns = csv_columns(settings["num_captions"])
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    done = {}
+    if args.output:
+        output = Path(args.output)
+        if state.is_main_process:
+            output.parent.mkdir(parents=True, exist_ok=True)
+        done, notes = _on_main(state, lambda: prepare_output(output, fmt, columns, args.retry_errors))
+        for note in notes:
+            say(note)
+    todo = [ref for ref in refs if ref.key not in done]
+    skipped = len(refs) - len(todo)
+    skipped_errors = sum(done[ref.key] for ref in refs if ref.key in done)
+    if skipped:
+        say(f"skipped {skipped} already captioned in {args.output}"
+            + (f" ({skipped_errors} of them error rows; --retry-errors tries them again)" if skipped_errors else ""))
+
+    # Contiguous shares: process i captions todo[i * n / P : (i + 1) * n / P].
+    with state.split_between_processes(todo) as share:
+        share = list(share)
+    sink = None
+    if args.output:
+        sink = RowWriter(part_path(args.output, state.process_index) if state.num_processes > 1 else output,
+                         fmt, columns)
+    num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
+    decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels)
+    decoder.limit_pixels()
+    loader = torch.utils.data.DataLoader(
+        decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
+        worker_init_fn=decoder.limit_pixels, pin_memory=device.type == "cuda")
+    processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+    say(f"captioning {len(todo)} images with {args.model} on {device} ({dtype_name}{processes}), batch size "
+        f"{args.batch_size}, decoding workers: {num_workers}")
+
+    table_rows, captioned, failed = [], 0, 0
+    started = time.perf_counter()
+    progress = tqdm(total=len(share), unit=" images", disable=not state.is_main_process or not share,
+                    desc="captioning" + (f" (process 0 of {state.num_processes})" if processes else ""))
+    try:
+        for batch in caption_batches(loader, model, processor, generate_kwargs, settings, fmt):
+            failed += sum(1 for row in batch if row["error"])
+            captioned += sum(1 for row in batch if not row["error"])
+            if sink is not None:
+                sink.write(batch)
+            else:
+                table_rows += batch
+            progress.update(len(batch))
+    finally:
+        progress.close()
+        if sink is not None:
+            sink.close()
+    elapsed = time.perf_counter() - started
+
+    counts = _gather(state, [(captioned, failed, elapsed)])
+    captioned, failed = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    elapsed = max(c[2] for c in counts)  # the slowest process: the rate is the job's, not one process's
+    if args.output:
+        state.wait_for_everyone()
+        if state.num_processes > 1:
+            _on_main(state, lambda: merge_parts(output, fmt, columns))
+    else:
+        table_rows = _gather(state, table_rows)
+        header = "  ".join(f"{name}={settings[name]}" for name in SETTINGS if settings[name] is not None)
+        if state.is_main_process:
+            print(format_table(table_rows, header), flush=True)
+
+    rate = f" in {elapsed:.1f} s ({captioned / elapsed:.1f} images/s)" if captioned and elapsed > 0 else ""
+    say(f"done: {captioned} captioned{rate}, {failed} failed, {skipped} skipped (already in the output)"
+        + (f"; rows in {args.output}" if args.output else ""))
+    if failed or skipped_errors:
+        bad = failed + skipped_errors
+        rows = "their rows have" if bad != 1 else "its row has"
+        say(f"{bad} image{'s' if bad != 1 else ''} could not be read; {rows} an 'error' field naming the file and the "
+            "reason.")
+        return 1
+    return 0
+
+
+HELP = "caption images, folders, glob patterns, list files or a datasets split, into a table, JSONL or CSV"
+
+DESCRIPTION = """\
+Caption images with a trained vision-gpt model.
+
+Inputs can be mixed: image files, folders (searched recursively for .jpg .jpeg .png .bmp
+.gif .webp .tif .tiff, any case), glob patterns (quote them: "photos/**/*.jpg"), list files
+(--from-file, one path per line), and a `datasets` split (--dataset).
+
+Up to 20 images without --output are printed as a table. Otherwise pass --output
+captions.jsonl or captions.csv: one row per image with its caption and the decoding
+settings, written as the run goes. Rerun the same command to resume: images already in
+the output are skipped. An unreadable image becomes a row with an 'error' field naming the
+file and the reason; the run goes on, and exits with 1 at the end. Decoding settings not
+given come from the model's generation_config.json."""
+
+EPILOG = """\
+output columns:
+  image         the path as given (normalised), or the dataset row id / SPLIT-ROW
+  caption       the caption (with --num-captions N: the first, the best one for beam search)
+  captions      JSONL with --num-captions N > 1: the list of all N captions
+  caption_2..N  CSV with --num-captions N > 1: the other captions, one column each
+  error         why the image could not be captioned (empty when it was)
+  model, num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, num_captions,
+  dtype, seed   the settings that produced the caption (sampling ones only with --do-sample)
+
+examples:
+  vision-gpt caption photo.jpg holiday/ --model user/vision-gpt-flickr8k
+  vision-gpt caption "scans/**/*.png" --model ./my-model --output captions.csv --num-beams 5
+  vision-gpt caption --from-file paths.txt --model ./my-model --output captions.jsonl --dtype bf16
+  vision-gpt caption --dataset ./my_dataset --split test --model ./my-model --output test.jsonl
+  accelerate launch --multi_gpu --num_processes 4 -m vision_gpt.cli caption photos/ \\
+      --model ./my-model --output captions.jsonl      (each GPU captions a quarter)"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `caption` subcommand to `subparsers` (from `ArgumentParser.add_subparsers`)."""
+    parser = subparsers.add_parser("caption", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    inputs = parser.add_argument_group("what to caption")
+    inputs.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files, folders (searched recursively) or quoted glob patterns")
+    inputs.add_argument("--from-file", action="append", default=[], metavar="LIST",
+                        help="a text file with one image path (or folder) per line; '#' starts a comment; '-' reads "
+                             "stdin; may be given several times")
+    inputs.add_argument("--dataset", metavar="NAME_OR_FOLDER",
+                        help="a datasets Hub id or a save_to_disk folder with an image column")
+    inputs.add_argument("--split", help="split of --dataset (needed when it has several)")
+    inputs.add_argument("--image-column", help="column of --dataset holding the images (default: the Image column)")
+    inputs.add_argument("--id-column", help="column of --dataset that names each row in the output (default: image_id "
+                                            "or id when present, else SPLIT-ROW)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, metavar="FOLDER_OR_ID",
+                       help="the captioner: a folder written by save_pretrained or `vision-gpt assemble`, or a Hub id")
+    model.add_argument("--dtype", type=_dtype_name, choices=list(DTYPES),
+                       help="weights and compute precision: float32 (default), bfloat16 (bf16; faster on recent CPUs "
+                            "and GPUs) or float16 (fp16; GPUs)")
+    model.add_argument("--device", default="auto",
+                       help="cpu, cuda, cuda:N or auto (default: the accelerator if there is one; under accelerate "
+                            "launch, each process's own GPU)")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="run the modeling code stored in the model repo instead of this package's")
+
+    decoding = parser.add_argument_group("decoding (defaults: the model's generation_config.json)")
+    decoding.add_argument("--num-beams", type=int, help="beam search width (1 is greedy)")
+    decoding.add_argument("--max-new-tokens", type=int, help="longest caption, in tokens")
+    decoding.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                          help="sample tokens instead of searching for the most likely caption")
+    decoding.add_argument("--temperature", type=float, help="with --do-sample: below 1 is safer, above 1 more varied")
+    decoding.add_argument("--top-p", type=float, help="with --do-sample: sample from the smallest set of tokens whose "
+                                                      "probability reaches P")
+    decoding.add_argument("--top-k", type=int, help="with --do-sample: sample from the K most likely tokens")
+    decoding.add_argument("--num-captions", type=int, metavar="N",
+                          help="captions per image (needs --num-beams >= N, or --do-sample)")
+    decoding.add_argument("--seed", type=int, help="random seed, for repeatable --do-sample captions")
+
+    running = parser.add_argument_group("running")
+    running.add_argument("--output", metavar="FILE.jsonl|FILE.csv",
+                         help="where the rows go; an existing file is resumed (its images are skipped)")
+    running.add_argument("--batch-size", type=int, default=16, help="images per generate call (default: 16)")
+    running.add_argument("--num-workers", type=int,
+                         help="background processes decoding images while the model runs (default: min(4, CPUs); "
+                              "0 decodes in the main process)")
+    running.add_argument("--max-image-pixels", type=int, metavar="PIXELS",
+                         help="images with more pixels become error rows (default: PIL's guard, about 179M pixels)")
+    running.add_argument("--retry-errors", action="store_true",
+                         help="when resuming, caption again the images whose rows are errors (their old rows are "
+                              "removed)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """`vision-gpt caption ...` on its own: `python -m vision_gpt.captioning caption IMAGE... --model M`."""
+    parser = argparse.ArgumentParser(prog="vision-gpt", description="ViT + GPT-2 image captioning.")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
