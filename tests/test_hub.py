@@ -161,3 +161,27 @@ def test_ignore_patterns(path, uploaded):
     from vision_gpt.hub import IGNORE_PATTERNS
 
     assert list(filter_repo_objects([path], ignore_patterns=IGNORE_PATTERNS)) == ([path] if uploaded else [])
+
+
+def test_training_run_pushes_its_output_folder(hub, tmp_path, tokenizer, monkeypatch):
+    """`scripts/train.py --push_to_hub` end to end: the trained repo arrives, training leftovers do not."""
+    from vision_gpt.training import main
+
+    from .data_fixtures import save_tiny_towers, write_flickr8k
+
+    vision, text = save_tiny_towers(tmp_path, tokenizer)
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=1)
+    output = tmp_path / "out"
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    main(["--vision_model", vision, "--text_model", text, "--dataset", "flickr8k", "--data_dir", str(data),
+          "--output_dir", str(output), "--feature_cache_dir", str(tmp_path / "cache"), "--max_steps", "1",
+          "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
+          "--eval_strategy", "no", "--load_best_model_at_end", "false", "--caption_metrics", "false",
+          "--report_to", "none", "--push_to_hub", "true", "--hub_model_id", REPO_ID, "--hub_token", TOKEN,
+          "--hub_private_repo", "true"])
+    files = hub.repo(REPO_ID).received("main")
+    assert files["model.safetensors"] == (output / "model.safetensors").read_bytes()
+    assert files["fp16/model.safetensors"] == (output / "fp16" / "model.safetensors").read_bytes()
+    assert "README.md" in files and "training_config.json" in files and "loss.png" in files
+    assert (output / "checkpoint-1").is_dir() and (output / "train.log").is_file()
+    assert not [name for name in files if name.startswith("checkpoint-") or name.endswith(".log")]
