@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,9 +194,11 @@ class ImageDecoder(torch.utils.data.Dataset):
             if isinstance(ref.source, int):
                 image = open_stored_image(self.dataset[ref.source][self.dataset.column_names[0]], ref.key)
             else:
+                self._check_size(ref)  # from the header, before decoding
                 image = load_image(ref.source)
+            self._check_size(ref, image.size)
             pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
-        except Image.DecompressionBombWarning as error:
+        except _TooLarge as error:
             return ref.key, None, (f"Image '{ref.key}' is too large: {error} (the limit is --max-image-pixels "
                                    f"{self.max_image_pixels}; raise it or downscale the image).")
         except ImageLoadError as error:
@@ -210,11 +211,22 @@ class ImageDecoder(torch.utils.data.Dataset):
             return ref.key, None, _one_line(f"Image '{ref.key}' could not be read: {type(error).__name__}: {error}")
         return ref.key, pixel_values, None
 
-    def limit_pixels(self, worker_id=None):
-        """Make images over `max_image_pixels` errors (PIL only warns below twice its limit). Runs in each worker."""
-        if self.max_image_pixels is not None:
-            Image.MAX_IMAGE_PIXELS = self.max_image_pixels
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+    def _check_size(self, ref, size=None):
+        """Refuse images over `--max-image-pixels` (a per-run limit; PIL's own guard, process-wide, stays as is)."""
+        if self.max_image_pixels is None:
+            return
+        if size is None:
+            try:
+                with Image.open(ref.source) as header:
+                    size = header.size
+            except Exception:  # noqa: BLE001 - unreadable files get their real error from load_image next
+                return
+        if size[0] * size[1] > self.max_image_pixels:
+            raise _TooLarge(f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels")
+
+
+class _TooLarge(ValueError):
+    pass
 
 
 def _keep_items(items):
@@ -611,10 +623,9 @@ def run(args) -> int:
                          fmt, columns)
     num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
     decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels)
-    decoder.limit_pixels()
     loader = torch.utils.data.DataLoader(
         decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
-        worker_init_fn=decoder.limit_pixels, pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda")
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     say(f"captioning {len(todo)} images with {args.model} on {device} ({dtype_name}{processes}), batch size "
         f"{args.batch_size}, decoding workers: {num_workers}")

@@ -131,15 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--fp16", action="store_true", help="save FP16 weights (half the size)")
     convert.set_defaults(func=cmd_convert)
 
-    from . import evaluation
+    # These modules import their heavy dependencies (gradio, datasets, pycocoevalcap) only when a command runs.
+    from . import app, captioning, evaluation
 
-    evaluation.register(commands)
-    for module_name in ("captioning", "app"):
-        # Commands with heavier dependencies register themselves when their module is present.
-        try:
-            module = __import__(f"vision_gpt.{module_name}", fromlist=["register"])
-        except ImportError:
-            continue
+    for module in (evaluation, captioning, app):
         module.register(commands)
     return parser
 
