@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-images", type=int, default=2000)
     demo.add_argument("--val-images", type=int, default=200)
     demo.add_argument("--test-images", type=int, default=200)
-    demo.add_argument("--epochs", type=float, default=1.0)
+    demo.add_argument("--epochs", type=float, default=2.0)
     demo.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: train --epochs)")
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)

@@ -119,7 +119,7 @@ def contact_sheet(records, captions: list[str], path: Path, cell: int = 224) -> 
 
 
 def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int = 2000, num_val: int = 200,
-             num_test: int = 200, epochs: float = 1.0, max_steps: int = 0, batch_size: int = 32, seed: int = 0,
+             num_test: int = 200, epochs: float = 2.0, max_steps: int = 0, batch_size: int = 32, seed: int = 0,
              require_improvement: bool = True, show: int = 8) -> dict:
     """Run the demo in `workdir`; returns the measured metrics. Raises `DemoFailed` if the trained model does not
     clearly beat the baseline (when `require_improvement`)."""
