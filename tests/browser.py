@@ -133,23 +133,30 @@ def read_errors(page) -> list[str]:
     return [text.strip() for text in page.locator("#status .vg-error").all_inner_texts()]
 
 
-def screenshot_example(output: str) -> None:
-    """Start the app with the README's tiny random model, caption two example images and save a screenshot."""
+def screenshot_example(output: str, model_dir: str | None = None) -> None:
+    """Start the app, caption two example images and save a screenshot: with `model_dir` (e.g. the model that
+    `vision-gpt demo` trained) on the shapes examples, else with the README's tiny random model."""
     from vision_gpt.app import EXAMPLES_DIR, Captioner, build_app
     from vision_gpt.assembly import build_tiny
 
     with tempfile.TemporaryDirectory() as folder:
-        # What `vision-gpt assemble --tiny` builds: random weights, so the captions are noise, but real layout.
-        model, processor = build_tiny()
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        captioner = Captioner.from_pretrained(folder)
-        captioner.name = "tiny-vision-gpt"  # the README's folder name, not this temporary one
+        if model_dir:
+            captioner = Captioner.from_pretrained(model_dir)
+            captioner.name = "vision-gpt-demo/model"  # the folder `vision-gpt demo` writes
+            examples = (EXAMPLES_DIR / "shapes_1.jpg", EXAMPLES_DIR / "shapes_7.jpg")
+        else:
+            # What `vision-gpt assemble --tiny` builds: random weights, so the captions are noise, but real layout.
+            model, processor = build_tiny()
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
+            captioner = Captioner.from_pretrained(folder)
+            captioner.name = "tiny-vision-gpt"  # the README's folder name, not this temporary one
+            examples = (EXAMPLES_DIR / "beach.jpg", EXAMPLES_DIR / "shapes_1.jpg")
         demo = build_app(captioner=captioner)
         with running_app(demo) as url, chromium() as browser:
             page = open_app(browser, url, height=900)
-            upload(page, EXAMPLES_DIR / "beach.jpg", EXAMPLES_DIR / "shapes_1.jpg")
-            set_slider(page, "max-new-tokens", 12)
+            upload(page, *examples)
+            set_slider(page, "max-new-tokens", 24)
             press_caption(page)
             page.screenshot(path=output, full_page=True)
     print(f"wrote {output}")
@@ -157,4 +164,5 @@ def screenshot_example(output: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    screenshot_example(sys.argv[1] if len(sys.argv) > 1 else "docs/app_screenshot.png")
+    screenshot_example(sys.argv[1] if len(sys.argv) > 1 else "docs/app_screenshot.png",
+                       sys.argv[2] if len(sys.argv) > 2 else None)

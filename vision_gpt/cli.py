@@ -78,8 +78,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    import logging
+
     from .convert import convert_checkpoint
 
+    # The parity check's result is logged by convert_checkpoint: show it.
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("vision_gpt.convert").setLevel(logging.INFO)
     folder = convert_checkpoint(args.source, args.output_dir, fp16=args.fp16)
     print(f"Converted {args.source} into {folder}: load it with AutoModel.from_pretrained({str(folder)!r}, "
           "trust_remote_code=True) or pipeline('image-to-text', ...).")
