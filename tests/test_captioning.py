@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from vision_gpt import VisionGPTForConditionalGeneration
-from vision_gpt.captioning import main
+from vision_gpt.cli import main
 
 from .conftest import random_images, tiny_model
 

@@ -765,19 +765,3 @@ def register(subparsers) -> argparse.ArgumentParser:
                               "removed)")
     parser.set_defaults(func=run)
     return parser
-
-
-def main(argv=None) -> int:
-    """`vision-gpt caption ...` on its own: `python -m vision_gpt.captioning caption IMAGE... --model M`."""
-    parser = argparse.ArgumentParser(prog="vision-gpt", description="ViT + GPT-2 image captioning.")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
