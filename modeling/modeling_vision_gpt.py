@@ -8,7 +8,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
 
 from .configuration_vision_gpt import VisionGPTConfig
@@ -405,9 +405,36 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             raise ValueError(f"Got {batch_size} images but {input_ids.shape[0]} prompts in `input_ids`.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.config.fusion == "prefix" and kwargs.get("past_key_values") is None:
+            past_key_values, attention_mask = self._prefill_visual_prefix(image_embeds, attention_mask, kwargs)
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+            )
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
         )
+
+    def _prefill_visual_prefix(self, image_embeds, attention_mask, generate_kwargs):
+        """
+        Run the visual prefix through GPT-2 once per image and repeat its key/value cache for every beam or returned
+        sequence; `GenerationMixin` would otherwise repeat the prefix and recompute it for each of them. Returns the cache
+        and the attention mask extended over the cached prefix (generate then sees only the text).
+        """
+        config = generate_kwargs.get("generation_config") or self.generation_config
+        num_beams = generate_kwargs.get("num_beams") or config.num_beams or 1
+        num_return_sequences = generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        batch_size, num_visual = image_embeds.shape[:2]
+        cache = DynamicCache(config=self.config.text_config)
+        positions = torch.arange(num_visual, device=image_embeds.device).expand(batch_size, -1)
+        embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
+        self.language_model.transformer(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                                        use_cache=True)
+        # The same expansion GenerationMixin applies to input_ids and the mask (repeat_interleave, same order).
+        expand = max(num_beams, num_return_sequences)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
+        visual = attention_mask.new_ones(batch_size, num_visual)
+        return cache, torch.cat([visual, attention_mask], dim=1)  # (B, K + T)
 
     # ----- assembly --------------------------------------------------------------------------------------------------
 

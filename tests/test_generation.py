@@ -111,3 +111,34 @@ def test_generate_refuses_mismatched_inputs(processor, images):
         model.generate(max_new_tokens=2)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         model.generate(pixel_values, input_ids=torch.tensor([[START]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(num_beams=1),
+    dict(num_beams=3, num_return_sequences=2),
+    dict(do_sample=True, num_beams=1, num_return_sequences=2, temperature=1.3),
+])
+def test_shared_prefix_prefill_matches_plain_generation(kwargs, processor, images):
+    """The prefix is prefilled once per image and its cache repeated per beam; the result must be what
+    GenerationMixin gives when it repeats and recomputes the prefix for every beam."""
+    from transformers import GenerationMixin
+
+    model = tiny_model()
+    inputs = processor(images=images[:3], prompt=["a", "two red", "the"])
+    settings = dict(max_new_tokens=6, min_new_tokens=6, **kwargs)
+    torch.manual_seed(0)
+    shared = model.generate(**inputs, **settings)
+    torch.manual_seed(0)
+    plain = GenerationMixin.generate(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                     image_embeds=model.get_image_features(inputs["pixel_values"]), **settings)
+    assert torch.equal(shared, plain)
+
+
+def test_visual_prefix_goes_through_gpt2_once_per_image(processor, images):
+    model = tiny_model()
+    rows = []
+    model.language_model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True)
+    model.generate(**processor(images=images[:2]), num_beams=3, max_new_tokens=3, min_new_tokens=3)
+    assert rows[0] == (2, 4)  # two images x four visual tokens, not six beams
+    assert rows[1] == (6, 1)  # then one token per beam
