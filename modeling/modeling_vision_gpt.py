@@ -10,6 +10,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.utils import ModelOutput
+from transformers.utils import logging as transformers_logging
 
 from .configuration_vision_gpt import VisionGPTConfig
 
@@ -407,9 +408,13 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             attention_mask = torch.ones_like(input_ids)
         if self.config.fusion == "prefix" and kwargs.get("past_key_values") is None:
             past_key_values, attention_mask = self._prefill_visual_prefix(image_embeds, attention_mask, kwargs)
-            return super().generate(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
-            )
+            # The mask now also covers the cached prefix, so generate's right-padding check falls back to "is the
+            # last token the pad token?", which GPT-2's start token (= pad) always is: a false alarm, dropped here.
+            with _without_log_message(transformers_logging.get_logger("transformers.generation.utils"),
+                                      "right-padding was detected"):
+                return super().generate(
+                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+                )
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
         )
@@ -469,6 +474,22 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         model.language_model.load_state_dict(text.state_dict())
         model.apply_freezing()
         return model
+
+
+class _without_log_message:
+    """Drop log records containing `text` from `logger` inside the block."""
+
+    def __init__(self, logger, text: str):
+        self.logger, self.text = logger, text
+
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+    def __enter__(self):
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self)
 
 
 def _vision_model_kwargs(config: VisionGPTConfig) -> dict:
