@@ -1,0 +1,20 @@
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generation_benchmark_runs_end_to_end_in_quick_mode(capsys):
+    load("bench_generate").main(["--quick", "--batch-sizes", "2", "--tokens", "4"])
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(table) == 4  # greedy and 5 beams, fp32 and bf16
+    assert all(line.count("|") == 9 and "x** |" in line for line in table)
+    assert "| float32 |" in out and "| bfloat16 |" in out and "share of peak" in out
