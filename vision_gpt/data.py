@@ -362,22 +362,6 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixel_values_for(record.image, self.image_processor)[0], "caption": caption}
 
 
-class CaptionImageDataset(torch.utils.data.Dataset):
-    """One item per image (for generation and caption metrics), with all its references."""
-
-    def __init__(self, images: list[CaptionedImage], image_processor):
-        self.images = images
-        self.image_processor = image_processor
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        record = self.images[index]
-        return {"pixel_values": pixel_values_for(record.image, self.image_processor)[0],
-                "image_id": record.image_id, "references": record.captions}
-
-
 def pixel_values_for(image, image_processor) -> torch.Tensor:
     """`(1, 3, H, W)` pixel values for one stored image."""
     return image_processor(images=[open_stored_image(image)], return_tensors="pt")["pixel_values"]
