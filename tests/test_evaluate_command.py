@@ -42,3 +42,11 @@ def test_evaluate_command_names_a_missing_split(tmp_path, processor, capsys):
     assert cli.main(["evaluate", "--model", str(model_dir), "--data-dir", str(data), "--output-dir",
                      str(tmp_path / "e")]) == 2
     assert "no usable 'test' split" in capsys.readouterr().err
+
+
+def test_evaluate_command_names_a_model_it_cannot_load(tmp_path, capsys):
+    data = write_flickr8k(tmp_path / "f8k", train=1, val=1, test=1)
+    assert cli.main(["evaluate", "--model", str(tmp_path / "no-such-model"), "--data-dir", str(data),
+                     "--output-dir", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert "Could not load --model" in err and "no-such-model" in err

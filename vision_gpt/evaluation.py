@@ -593,8 +593,13 @@ def run(args) -> int:
         raise ValueError(f"{report.source} has no usable '{args.split}' split (splits: {sorted(splits)}).")
     images = images[: args.max_images]
     print(report.summary(splits))
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    try:
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=getattr(torch, args.dtype)).eval()
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    except OSError as error:
+        raise ValueError(f"Could not load --model '{args.model}': {str(error).splitlines()[0]} Pass a folder written "
+                         "by save_pretrained (or a training run), or a Hub id; offline, a Hub model must already be "
+                         "in the cache.") from None
     settings = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     settings = {key: value for key, value in settings.items() if value not in (None, False)}
