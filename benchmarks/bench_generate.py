@@ -12,6 +12,7 @@ matrix-multiply peak, measured in the same run.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import threading
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
 from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration
+from vision_gpt.modeling.packed_linear_vision_gpt import packed_linear_available, packed_linears
 
 START = 50256
 
@@ -79,10 +81,10 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def generate(model, pixel_values, mode: str, tokens: int):
+def generate(model, pixel_values, mode: str, tokens: int, **extra):
     num_beams = 1 if mode == "greedy" else 5
     return model.generate(pixel_values=pixel_values, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                          num_beams=num_beams)
+                          num_beams=num_beams, **extra)
 
 
 def sync(device):
@@ -90,12 +92,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_pair(models, pixel_values, mode, tokens, repeats, device):
-    """Median seconds per call and peak memory (MB) for each model, calls alternating between the models."""
+def time_pair(models, pixel_values, mode, tokens, repeats, device, extra):
+    """Median seconds per call and peak memory (MB) for each model, calls alternating between the models; `extra`
+    holds each model's additional generate arguments."""
     with torch.inference_mode():
         for _ in range(2):  # warm-up
-            for model in models.values():
-                generate(model, pixel_values, mode, tokens)
+            for name, model in models.items():
+                generate(model, pixel_values, mode, tokens, **extra[name])
         times = {name: [] for name in models}
         memory = {name: 0.0 for name in models}
         for _ in range(repeats):
@@ -103,7 +106,7 @@ def time_pair(models, pixel_values, mode, tokens, repeats, device):
                 with PeakMemory(device) as peak:
                     sync(device)
                     start = time.perf_counter()
-                    generate(model, pixel_values, mode, tokens)
+                    generate(model, pixel_values, mode, tokens, **extra[name])
                     sync(device)
                     times[name].append(time.perf_counter() - start)
                 memory[name] = max(memory[name], peak.megabytes)
@@ -111,25 +114,32 @@ def time_pair(models, pixel_values, mode, tokens, repeats, device):
 
 
 def matmul_peak(dtype, device, size=(4096, 768, 3072), repeats=30) -> float:
-    """GFLOP/s of F.linear on a ViT-MLP-shaped product: the practical matrix-multiply peak of this machine (the best
-    of many calls, since a single call on a shared CPU can come out far below it)."""
+    """GFLOP/s of a ViT-MLP-shaped matrix product: the practical matrix-multiply peak of this machine. The best of
+    many calls (a single call on a shared CPU can come out far below it) and, on CPU, of both kernels torch offers
+    there: `F.linear` (MKL) and oneDNN with a packed weight."""
     m, k, n = size
     x = torch.randn(m, k, device=device, dtype=dtype)
     w = torch.randn(n, k, device=device, dtype=dtype)
-    for _ in range(5):
-        F.linear(x, w)
+    kernels = [lambda: F.linear(x, w)]
+    if device.type == "cpu" and packed_linear_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
     best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        F.linear(x, w)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        for _ in range(5):
+            kernel()
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            kernel()
+            sync(device)
+            best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best / 1e9
 
 
-def vision_gflops(encoder_call, pixel_values, repeats=3) -> tuple[float, float]:
-    """(GFLOP per image, achieved GFLOP/s) of a vision encoder call, FLOPs counted by torch's FlopCounterMode."""
+def vision_gflops(encoder_call, pixel_values, fast_path=contextlib.nullcontext, repeats=3) -> tuple[float, float]:
+    """(GFLOP per image, achieved GFLOP/s) of a vision encoder call, timed inside `fast_path()`. FLOPs are counted by
+    torch's FlopCounterMode on the plain layers, since it does not know oneDNN's packed linear op."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.inference_mode():
@@ -137,6 +147,7 @@ def vision_gflops(encoder_call, pixel_values, repeats=3) -> tuple[float, float]:
         with counter:
             encoder_call(pixel_values)
         flops = counter.get_total_flops()
+    with torch.inference_mode(), fast_path():
         for _ in range(2):
             encoder_call(pixel_values)
         best = float("inf")
@@ -157,6 +168,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=20, help="caption length, forced for both models")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per model and setting (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plain-linears", action="store_true",
+                        help="run ours without its oneDNN packed linear layers (to see what they contribute)")
     parser.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -164,6 +177,7 @@ def main(argv=None):
     repeats = 1 if args.quick else args.repeats
 
     ours32, peer32, image_size = build_models(args.quick)
+    extra = {"ours": {"use_packed_linears": not args.plain_linears}, "peer": {}}
     rows = []
     print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.tokens} tokens per "
           f"caption, median of {repeats} call(s) after 2 warm-ups")
@@ -174,7 +188,7 @@ def main(argv=None):
             pixel_values = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
             pixel_values = pixel_values.to(device, dtype)
             for mode in args.modes:
-                seconds, memory = time_pair(models, pixel_values, mode, args.tokens, repeats, device)
+                seconds, memory = time_pair(models, pixel_values, mode, args.tokens, repeats, device, extra)
                 rows.append((batch, mode, dtype_name, seconds, memory))
                 print(f"  batch {batch:>3} {mode:<6} {dtype_name:<8} ours {batch / seconds['ours']:7.2f} img/s   "
                       f"peer {batch / seconds['peer']:7.2f} img/s   ratio {seconds['peer'] / seconds['ours']:.2f}x",
@@ -188,7 +202,8 @@ def main(argv=None):
               f"{batch / seconds['ours']:.2f} | {batch / seconds['peer']:.2f} | {memory['ours']:.0f} | "
               f"{memory['peer']:.0f} |")
 
-    print("\nVision encoder (batch 8) against this machine's matrix-multiply peak (F.linear 4096x768x3072):")
+    print("\nVision encoder (batch 8) against this machine's matrix-multiply peak (a 4096x768x3072 product, best "
+          "kernel):")
     print("| dtype | matmul peak GFLOP/s | encoder | GFLOP/image | achieved GFLOP/s | share of peak |")
     print("|---|---|---|---|---|---|")
     pixel_values = torch.randn(2 if args.quick else 8, 3, image_size, image_size)
@@ -197,9 +212,11 @@ def main(argv=None):
         peak = matmul_peak(dtype, device)
         ours, peer = ours32.to(device, dtype), peer32.to(device, dtype)
         encoders = {"ours": ours.get_vision_features, "peer": lambda px: peer.encoder(pixel_values=px)}
+        fast_paths = {"ours": lambda: packed_linears(ours, enabled=not args.plain_linears),  # as generate() runs it
+                      "peer": contextlib.nullcontext}
         for name, call in encoders.items():
-            per_image, achieved = vision_gflops(call, pixel_values.to(device, dtype))
-            print(f"| {dtype_name} | {peak:.0f} | {name} | {per_image:.1f} | {achieved:.0f} | "
+            per_image, achieved = vision_gflops(call, pixel_values.to(device, dtype), fast_paths[name])
+            print(f"| {dtype_name} | {peak:.0f} | {name} | {per_image:.3g} | {achieved:.0f} | "
                   f"{100 * achieved / peak:.0f}% |")
         ours32, peer32 = ours.float(), peer.float()
 

@@ -8,11 +8,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
 from .configuration_vision_gpt import VisionGPTConfig
+from .packed_linear_vision_gpt import packed_linears
 
 # Imported so that `save_pretrained` and the Hub's remote-code loader, which follow relative imports, always carry the
 # whole published package (processor and pipeline included) with the model.
@@ -315,9 +316,19 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             if image_embeds.shape[0] != batch_size:
                 raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
             inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
-        full_mask = self._full_attention_mask(attention_mask, inputs_embeds, past_len)
-        # Positions count attended tokens only, so a left-padded row gets the positions it would have alone.
-        position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The `(B, 1, T, kv_len)` mask GenerationMixin prepares for a static (compileable) cache, which already
+            # covers the cached prefix. Causally, each query attends every earlier real token and itself, so its
+            # position is the number of keys it attends, minus one.
+            if prefill_prefix:
+                raise ValueError("A 4D `attention_mask` is only accepted once the visual prefix is in the cache.")
+            full_mask = attention_mask
+            attended = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            position_ids = (attended[:, 0].sum(-1) - 1).clamp(min=0)  # (B, T)
+        else:
+            full_mask = self._full_attention_mask(attention_mask, inputs_embeds, past_len)
+            # Positions count attended tokens only, so a left-padded row gets the positions it would have alone.
+            position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
         encoder_hidden_states = None
         if not is_prefix:
@@ -383,15 +394,22 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         attention_mask: torch.LongTensor | None = None,
         vision_features: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
+        use_packed_linears: bool = True,
         **kwargs,
     ):
         r"""
         Caption images. Takes `pixel_values` (or `vision_features` / `image_embeds`) and, optionally, a text prompt
         in `input_ids` (left-padded, starting with the start token); every other argument is `GenerationMixin.generate`'s
         (`num_beams`, `do_sample`, `top_p`, `num_return_sequences`, `repetition_penalty`, `generation_config`, ...).
-        Each image is encoded once per call, before beams or return sequences are expanded.
-        Returns the token ids, start token and prompt included; decode them with `processor.batch_decode`.
+        Each image is encoded once per call, before beams or return sequences are expanded. On x86 CPUs the linear
+        layers run oneDNN with pre-packed weights (see `packed_linear_vision_gpt.py`; `use_packed_linears=False` runs
+        the plain layers). Returns the token ids, start token and prompt included; decode them with
+        `processor.batch_decode`.
         """
+        with packed_linears(self, enabled=use_packed_linears):
+            return self._generate_captions(pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs)
+
+    def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
         if image_embeds is None:
             if pixel_values is None and vision_features is None:
                 raise ValueError("generate() needs `pixel_values` (or `vision_features` / `image_embeds`).")
@@ -407,7 +425,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.config.fusion == "prefix" and kwargs.get("past_key_values") is None:
-            past_key_values, attention_mask = self._prefill_visual_prefix(image_embeds, attention_mask, kwargs)
+            past_key_values, attention_mask = self._prefill_visual_prefix(image_embeds, input_ids, attention_mask, kwargs)
             # The mask now also covers the cached prefix, so generate's right-padding check falls back to "is the
             # last token the pad token?", which GPT-2's start token (= pad) always is: a false alarm, dropped here.
             with _without_log_message(transformers_logging.get_logger("transformers.generation.utils"),
@@ -419,15 +437,25 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
         )
 
-    def _prefill_visual_prefix(self, image_embeds, attention_mask, generate_kwargs):
+    def _prefill_visual_prefix(self, image_embeds, input_ids, attention_mask, generate_kwargs):
         """
         Run the visual prefix through GPT-2 once per image and repeat its key/value cache for every beam or returned
         sequence; `GenerationMixin` would otherwise repeat the prefix and recompute it for each of them. Returns the cache
-        and the attention mask extended over the cached prefix (generate then sees only the text).
+        and the attention mask extended over the cached prefix (generate then sees only the text). With
+        `cache_implementation="static"` the cache is a `StaticCache` sized for the prompt and the new tokens, which
+        `generate` compiles for (on CUDA by default; see `CompileConfig`).
         """
         config = generate_kwargs.get("generation_config") or self.generation_config
         num_beams = generate_kwargs.get("num_beams") or config.num_beams or 1
         num_return_sequences = generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        cache_implementation = generate_kwargs.pop("cache_implementation", config.cache_implementation)
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={cache_implementation!r} is not supported with fusion='prefix'; use 'dynamic' "
+                "(the default) or 'static'."
+            )
+        # generate must not build a second cache next to the one handed to it.
+        generate_kwargs["cache_implementation"] = None
         batch_size, num_visual = image_embeds.shape[:2]
         cache = DynamicCache(config=self.config.text_config)
         positions = torch.arange(num_visual, device=image_embeds.device).expand(batch_size, -1)
@@ -438,8 +466,19 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         expand = max(num_beams, num_return_sequences)
         if expand > 1:
             cache.batch_repeat_interleave(expand)
+        if cache_implementation == "static":
+            cache = self._to_static_cache(cache, num_visual + input_ids.shape[1], generate_kwargs, config)
         visual = attention_mask.new_ones(batch_size, num_visual)
         return cache, torch.cat([visual, attention_mask], dim=1)  # (B, K + T)
+
+    def _to_static_cache(self, cache: DynamicCache, prompt_length: int, generate_kwargs, config) -> StaticCache:
+        max_new_tokens = generate_kwargs.get("max_new_tokens") or config.max_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = (generate_kwargs.get("max_length") or config.max_length) - (prompt_length - cache.get_seq_length())
+        static = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + max_new_tokens)
+        for layer_idx, layer in enumerate(cache.layers):
+            static.update(layer.keys, layer.values, layer_idx)
+        return static
 
     # ----- assembly --------------------------------------------------------------------------------------------------
 
