@@ -23,18 +23,20 @@ import torch.nn.functional as F
 from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
 from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration
+from vision_gpt.modeling.configuration_vision_gpt import FUSIONS, VISUAL_TOKENS
 from vision_gpt.modeling.packed_linear_vision_gpt import packed_linear_available, packed_linears
 
 START = 50256
 
 
-def build_models(quick: bool):
+def build_models(quick: bool, **ours_overrides):
+    """Ours (its default configuration unless `ours_overrides` says otherwise) and the peer, from the same seed."""
     vision = ViTConfig() if not quick else ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                      intermediate_size=128, image_size=32, patch_size=8)
     text = GPT2Config() if not quick else GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128)
     torch.manual_seed(0)
     ours = VisionGPTForConditionalGeneration(VisionGPTConfig(vision_config=vision.to_dict(),
-                                                             text_config=text.to_dict())).eval()
+                                                             text_config=text.to_dict(), **ours_overrides)).eval()
     torch.manual_seed(0)
     peer_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         vision, GPT2Config(**{**text.to_dict(), "add_cross_attention": True, "is_decoder": True}))
@@ -113,28 +115,30 @@ def time_pair(models, pixel_values, mode, tokens, repeats, device, extra):
     return {name: statistics.median(values) for name, values in times.items()}, memory
 
 
-def matmul_peak(dtype, device, size=(4096, 768, 3072), repeats=30) -> float:
-    """GFLOP/s of a ViT-MLP-shaped matrix product: the practical matrix-multiply peak of this machine. The best of
-    many calls (a single call on a shared CPU can come out far below it) and, on CPU, of both kernels torch offers
-    there: `F.linear` (MKL) and oneDNN with a packed weight."""
-    m, k, n = size
-    x = torch.randn(m, k, device=device, dtype=dtype)
-    w = torch.randn(n, k, device=device, dtype=dtype)
-    kernels = [lambda: F.linear(x, w)]
-    if device.type == "cpu" and packed_linear_available():
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
-    best = float("inf")
-    for kernel in kernels:
-        for _ in range(5):
-            kernel()
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            kernel()
-            sync(device)
-            best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
+def matmul_peak(dtype, device, rows=(1576, 4096), repeats=20) -> float:
+    """GFLOP/s of ViT-MLP-shaped matrix products (768 -> 3072 and back; 1576 rows = 8 images x 197 tokens): the
+    practical matrix-multiply peak of this machine. The best over shapes, many calls (a single call on a shared CPU
+    can come out far below it) and, on CPU, both kernels torch offers there: `F.linear` (MKL) and oneDNN with a packed
+    weight."""
+    best = 0.0
+    for m in rows:
+        for k, n in ((768, 3072), (3072, 768)):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            w = torch.randn(n, k, device=device, dtype=dtype)
+            kernels = [lambda: F.linear(x, w)]
+            if device.type == "cpu" and packed_linear_available():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w)
+                kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+            for kernel in kernels:
+                for _ in range(3):
+                    kernel()
+                for _ in range(repeats):
+                    sync(device)
+                    start = time.perf_counter()
+                    kernel()
+                    sync(device)
+                    best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def vision_gflops(encoder_call, pixel_values, fast_path=contextlib.nullcontext, repeats=3) -> tuple[float, float]:
@@ -160,6 +164,20 @@ def vision_gflops(encoder_call, pixel_values, fast_path=contextlib.nullcontext, 
     return flops / pixel_values.shape[0] / 1e9, flops / best / 1e9
 
 
+def time_settings(models, batch_sizes, args, image_size, device, dtype, repeats, extra, rows):
+    """Time both models at every batch size and decoding mode in one dtype; appends to `rows`."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    for batch in batch_sizes:
+        pixel_values = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
+        pixel_values = pixel_values.to(device, dtype)
+        for mode in args.modes:
+            seconds, memory = time_pair(models, pixel_values, mode, args.tokens, repeats, device, extra)
+            rows.append((batch, mode, dtype_name, seconds, memory))
+            print(f"  batch {batch:>3} {mode:<6} {dtype_name:<8} ours {batch / seconds['ours']:7.2f} img/s   "
+                  f"peer {batch / seconds['peer']:7.2f} img/s   ratio {seconds['peer'] / seconds['ours']:.2f}x",
+                  flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 8 32 (CUDA: 1 8 32 128)")
@@ -170,29 +188,39 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plain-linears", action="store_true",
                         help="run ours without its oneDNN packed linear layers (to see what they contribute)")
+    parser.add_argument("--unfused-gelu", action="store_true",
+                        help="run ours with packed layers but each GELU as a separate op (to see what fusing gives)")
+    parser.add_argument("--bf16-logits", action="store_true",
+                        help="run ours in bf16 with generate(float32_logits=False) (to see what float32 logits cost)")
+    parser.add_argument("--fusion", choices=FUSIONS, help="ours with this fusion instead of the default")
+    parser.add_argument("--visual-tokens", choices=VISUAL_TOKENS, help="ours with these visual tokens instead")
     parser.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs")
     args = parser.parse_args(argv)
+    if args.plain_linears and args.unfused_gelu:
+        parser.error("--unfused-gelu changes the packed layers, which --plain-linears turns off: choose one")
     device = torch.device(args.device)
     batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8, 32] + ([128] if device.type == "cuda" else []))
     repeats = 1 if args.quick else args.repeats
 
-    ours32, peer32, image_size = build_models(args.quick)
-    extra = {"ours": {"use_packed_linears": not args.plain_linears}, "peer": {}}
+    overrides = {name: value for name, value in (("fusion", args.fusion), ("visual_tokens", args.visual_tokens))
+                 if value is not None}
+    ours32, peer32, image_size = build_models(args.quick, **overrides)
+    extra = {"ours": {"use_packed_linears": not args.plain_linears, "float32_logits": not args.bf16_logits}, "peer": {}}
     rows = []
     print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.tokens} tokens per "
           f"caption, median of {repeats} call(s) after 2 warm-ups")
+    print(f"ours: fusion={ours32.config.fusion!r}, visual_tokens={ours32.config.visual_tokens!r} "
+          f"({ours32.config.num_image_tokens} visual tokens per image)")
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         models = {"ours": ours32.to(device, dtype), "peer": peer32.to(device, dtype)}
-        for batch in batch_sizes:
-            pixel_values = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(batch))
-            pixel_values = pixel_values.to(device, dtype)
-            for mode in args.modes:
-                seconds, memory = time_pair(models, pixel_values, mode, args.tokens, repeats, device, extra)
-                rows.append((batch, mode, dtype_name, seconds, memory))
-                print(f"  batch {batch:>3} {mode:<6} {dtype_name:<8} ours {batch / seconds['ours']:7.2f} img/s   "
-                      f"peer {batch / seconds['peer']:7.2f} img/s   ratio {seconds['peer'] / seconds['ours']:.2f}x",
-                      flush=True)
+        settings = contextlib.nullcontext()
+        if args.unfused_gelu:
+            # An outer block's settings hold for the blocks generate() opens inside it.
+            float32_layers = () if args.bf16_logits else (models["ours"].get_output_embeddings(),)
+            settings = packed_linears(models["ours"], float32_layers=float32_layers, fuse_gelu=False)
+        with settings:
+            time_settings(models, batch_sizes, args, image_size, device, dtype, repeats, extra, rows)
         ours32, peer32 = ours32.float(), peer32.float()
 
     print("\n| batch | decoding | dtype | ours / peer | ours img/s | peer img/s | ours peak MB | peer peak MB |")
@@ -202,17 +230,18 @@ def main(argv=None):
               f"{batch / seconds['ours']:.2f} | {batch / seconds['peer']:.2f} | {memory['ours']:.0f} | "
               f"{memory['peer']:.0f} |")
 
-    print("\nVision encoder (batch 8) against this machine's matrix-multiply peak (a 4096x768x3072 product, best "
-          "kernel):")
+    print("\nVision encoder (batch 8) against this machine's matrix-multiply peak (ViT-MLP-shaped products, best shape "
+          "and kernel):")
     print("| dtype | matmul peak GFLOP/s | encoder | GFLOP/image | achieved GFLOP/s | share of peak |")
     print("|---|---|---|---|---|---|")
     pixel_values = torch.randn(2 if args.quick else 8, 3, image_size, image_size)
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        peak = matmul_peak(dtype, device)
+        peak = matmul_peak(dtype, device, rows=(64,) if args.quick else (1576, 4096))
         ours, peer = ours32.to(device, dtype), peer32.to(device, dtype)
         encoders = {"ours": ours.get_vision_features, "peer": lambda px: peer.encoder(pixel_values=px)}
-        fast_paths = {"ours": lambda: packed_linears(ours, enabled=not args.plain_linears),  # as generate() runs it
+        fast_paths = {"ours": lambda: packed_linears(ours, enabled=not args.plain_linears,  # as generate() runs it
+                                                     fuse_gelu=not args.unfused_gelu),
                       "peer": contextlib.nullcontext}
         for name, call in encoders.items():
             per_image, achieved = vision_gflops(call, pixel_values.to(device, dtype), fast_paths[name])

@@ -1,11 +1,13 @@
 """VisionGPT configuration: a vision tower, a mapper into GPT-2's embedding space, and a GPT-2 decoder."""
 
+import math
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 FUSIONS = ("prefix", "cross_attention")
-VISUAL_TOKENS = ("patches", "pooled", "queries")
+VISUAL_TOKENS = ("patches", "pooled", "queries", "merged")
 PROJECTOR_TYPES = ("linear", "mlp", "identity")
 # Towers whose outputs and image processors have been checked with this model.
 VISION_MODEL_TYPES = ("vit", "clip_vision_model", "siglip_vision_model", "dinov2")
@@ -22,15 +24,21 @@ class VisionGPTConfig(PretrainedConfig):
             Config of the vision tower. Defaults to `ViTConfig()` (ViT-B/16, 224 px).
         text_config (`dict` or `PretrainedConfig`, *optional*):
             Config of the GPT-2 decoder. Defaults to `GPT2Config()` (GPT-2 small, 124M).
-        fusion (`str`, defaults to `"prefix"`):
+        fusion (`str`, defaults to `"cross_attention"`):
             `"prefix"`: the mapped visual tokens are placed before the caption tokens in GPT-2's input.
             `"cross_attention"`: every GPT-2 block gets a cross-attention layer over the mapped visual tokens.
-        visual_tokens (`str`, defaults to `"queries"`):
+        visual_tokens (`str`, defaults to `"patches"`):
             Which visual tokens reach GPT-2. `"patches"`: every token of the vision tower (197 for ViT-B/16 at 224 px).
             `"pooled"`: the tower's pooled feature mapped to `num_visual_tokens` tokens (ClipCap's MLP mapper).
             `"queries"`: `num_visual_tokens` learned queries attend over the patch tokens.
+            `"merged"`: each block of `patch_merge_size` x `patch_merge_size` neighbouring patch tokens, concatenated
+            and projected to one token (49 tokens for ViT-B/16 at 224 px with blocks of 2 x 2; the CLS token is not
+            used).
         num_visual_tokens (`int`, defaults to 32):
             K, the number of visual tokens for `"pooled"` and `"queries"`.
+        patch_merge_size (`int`, defaults to 2):
+            The side of the blocks of patches that `"merged"` turns into one token. A patch grid whose side it does not
+            divide is padded by repeating its last row and column.
         projector_type (`str`, defaults to `"mlp"`):
             `"linear"`, `"mlp"` (two layers) or `"identity"` (only when both hidden sizes match; used by conversions).
         projector_hidden_act (`str`, defaults to `"gelu"`):
@@ -50,7 +58,7 @@ class VisionGPTConfig(PretrainedConfig):
 
     ```python
     >>> from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration
-    >>> config = VisionGPTConfig(fusion="cross_attention", visual_tokens="patches")
+    >>> config = VisionGPTConfig(fusion="prefix", visual_tokens="queries", num_visual_tokens=32)
     >>> model = VisionGPTForConditionalGeneration(config)
     ```"""
 
@@ -64,9 +72,10 @@ class VisionGPTConfig(PretrainedConfig):
 
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
-    fusion: str = "prefix"
-    visual_tokens: str = "queries"
+    fusion: str = "cross_attention"
+    visual_tokens: str = "patches"
     num_visual_tokens: int = 32
+    patch_merge_size: int = 2
     projector_type: str = "mlp"
     projector_hidden_act: str = "gelu"
     projector_hidden_size: int | None = None
@@ -127,7 +136,7 @@ class VisionGPTConfig(PretrainedConfig):
                 f"VisionGPTConfig.text_config has model_type={self.text_config.model_type!r}; the decoder must be "
                 f"of the GPT-2 family ({list(TEXT_MODEL_TYPES)})."
             )
-        for field in ("num_visual_tokens", "projector_hidden_size"):
+        for field in ("num_visual_tokens", "patch_merge_size", "projector_hidden_size"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"VisionGPTConfig.{field}={value!r} must be a positive integer.")
@@ -138,11 +147,17 @@ class VisionGPTConfig(PretrainedConfig):
                 f"{self.visual_tokens!r}, num_visual_tokens={self.num_visual_tokens}) leaves no room for text in "
                 f"GPT-2's {max_positions} positions; use fewer visual tokens."
             )
+        if self.visual_tokens == "merged" and self.patch_merge_size > self.patch_grid_size:
+            raise ValueError(
+                f"VisionGPTConfig.patch_merge_size={self.patch_merge_size} is larger than the vision tower's "
+                f"{self.patch_grid_size}x{self.patch_grid_size} patch grid."
+            )
         if self.projector_type == "identity":
-            if self.visual_tokens == "pooled":
+            if self.visual_tokens in ("pooled", "merged"):
                 raise ValueError(
-                    'VisionGPTConfig.projector_type="identity" cannot map one pooled feature to several tokens; '
-                    'use "linear" or "mlp" with visual_tokens="pooled".'
+                    f'VisionGPTConfig.projector_type="identity" cannot map visual_tokens={self.visual_tokens!r} (one '
+                    'pooled feature to several tokens, or several patches to one) to GPT-2\'s width; use "linear" or '
+                    '"mlp".'
                 )
             if self.vision_config.hidden_size != self.text_config.hidden_size:
                 raise ValueError(
@@ -185,12 +200,17 @@ class VisionGPTConfig(PretrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         """How many visual tokens the mapper produces per image."""
-        if self.visual_tokens != "patches":
+        if self.visual_tokens in ("pooled", "queries"):
             return self.num_visual_tokens
-        vision = self.vision_config
-        num_patches = (vision.image_size // vision.patch_size) ** 2
+        if self.visual_tokens == "merged":
+            return math.ceil(self.patch_grid_size / self.patch_merge_size) ** 2
         # SigLIP has no CLS token; ViT, CLIP and DINOv2 prepend one.
-        return num_patches + (0 if vision.model_type == "siglip_vision_model" else 1)
+        return self.patch_grid_size**2 + (0 if self.vision_config.model_type == "siglip_vision_model" else 1)
+
+    @property
+    def patch_grid_size(self) -> int:
+        """The side of the vision tower's square grid of patch tokens (14 for ViT-B/16 at 224 px)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
 
 
 __all__ = ["VisionGPTConfig"]

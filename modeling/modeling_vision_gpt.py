@@ -1,5 +1,6 @@
 """VisionGPT: a vision tower, a trainable mapper and GPT-2, as one transformers model that generates captions."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -8,7 +9,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
 from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
@@ -87,18 +88,22 @@ class VisionGPTProjector(nn.Module):
     """
     Maps the vision tower's features `(B, N, Dv)` to the visual tokens GPT-2 reads, `(B, num_image_tokens, D)`:
     every patch token projected (`"patches"`), the pooled feature mapped to K tokens as in ClipCap (`"pooled"`, where
-    N is 1), or K learned queries attending over the projected patches (`"queries"`, a one-block Perceiver resampler).
+    N is 1), K learned queries attending over the projected patches (`"queries"`, a one-block Perceiver resampler), or
+    each block of m x m neighbouring patches concatenated and projected (`"merged"`, as Qwen2-VL's patch merger).
     """
 
     def __init__(self, config: VisionGPTConfig):
         super().__init__()
         self.visual_tokens = config.visual_tokens
         self.num_visual_tokens = config.num_visual_tokens
+        self.grid_size, self.merge_size = config.patch_grid_size, config.patch_merge_size
         vision_hidden = config.vision_config.hidden_size
         hidden = config.text_config.hidden_size
         eps = config.text_config.layer_norm_epsilon
         if self.visual_tokens == "pooled":
             self.proj = _projection(config, vision_hidden, hidden * self.num_visual_tokens)
+        elif self.visual_tokens == "merged":
+            self.proj = _projection(config, vision_hidden * self.merge_size**2, hidden)
         else:
             self.proj = _projection(config, vision_hidden, hidden)
         if self.visual_tokens == "queries":
@@ -113,12 +118,32 @@ class VisionGPTProjector(nn.Module):
         if self.visual_tokens == "pooled":
             pooled = self.proj(vision_features[:, 0])  # (B, K * D)
             return pooled.view(pooled.shape[0], self.num_visual_tokens, -1)  # (B, K, D)
+        if self.visual_tokens == "merged":
+            return self.proj(self.merge_patches(vision_features))  # (B, ceil(S / m)^2, D)
         patches = self.proj(vision_features)  # (B, N, D)
         if self.visual_tokens == "patches":
             return patches
         queries = self.queries.expand(patches.shape[0], -1, -1)  # (B, K, D)
         queries = queries + self.attn(self.ln_queries(queries), self.ln_patches(patches))
         return queries + self.mlp(self.ln_mlp(queries))
+
+
+    def merge_patches(self, vision_features: torch.Tensor) -> torch.Tensor:
+        """`(B, N, Dv)` tokens, the last S x S of them a patch grid -> `(B, ceil(S / m)^2, m * m * Dv)`."""
+        side, m = self.grid_size, self.merge_size
+        batch_size, num_tokens, dim = vision_features.shape
+        if num_tokens < side * side:
+            raise ValueError(
+                f"visual_tokens='merged' expects the vision tower's {side}x{side} patch grid, but got {num_tokens} "
+                "tokens per image; were the images resized to the tower's image_size?"
+            )
+        grid = vision_features[:, num_tokens - side * side :].reshape(batch_size, side, side, dim)  # drops CLS
+        blocks = math.ceil(side / m)
+        if blocks * m != side:
+            grid = grid.permute(0, 3, 1, 2)  # (B, Dv, S, S): pad repeats the last row and column
+            grid = F.pad(grid, (0, blocks * m - side, 0, blocks * m - side), mode="replicate").permute(0, 2, 3, 1)
+        grid = grid.reshape(batch_size, blocks, m, blocks, m, dim).permute(0, 1, 3, 2, 4, 5)  # (B, S/m, S/m, m, m, Dv)
+        return grid.reshape(batch_size, blocks * blocks, m * m * dim)
 
 
 class VisionGPTPreTrainedModel(PreTrainedModel):
@@ -395,6 +420,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         vision_features: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         use_packed_linears: bool = True,
+        float32_logits: bool = True,
         **kwargs,
     ):
         r"""
@@ -402,11 +428,14 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         in `input_ids` (left-padded, starting with the start token); every other argument is `GenerationMixin.generate`'s
         (`num_beams`, `do_sample`, `top_p`, `num_return_sequences`, `repetition_penalty`, `generation_config`, ...).
         Each image is encoded once per call, before beams or return sequences are expanded. On x86 CPUs the linear
-        layers run oneDNN with pre-packed weights (see `packed_linear_vision_gpt.py`; `use_packed_linears=False` runs
-        the plain layers). Returns the token ids, start token and prompt included; decode them with
-        `processor.batch_decode`.
+        layers run oneDNN with pre-packed weights and the MLPs' GELU fused in (see `packed_linear_vision_gpt.py`;
+        `use_packed_linears=False` runs the plain layers), and a bfloat16 model computes its LM head in float32 from
+        the exact upcast of its weight, so that tokens are not chosen among logits rounded to bfloat16
+        (`float32_logits=False` keeps them in bfloat16: faster, and further from the float32 model's captions).
+        Returns the token ids, start token and prompt included; decode them with `processor.batch_decode`.
         """
-        with packed_linears(self, enabled=use_packed_linears):
+        float32_layers = (self.get_output_embeddings(),) if float32_logits else ()
+        with packed_linears(self, enabled=use_packed_linears, float32_layers=float32_layers):
             return self._generate_captions(pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs)
 
     def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
@@ -433,9 +462,52 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
                 return super().generate(
                     input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
                 )
+        cache_implementation = kwargs.get("cache_implementation", self.generation_config.cache_implementation)
+        if kwargs.get("past_key_values") is None and cache_implementation in (None, "dynamic"):
+            kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
         )
+
+    def _num_copies(self, generate_kwargs) -> int:
+        """How many sequences generate runs per image: GenerationMixin expands every input this many times."""
+        config = generate_kwargs.get("generation_config") or self.generation_config
+        num_beams = generate_kwargs.get("num_beams") or config.num_beams or 1
+        num_return_sequences = generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+        return max(num_beams, num_return_sequences)
+
+    def _prefill_cross_attention(self, image_embeds, generate_kwargs) -> EncoderDecoderCache:
+        """
+        GPT-2's cross-attention keys and values over each image's visual tokens, computed once per image and repeated
+        for every beam or returned sequence (GenerationMixin would compute them for each copy of the image).
+        """
+        text_config = self.config.text_config
+        cache = EncoderDecoderCache(DynamicCache(config=text_config), DynamicCache(config=text_config))
+        embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
+        # Keys and values do not depend on the queries: one dummy query per image fills each layer's cache.
+        query = embeds.new_zeros(embeds.shape[0], 1, embeds.shape[-1])
+        for block in self.language_model.transformer.h:
+            block.crossattention(query, past_key_values=cache, encoder_hidden_states=embeds)
+        expand = self._num_copies(generate_kwargs)
+        if expand > 1:
+            cache.batch_repeat_interleave(expand)
+        cache.vision_gpt_copies_per_image = expand
+        return cache
+
+    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
+        """
+        Beam search's reordering (GenerationMixin calls this when the model defines it). Beams only move among the
+        copies of their own image, which share one set of cross-attention keys and values: reordering that cache
+        would copy every layer's keys and values over all visual tokens at every step for nothing.
+        """
+        copies = getattr(past_key_values, "vision_gpt_copies_per_image", None)
+        if copies is not None:
+            rows = torch.arange(beam_idx.shape[0], device=beam_idx.device)
+            if torch.equal(beam_idx // copies, rows // copies):
+                past_key_values.self_attention_cache.reorder_cache(beam_idx)
+                return past_key_values
+        past_key_values.reorder_cache(beam_idx)
+        return past_key_values
 
     def _prefill_visual_prefix(self, image_embeds, input_ids, attention_mask, generate_kwargs):
         """
@@ -446,8 +518,6 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         `generate` compiles for (on CUDA by default; see `CompileConfig`).
         """
         config = generate_kwargs.get("generation_config") or self.generation_config
-        num_beams = generate_kwargs.get("num_beams") or config.num_beams or 1
-        num_return_sequences = generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1
         cache_implementation = generate_kwargs.pop("cache_implementation", config.cache_implementation)
         if cache_implementation not in (None, "dynamic", "static"):
             raise ValueError(
@@ -463,7 +533,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         self.language_model.transformer(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
                                         use_cache=True)
         # The same expansion GenerationMixin applies to input_ids and the mask (repeat_interleave, same order).
-        expand = max(num_beams, num_return_sequences)
+        expand = self._num_copies(generate_kwargs)
         if expand > 1:
             cache.batch_repeat_interleave(expand)
         if cache_implementation == "static":

@@ -9,6 +9,13 @@ The arithmetic is the same matrix product, so outputs match the plain layers up 
 Only used under `torch.no_grad()` / `torch.inference_mode()` on CPU tensors in float32 or bfloat16: training,
 autograd and GPU models never take this path. The packed copy of each weight is kept for its module and rebuilt when the
 weight changes (new tensor, dtype, or an in-place update), so it costs one extra copy of the packed weights in memory.
+
+Two more things happen inside the matrix product, where they cost least:
+- the GELU of a transformer MLP (GPT-2's, ViT's, CLIP's, SigLIP's, DINOv2's, our mapper's) runs as a oneDNN post-op on
+  each output tile while it is in cache, instead of as more passes over a `(tokens, 4 x hidden)` tensor (the README's
+  Speed section has the measured gain);
+- layers named in `float32_layers` (generate passes the LM head) compute from the exact float32 copy of their bfloat16
+  weight and return float32, so that the next token is not chosen among logits rounded to bfloat16's 8 bits.
 """
 
 import platform
@@ -19,6 +26,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -48,13 +56,15 @@ def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return module.weight, module.bias
 
 
-def _packed_weight(module: nn.Module) -> torch.Tensor:
+def _packed_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The packed copy of `module`'s weight, in `dtype` (default: the weight's own)."""
     weight, _ = _weight_and_bias(module)
+    dtype = dtype or weight.dtype
     # The tensor's identity, dtype and version counter change whenever the weight is replaced, cast or updated.
-    key = (module.weight.data_ptr(), module.weight.dtype, _version(module.weight))
+    key = (module.weight.data_ptr(), module.weight.dtype, _version(module.weight), dtype)
     cached = _PACKED.get(module)
     if cached is None or cached[0] != key:
-        cached = _PACKED[module] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous()))
+        cached = _PACKED[module] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous()))
     return cached[1]
 
 
@@ -65,22 +75,86 @@ def _version(tensor: torch.Tensor) -> int:
         return 0
 
 
-def _packed_forward(module: nn.Module):
+def _takes_packed_path(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+    return not (
+        torch.is_grad_enabled()
+        or torch.compiler.is_compiling()  # a compiled graph chooses its own kernels
+        or hidden_states.device.type != "cpu"
+        or hidden_states.dtype != module.weight.dtype
+    )
+
+
+def _packed_linear(module: nn.Module, hidden_states: torch.Tensor, activation=("none", "")) -> torch.Tensor:
+    _, bias = _weight_and_bias(module)
+    name, algorithm = activation
+    return torch.ops.mkldnn._linear_pointwise(hidden_states, _packed_weight(module), bias, name, [], algorithm)
+
+
+def _packed_forward(module: nn.Module, float32_output: bool = False):
     plain_forward = module.forward
+    float32_output = float32_output and module.weight.dtype == torch.bfloat16
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.is_grad_enabled()
-            or torch.compiler.is_compiling()  # a compiled graph chooses its own kernels
-            or hidden_states.device.type != "cpu"
-            or hidden_states.dtype != module.weight.dtype
-        ):
+        if not _takes_packed_path(module, hidden_states):
             return plain_forward(hidden_states)
-        _, bias = _weight_and_bias(module)
-        return torch.ops.mkldnn._linear_pointwise(hidden_states, _packed_weight(module), bias, "none", [], "")
+        if float32_output:
+            _, bias = _weight_and_bias(module)
+            bias = None if bias is None else bias.float()
+            weight = _packed_weight(module, torch.float32)
+            return torch.ops.mkldnn._linear_pointwise(hidden_states.float(), weight, bias, "none", [], "")
+        return _packed_linear(module, hidden_states)
 
     forward.is_vision_gpt_packed = True
     return forward
+
+
+# MLP blocks whose forward is `second(activation(first(x)))`, by class name: (first, activation, second). GPT-2's ends
+# with a dropout, the identity outside training (in training the plain forward runs).
+_MLPS = {
+    "GPT2MLP": ("c_fc", "act", "c_proj"),
+    "ViTMLP": ("fc1", "activation_fn", "fc2"),
+    "CLIPMLP": ("fc1", "activation_fn", "fc2"),
+    "SiglipMLP": ("fc1", "activation_fn", "fc2"),
+    "Dinov2MLP": ("fc1", "activation_fn", "fc2"),
+    "VisionGPTMLP": ("fc1", "act", "fc2"),
+}
+
+
+def _onednn_gelu(activation: nn.Module) -> tuple[str, str] | None:
+    """oneDNN's post-op computing `activation` ("gelu" and its algorithm), or None if it has none."""
+    if isinstance(activation, nn.GELU):
+        return "gelu", "tanh" if activation.approximate == "tanh" else "none"
+    if isinstance(activation, GELUActivation):  # x Phi(x), with erf, whether in C or in Python
+        return "gelu", "none"
+    if isinstance(activation, (NewGELUActivation, GELUTanh)):
+        return "gelu", "tanh"  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), the formula of both
+    return None
+
+
+def _fused_mlp_forward(module: nn.Module):
+    """`module`'s forward with its GELU applied inside the first layer's matrix product."""
+    first_name, activation_name, second_name = _MLPS[type(module).__name__]
+    first, second = getattr(module, first_name), getattr(module, second_name)
+    activation = _onednn_gelu(getattr(module, activation_name))
+    plain_forward = module.forward
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if module.training or not _takes_packed_path(first, hidden_states):
+            return plain_forward(hidden_states)
+        return second(_packed_linear(first, hidden_states, activation))
+
+    forward.is_vision_gpt_packed = True
+    return forward
+
+
+def _fusable_mlp(module: nn.Module) -> bool:
+    cls = type(module)
+    ours_or_transformers = cls.__module__.startswith("transformers.") or cls.__module__.endswith("modeling_vision_gpt")
+    names = _MLPS.get(cls.__name__) if ours_or_transformers else None
+    if names is None or "forward" in module.__dict__:
+        return False
+    first, activation = getattr(module, names[0], None), getattr(module, names[1], None)
+    return first is not None and _eligible(first) and activation is not None and _onednn_gelu(activation) is not None
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -93,11 +167,15 @@ def _eligible(module: nn.Module) -> bool:
 
 
 @contextmanager
-def packed_linears(model: nn.Module, enabled: bool = True):
+def packed_linears(
+    model: nn.Module, enabled: bool = True, float32_layers: tuple[nn.Module, ...] = (), fuse_gelu: bool = True
+):
     """
-    Inside the block, every plain `nn.Linear` and GPT-2 `Conv1D` of `model` on the CPU runs oneDNN with packed weights
-    (calls with gradients enabled still take the plain path). Does nothing where the kernels are unavailable or when
-    `enabled` is False. Re-entrant: nested or concurrent blocks on the same model restore the plain layers only when the
+    Inside the block, every plain `nn.Linear` and GPT-2 `Conv1D` of `model` on the CPU runs oneDNN with packed weights,
+    and (with `fuse_gelu`) the GELU of known MLP blocks runs inside their first layer (calls with gradients enabled, and
+    MLPs in training mode, still take the plain path). Layers in `float32_layers` whose weights are bfloat16 compute and
+    return float32. Does nothing where the kernels are unavailable or when `enabled` is False. Re-entrant: nested or
+    concurrent blocks on the same model keep the outermost block's settings and restore the plain layers only when the
     last one ends.
     """
     if not enabled or not packed_linear_available():
@@ -105,9 +183,14 @@ def packed_linears(model: nn.Module, enabled: bool = True):
         return
     depth = getattr(model, "_vision_gpt_packed_depth", 0)
     if depth == 0:
+        float32_ids = {id(layer) for layer in float32_layers}
+        mlps = [module for module in model.modules() if fuse_gelu and _fusable_mlp(module)]
         for module in model.modules():
             if _eligible(module):
-                module.forward = _packed_forward(module)  # an instance attribute: shadows the class's method
+                # An instance attribute: shadows the class's method.
+                module.forward = _packed_forward(module, float32_output=id(module) in float32_ids)
+        for module in mlps:
+            module.forward = _fused_mlp_forward(module)
     model._vision_gpt_packed_depth = depth + 1
     try:
         yield

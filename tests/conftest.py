@@ -37,6 +37,10 @@ def tiny_text_config(**overrides):
 
 
 def tiny_config(vision="vit", **overrides):
+    # A 4-token query prefix unless a test says otherwise: the shortest visual input, with a mapper that has every
+    # kind of layer (the package default, cross-attention over all patches, is one parametrization of many tests).
+    overrides.setdefault("fusion", "prefix")
+    overrides.setdefault("visual_tokens", "queries")
     overrides.setdefault("num_visual_tokens", 4)
     return VisionGPTConfig(vision_config=tiny_vision_config(vision), text_config=tiny_text_config(), **overrides)
 
@@ -70,5 +74,5 @@ def processor(tokenizer):
 ALL_MODES = [
     (fusion, visual_tokens)
     for fusion in ("prefix", "cross_attention")
-    for visual_tokens in ("patches", "pooled", "queries")
+    for visual_tokens in ("patches", "pooled", "queries", "merged")
 ]

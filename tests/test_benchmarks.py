@@ -1,7 +1,12 @@
 import importlib.util
+import re
+import shutil
 from pathlib import Path
 
 import pytest
+
+from .conftest import tiny_model
+from .data_fixtures import write_flickr8k
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -13,8 +18,10 @@ def load(name):
     return module
 
 
-def test_generation_benchmark_runs_end_to_end_in_quick_mode(capsys):
-    load("bench_generate").main(["--quick", "--batch-sizes", "2", "--tokens", "4"])
+@pytest.mark.parametrize("variant", [[], ["--unfused-gelu", "--bf16-logits", "--fusion", "cross_attention",
+                                          "--visual-tokens", "merged"]])
+def test_generation_benchmark_runs_end_to_end_in_quick_mode(variant, capsys):
+    load("bench_generate").main(["--quick", "--batch-sizes", "2", "--tokens", "4", *variant])
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| 2 |")]
     assert len(table) == 4  # greedy and 5 beams, fp32 and bf16
@@ -26,3 +33,55 @@ def test_generation_benchmark_runs_end_to_end_in_quick_mode(capsys):
     per_image = {(row[1].strip(), row[3].strip()): float(row[4]) for row in encoder_rows}
     assert per_image[("float32", "ours")] == pytest.approx(per_image[("float32", "peer")], rel=0.02)
     assert per_image[("float32", "ours")] > 0
+
+
+def test_generation_benchmark_refuses_contradictory_flags():
+    with pytest.raises(SystemExit):
+        load("bench_generate").main(["--quick", "--plain-linears", "--unfused-gelu"])
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_bf16_agreement_benchmark_compares_each_bf16_variant_with_float32(tmp_path, processor, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=3)
+    load("bench_bf16_agreement").main(["--model", str(model_dir), "--data-dir", str(data), "--split", "test",
+                                       "--batch-size", "2", "--max-new-tokens", "4"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row[0].strip() for row in rows[1:]] == ["float32", "bfloat16", "bfloat16, bf16 logits"]
+    assert rows[1][1].strip() == "3/3 (100.0%)"  # float32 against itself
+    assert all(re.fullmatch(r"[0-3]/3 \(\d+\.\d%\)", row[1].strip()) for row in rows[1:])
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_fusion_benchmark_trains_and_scores_each_design_then_reuses_them(tmp_path, capsys):
+    from vision_gpt.demo import run_demo
+
+    run_demo(tmp_path, num_train=16, num_val=4, num_test=4, max_steps=1, batch_size=8, require_improvement=False,
+             show=1)
+    capsys.readouterr()
+    bench = load("bench_fusions")
+    designs = ["--designs", "cross_attention/patches", "prefix/merged", "prefix/queries/3"]
+    bench.main(["--workdir", str(tmp_path), *designs, "--max-steps", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    # The demo's towers: a 6x6 grid of patches after CLS at 96 px with 16 px patches.
+    assert [(r[0].strip(), r[1].strip(), int(r[2])) for r in rows] == [
+        ("cross_attention", "patches", 37), ("prefix", "merged", 9), ("prefix", "queries (K=3)", 3)]
+    assert all(0 <= float(r[6]) and r[7].strip() != "reused" for r in rows)
+    bench.main(["--workdir", str(tmp_path), "--designs", "prefix/merged", "--max-steps", "1"])
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [(r[1].strip(), r[7].strip()) for r in rows] == [("merged", "reused")]
+
+
+@pytest.mark.parametrize("design", ["prefix", "prefix/cls", "concat/patches", "prefix/queries/0", "prefix/queries/x"])
+def test_fusion_benchmark_names_a_bad_design(design, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load("bench_fusions").main(["--workdir", str(tmp_path), "--designs", design])
+    assert f"design {design!r}" in capsys.readouterr().err
+
+
+def test_fusion_benchmark_needs_a_demo_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load("bench_fusions").main(["--workdir", str(tmp_path)])
+    assert "run `vision-gpt demo" in capsys.readouterr().err

@@ -6,13 +6,14 @@ from vision_gpt import VisionGPTConfig
 from .conftest import tiny_config, tiny_text_config, tiny_vision_config
 
 
-def test_defaults_are_vit_b16_and_gpt2_small_with_a_query_prefix():
+def test_defaults_are_vit_b16_and_gpt2_small_with_cross_attention_over_all_patches():
     config = VisionGPTConfig()
     assert isinstance(config.vision_config, ViTConfig)
     assert (config.vision_config.hidden_size, config.vision_config.patch_size, config.vision_config.image_size) == (
         768, 16, 224)
     assert isinstance(config.text_config, GPT2Config) and config.text_config.n_layer == 12
-    assert (config.fusion, config.visual_tokens, config.num_prefix_tokens) == ("prefix", "queries", 32)
+    assert (config.fusion, config.visual_tokens, config.num_prefix_tokens) == ("cross_attention", "patches", 0)
+    assert config.num_image_tokens == 197 and config.text_config.add_cross_attention is True
     assert config.pad_token_id == config.eos_token_id == 50256
 
 
@@ -42,6 +43,19 @@ def test_other_towers_are_accepted_and_count_their_tokens(tower, tokens):
     config = tiny_config(tower, visual_tokens="patches")
     assert config.vision_config.model_type == tower
     assert config.num_image_tokens == config.num_prefix_tokens == tokens
+
+
+@pytest.mark.parametrize("tower", ["vit", "siglip_vision_model"])
+@pytest.mark.parametrize("merge_size, tokens", [(1, 16), (2, 4), (3, 4), (4, 1)])
+def test_merged_patches_count_blocks_of_the_grid_without_cls(tower, merge_size, tokens):
+    # The tiny towers have a 4x4 patch grid; 3x3 blocks cover it once its last row and column are repeated.
+    config = tiny_config(tower, visual_tokens="merged", patch_merge_size=merge_size)
+    assert config.patch_grid_size == 4
+    assert config.num_image_tokens == config.num_prefix_tokens == tokens
+
+
+def test_vit_b16_merged_in_blocks_of_two_gives_49_tokens():
+    assert VisionGPTConfig(visual_tokens="merged").num_image_tokens == 49
 
 
 def test_cross_attention_has_no_prefix_and_sets_gpt2_flag():
@@ -75,6 +89,10 @@ def test_saved_config_declares_auto_classes_and_the_image_to_text_pipeline():
         (dict(freeze_vision="yes"), "freeze_vision"),
         (dict(vision_feature_layer=5), "vision_feature_layer"),
         (dict(projector_type="identity", visual_tokens="pooled"), "projector_type"),
+        (dict(projector_type="identity", visual_tokens="merged"), "projector_type"),
+        (dict(patch_merge_size=0), "patch_merge_size"),
+        (dict(patch_merge_size=True), "patch_merge_size"),
+        (dict(visual_tokens="merged", patch_merge_size=5), "patch_merge_size"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

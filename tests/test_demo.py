@@ -48,3 +48,10 @@ def test_second_run_reuses_and_an_untrained_model_fails_loudly(short_demo, capsy
     out, err = capsys.readouterr()
     assert "Reusing the model trained by an earlier run" in out and "reused" in out
     assert code == 1 and "does not clearly beat the baseline" in err
+
+
+@pytest.mark.parametrize("show", [0, -1, True, 2.5])
+def test_demo_needs_at_least_one_image_to_show(show, tmp_path):
+    with pytest.raises(ValueError, match="show="):
+        run_demo(tmp_path, show=show)
+    assert not any(tmp_path.iterdir())  # refused before anything was written

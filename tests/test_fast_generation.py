@@ -6,8 +6,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CompileConfig, GenerationMixin
+from transformers import CLIPVisionConfig, CompileConfig, Dinov2Config, GenerationMixin, GPT2Config, SiglipVisionConfig
+from transformers import ViTConfig
+from transformers.models.clip.modeling_clip import CLIPMLP
+from transformers.models.dinov2.modeling_dinov2 import Dinov2MLP
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.models.siglip.modeling_siglip import SiglipMLP
+from transformers.models.vit.modeling_vit import ViTMLP
 from transformers.pytorch_utils import Conv1D
+
+from vision_gpt.modeling.modeling_vision_gpt import VisionGPTMLP
 
 from vision_gpt.modeling.packed_linear_vision_gpt import (
     has_packed_weight,
@@ -81,7 +89,26 @@ def test_bf16_greedy_captions_equal_batched_and_single(fusion, processor):
     single = torch.cat([model.generate(**processor(images=[image]), **GREEDY) for image in images])
     assert batched.dtype == torch.long
     assert torch.equal(batched, single)
-    assert torch.equal(batched, model.generate(**processor(images=images), use_packed_linears=False, **GREEDY))
+    plain = model.generate(**processor(images=images), use_packed_linears=False, **GREEDY)
+    assert torch.equal(plain, torch.cat([model.generate(**processor(images=[image]), use_packed_linears=False, **GREEDY)
+                                         for image in images]))
+
+
+@needs_packed_kernels
+@pytest.mark.parametrize("float32_logits", [True, False])
+def test_bf16_generate_chooses_tokens_from_float32_logits(float32_logits, inputs):
+    model = tiny_model().to(torch.bfloat16)
+    out = model.generate(**inputs, **GREEDY, float32_logits=float32_logits, output_logits=True,
+                         return_dict_in_generate=True)
+    logits = torch.stack(out.logits)  # GenerationMixin hands them over as float32 either way
+    finite = logits[logits.isfinite()]
+    rounded_to_bf16 = torch.equal(finite, finite.bfloat16().float())
+    assert rounded_to_bf16 != float32_logits
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    if float32_logits:
+        # The logits are exactly those of the bf16 weight upcast to float32 (the argmax of the first step decides).
+        first = out.sequences[:, inputs["input_ids"].shape[1]]
+        assert torch.equal(out.logits[0].argmax(-1), first)
 
 
 # ----- the packed linear layers themselves --------------------------------------------------------------------------
@@ -146,3 +173,91 @@ def test_generate_uses_the_packed_layers_and_restores_them(inputs):
     assert not any(has_packed_weight(module) for module in model.modules())
     model.generate(**inputs, **GREEDY)
     copy.deepcopy(model).generate(**inputs, **GREEDY)  # a model with packed weights still copies (Trainer, export)
+
+
+@needs_packed_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float32_layers_compute_bf16_weights_in_float32(dtype):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40).to(dtype)
+    x = torch.randn(3, 24, dtype=dtype)
+    with torch.no_grad(), packed_linears(layer, float32_layers=(layer,)):
+        out = layer(x)
+    assert out.dtype == torch.float32  # a float32 layer is untouched, a bfloat16 one now returns float32
+    torch.testing.assert_close(out, F.linear(x.float(), layer.weight.float(), layer.bias.float()),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _mlps():
+    """One small instance of every MLP block whose GELU the packed path fuses, with its activation's name."""
+    sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    return [
+        (GPT2MLP(64, GPT2Config(n_embd=32, n_head=4)), "act"),  # gelu_new: the tanh formula
+        (ViTMLP(ViTConfig(**sizes)), "activation_fn"),  # exact (erf) GELU
+        (CLIPMLP(CLIPVisionConfig(**sizes, hidden_act="gelu")), "activation_fn"),
+        (SiglipMLP(SiglipVisionConfig(**sizes)), "activation_fn"),  # gelu_pytorch_tanh
+        (Dinov2MLP(Dinov2Config(hidden_size=32, num_attention_heads=4, mlp_ratio=2)), "activation_fn"),
+        (VisionGPTMLP(32, 64, 32, "gelu"), "act"),
+    ]
+
+
+@needs_packed_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("index", range(6))
+def test_fused_gelu_mlps_compute_the_plain_mlps(index, dtype):
+    torch.manual_seed(index)
+    mlp, activation_name = _mlps()[index]
+    mlp = mlp.to(dtype).eval()
+    x = torch.randn(2, 5, 32, dtype=dtype) * 2
+    calls = []
+    getattr(mlp, activation_name).register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        expected = mlp(x)
+        assert calls == [1]
+        with packed_linears(mlp):
+            fused = mlp(x)
+    assert calls == [1], "the activation ran outside the matrix product"
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused, expected, atol=tolerance, rtol=tolerance)
+
+
+@needs_packed_kernels
+def test_mlps_fall_back_to_the_plain_forward_where_fusion_does_not_apply():
+    x = torch.randn(2, 5, 32)
+    quick_gelu = CLIPMLP(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                          hidden_act="quick_gelu"))
+    training = VisionGPTMLP(32, 64, 32, "gelu").train()
+    for mlp in (quick_gelu, training):
+        calls = []
+        activation = mlp.activation_fn if mlp is quick_gelu else mlp.act
+        activation.register_forward_hook(lambda *args: calls.append(1))
+        with torch.no_grad():
+            expected = mlp(x)
+            with packed_linears(mlp):
+                out = mlp(x)
+                assert has_packed_weight(mlp.fc1)  # its linear layers still run packed
+        assert len(calls) == 2
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=4, num_return_sequences=2),
+                                      dict(do_sample=False, num_beams=1, num_return_sequences=1)])
+def test_cross_attention_shared_image_cache_gives_the_plain_captions(settings, inputs):
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
+    settings = dict(max_new_tokens=6, min_new_tokens=6, **settings)
+    assert torch.equal(model.generate(**inputs, **settings), plain_generate(model, inputs, **settings))
+
+
+def test_beam_reordering_skips_the_shared_cross_attention_cache_only_within_an_image():
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    cache = model._prefill_cross_attention(embeds, dict(num_beams=3))  # 2 images x 3 beams
+    model.language_model.transformer(input_ids=torch.zeros(6, 1, dtype=torch.long), past_key_values=cache,
+                                     encoder_hidden_states=embeds.repeat_interleave(3, dim=0))
+    cross_keys = cache.cross_attention_cache.layers[0].keys
+    self_keys = cache.self_attention_cache.layers[0].keys
+    model._reorder_cache(cache, torch.tensor([2, 2, 0, 3, 5, 4]))
+    assert cache.cross_attention_cache.layers[0].keys is cross_keys  # not copied
+    assert torch.equal(cache.self_attention_cache.layers[0].keys, self_keys[[2, 2, 0, 3, 5, 4]])
+    model._reorder_cache(cache, torch.tensor([3, 4, 5, 0, 1, 2]))  # rows move across images: reorder everything
+    assert torch.equal(cache.cross_attention_cache.layers[0].keys, cross_keys[[3, 4, 5, 0, 1, 2]])

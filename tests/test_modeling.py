@@ -246,3 +246,31 @@ def test_from_vision_text_pretrained_takes_the_vision_part_of_a_full_clip(tmp_pa
     assert model.config.vision_config.model_type == "clip_vision_model"
     for name, tensor in clip.vision_model.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+
+
+def test_merged_tokens_concatenate_neighbouring_patches_and_drop_cls():
+    projector = tiny_model(visual_tokens="merged").projector  # a 4x4 grid after CLS, blocks of 2x2
+    features = torch.arange(17.0)[None, :, None].expand(2, 17, 3)  # token i has features (i, i, i)
+    merged = projector.merge_patches(features)
+    assert merged.shape == (2, 4, 12)
+    # Block (0, 0) holds patches 1, 2 (first row) and 5, 6 (second row); CLS (token 0) is in no block.
+    assert merged[0, 0].tolist() == [1.0] * 3 + [2.0] * 3 + [5.0] * 3 + [6.0] * 3
+    assert merged[1, 3].tolist() == [11.0] * 3 + [12.0] * 3 + [15.0] * 3 + [16.0] * 3
+
+
+def test_merged_tokens_pad_a_grid_the_blocks_do_not_divide():
+    model = tiny_model(visual_tokens="merged", patch_merge_size=3)  # 4x4 grid -> 2x2 blocks of 3x3
+    features = torch.arange(17.0)[None, :, None].expand(1, 17, 1)
+    merged = model.projector.merge_patches(features)
+    # The last block repeats the grid's last row and column: patches 16 (corner) fill its missing cells.
+    assert merged[0, 3].tolist() == [16.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0, 16.0]
+    assert merged[0, 0].tolist() == [1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0, 10.0, 11.0]
+    pixel_values, input_ids, attention_mask, labels = batch()
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert out.image_embeds.shape == (3, 4, 32) and torch.isfinite(out.loss)
+
+
+def test_merged_tokens_name_a_grid_that_does_not_match():
+    projector = tiny_model(visual_tokens="merged").projector
+    with pytest.raises(ValueError, match="4x4 patch grid, but got 10 tokens"):
+        projector.merge_patches(torch.zeros(1, 10, 32))

@@ -9,9 +9,10 @@ from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_
 
 def _add_model_options(parser):
     group = parser.add_argument_group("model")
-    group.add_argument("--fusion", choices=FUSIONS, default="prefix")
-    group.add_argument("--visual_tokens", choices=VISUAL_TOKENS, default="queries")
+    group.add_argument("--fusion", choices=FUSIONS, default="cross_attention")
+    group.add_argument("--visual_tokens", choices=VISUAL_TOKENS, default="patches")
     group.add_argument("--num_visual_tokens", type=int, default=32)
+    group.add_argument("--patch_merge_size", type=int, default=2)
     group.add_argument("--projector_type", choices=PROJECTOR_TYPES, default="mlp")
     group.add_argument("--freeze_vision", type=_bool, default=True)
     group.add_argument("--freeze_text", type=_bool, default=True)
@@ -27,8 +28,8 @@ def _bool(text: str) -> bool:
 
 
 def _model_overrides(args) -> dict:
-    names = ("fusion", "visual_tokens", "num_visual_tokens", "projector_type", "freeze_vision", "freeze_text",
-             "freeze_text_layers")
+    names = ("fusion", "visual_tokens", "num_visual_tokens", "patch_merge_size", "projector_type", "freeze_vision",
+             "freeze_text", "freeze_text_layers")
     return {name: getattr(args, name) for name in names}
 
 

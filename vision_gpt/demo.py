@@ -48,7 +48,8 @@ def _save_towers(folder: Path, seed: int) -> tuple[str, str]:
     return str(vision), str(text)
 
 
-def _training_argv(vision, text, data_dir, output_dir, settings) -> list[str]:
+def training_argv(vision, text, data_dir, output_dir, settings) -> list[str]:
+    """The demo's `scripts/train.py` arguments (benchmarks/bench_fusions.py swaps the fusion in them)."""
     argv = [
         "--vision_model", vision, "--text_model", text, "--dataset", "flickr8k", "--data_dir", str(data_dir),
         "--output_dir", str(output_dir), "--hub_model_id", "vision-gpt-shapes-demo",
@@ -129,6 +130,9 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     from .modeling import VisionGPTForConditionalGeneration, VisionGPTProcessor
     from .training import generate_captions, main as train
 
+    if isinstance(show, bool) or not isinstance(show, int) or show < 1:
+        raise ValueError(f"run_demo(show={show!r}): must be a positive integer, the number of test images that the FP16 "
+                         "reload check captions and the contact sheet shows.")
     start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +154,7 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     else:
         print(f"[3/6] Training with the Trainer pipeline of scripts/train.py into {model_dir}")
         marker.unlink(missing_ok=True)
-        train(_training_argv(vision, text, corpus["root"], model_dir, settings))
+        train(training_argv(vision, text, corpus["root"], model_dir, settings))
         marker.write_text(json.dumps(settings))
 
     print("[4/6] Evaluating on the test split, next to a baseline measured here")

@@ -24,6 +24,8 @@ def _describe_fusion(config) -> tuple[str, str]:
         "patches": f"all {config.num_image_tokens} patch tokens, projected",
         "pooled": f"the pooled image feature mapped to {config.num_visual_tokens} tokens (ClipCap-style)",
         "queries": f"{config.num_visual_tokens} learned queries attending over the patch tokens",
+        "merged": f"{config.num_image_tokens} tokens, each a block of {config.patch_merge_size}x"
+                  f"{config.patch_merge_size} neighbouring patch tokens concatenated and projected",
     }[config.visual_tokens]
     projector = {"linear": "a linear projection", "mlp": f"a 2-layer MLP ({config.projector_hidden_act})",
                  "identity": "no projection"}[config.projector_type]

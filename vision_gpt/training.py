@@ -34,9 +34,10 @@ class ModelArguments:
     text_model: str | None = field(default=None, metadata={"help": "GPT-2 checkpoint: Hub id or folder, e.g. gpt2."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Continue from an existing vision-gpt model (Hub id or folder) instead of --vision_model/--text_model."})
-    fusion: str = field(default="prefix", metadata={"help": f"One of {list(FUSIONS)}."})
-    visual_tokens: str = field(default="queries", metadata={"help": f"One of {list(VISUAL_TOKENS)}."})
+    fusion: str = field(default="cross_attention", metadata={"help": f"One of {list(FUSIONS)}."})
+    visual_tokens: str = field(default="patches", metadata={"help": f"One of {list(VISUAL_TOKENS)}."})
     num_visual_tokens: int = field(default=32, metadata={"help": "K visual tokens for 'queries' and 'pooled'."})
+    patch_merge_size: int = field(default=2, metadata={"help": "'merged': blocks of m x m patches become one token."})
     projector_type: str = field(default="mlp", metadata={"help": f"One of {list(PROJECTOR_TYPES)}."})
     projector_hidden_act: str = field(default="gelu")
     vision_feature_layer: int = field(default=-1)
@@ -178,8 +179,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
 
 
 def _model_overrides(model_args: ModelArguments) -> dict:
-    names = ("fusion", "visual_tokens", "num_visual_tokens", "projector_type", "projector_hidden_act",
-             "vision_feature_layer", "freeze_vision", "freeze_text", "freeze_text_layers")
+    names = ("fusion", "visual_tokens", "num_visual_tokens", "patch_merge_size", "projector_type",
+             "projector_hidden_act", "vision_feature_layer", "freeze_vision", "freeze_text", "freeze_text_layers")
     return {name: getattr(model_args, name) for name in names}
 
 
