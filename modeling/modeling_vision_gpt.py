@@ -463,7 +463,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
                     input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
                 )
         cache_implementation = kwargs.get("cache_implementation", self.generation_config.cache_implementation)
-        if kwargs.get("past_key_values") is None and cache_implementation in (None, "dynamic"):
+        use_cache = kwargs.get("use_cache", self.generation_config.use_cache)
+        if kwargs.get("past_key_values") is None and use_cache is not False and cache_implementation in (None, "dynamic"):
             kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs

@@ -246,6 +246,7 @@ def test_cross_attention_shared_image_cache_gives_the_plain_captions(settings, i
     model = tiny_model(fusion="cross_attention", visual_tokens="patches")
     settings = dict(max_new_tokens=6, min_new_tokens=6, **settings)
     assert torch.equal(model.generate(**inputs, **settings), plain_generate(model, inputs, **settings))
+    assert torch.equal(model.generate(**inputs, use_cache=False, **settings), plain_generate(model, inputs, **settings))
 
 
 def test_beam_reordering_skips_the_shared_cross_attention_cache_only_within_an_image():
