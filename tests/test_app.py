@@ -259,8 +259,10 @@ def test_app_command_serves_on_localhost_and_stops_on_ctrl_c(model_dir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     # `python -m vision_gpt.cli` is the `vision-gpt` entry point, without depending on the venv's bin/ being on PATH.
     command = [sys.executable, "-m", "vision_gpt.cli", "app", "--model", str(model_dir), "--port", str(port)]
-    process = subprocess.Popen(command,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # A shell's background job (e.g. `.ci/run &`) starts with SIGINT ignored, and children inherit that: give the app
+    # the default disposition, so that Ctrl-C reaches it as it would from a terminal.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()
