@@ -60,6 +60,8 @@ def main(argv=None):
                         metavar="FUSION/VISUAL_TOKENS[/K]", help=f"default: {' '.join(DESIGNS)}")
     parser.add_argument("--max-steps", type=int, help="train each design this many steps (default: the demo's)")
     args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps {args.max_steps}: must be at least 1")
 
     workdir = Path(args.workdir)
     settings_file = workdir / "model" / "demo_settings.json"

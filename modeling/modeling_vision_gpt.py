@@ -462,8 +462,9 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
                 return super().generate(
                     input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
                 )
-        cache_implementation = kwargs.get("cache_implementation", self.generation_config.cache_implementation)
-        use_cache = kwargs.get("use_cache", self.generation_config.use_cache)
+        config = kwargs.get("generation_config") or self.generation_config
+        cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        use_cache = kwargs.get("use_cache", config.use_cache)
         if kwargs.get("past_key_values") is None and use_cache is not False and cache_implementation in (None, "dynamic"):
             kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)
         return super().generate(

@@ -84,25 +84,25 @@ def _takes_packed_path(module: nn.Module, hidden_states: torch.Tensor) -> bool:
     )
 
 
-def _packed_linear(module: nn.Module, hidden_states: torch.Tensor, activation=("none", "")) -> torch.Tensor:
+def _packed_linear(
+    module: nn.Module, hidden_states: torch.Tensor, activation=("none", ""), dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The layer through oneDNN, computed in `dtype` (default: the weight's own) with `activation` as a post-op."""
     _, bias = _weight_and_bias(module)
+    if dtype is not None:
+        hidden_states, bias = hidden_states.to(dtype), None if bias is None else bias.to(dtype)
     name, algorithm = activation
-    return torch.ops.mkldnn._linear_pointwise(hidden_states, _packed_weight(module), bias, name, [], algorithm)
+    return torch.ops.mkldnn._linear_pointwise(hidden_states, _packed_weight(module, dtype), bias, name, [], algorithm)
 
 
 def _packed_forward(module: nn.Module, float32_output: bool = False):
     plain_forward = module.forward
-    float32_output = float32_output and module.weight.dtype == torch.bfloat16
+    dtype = torch.float32 if float32_output and module.weight.dtype == torch.bfloat16 else None
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         if not _takes_packed_path(module, hidden_states):
             return plain_forward(hidden_states)
-        if float32_output:
-            _, bias = _weight_and_bias(module)
-            bias = None if bias is None else bias.float()
-            weight = _packed_weight(module, torch.float32)
-            return torch.ops.mkldnn._linear_pointwise(hidden_states.float(), weight, bias, "none", [], "")
-        return _packed_linear(module, hidden_states)
+        return _packed_linear(module, hidden_states, dtype=dtype)
 
     forward.is_vision_gpt_packed = True
     return forward

@@ -81,6 +81,12 @@ def test_fusion_benchmark_names_a_bad_design(design, tmp_path, capsys):
     assert f"design {design!r}" in capsys.readouterr().err
 
 
+def test_fusion_benchmark_refuses_a_step_count_below_one(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load("bench_fusions").main(["--workdir", str(tmp_path), "--max-steps", "0"])
+    assert "--max-steps 0" in capsys.readouterr().err
+
+
 def test_fusion_benchmark_needs_a_demo_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load("bench_fusions").main(["--workdir", str(tmp_path)])
