@@ -14,6 +14,11 @@ from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
 from .configuration_vision_gpt import VisionGPTConfig
+from .cross_attention_vision_gpt import (
+    shared_cross_attention,
+    shared_cross_attention_cache,
+    unshare_cross_attention_cache,
+)
 from .packed_linear_vision_gpt import packed_linears
 
 # Imported so that `save_pretrained` and the Hub's remote-code loader, which follow relative imports, always carry the
@@ -465,11 +470,15 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         config = kwargs.get("generation_config") or self.generation_config
         cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
         use_cache = kwargs.get("use_cache", config.use_cache)
-        if kwargs.get("past_key_values") is None and use_cache is not False and cache_implementation in (None, "dynamic"):
-            kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)
-        return super().generate(
-            input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
+        share = (
+            kwargs.get("past_key_values") is None and use_cache is not False and cache_implementation in (None, "dynamic")
         )
+        if share:
+            kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)
+        with shared_cross_attention(self, enabled=share):
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
+            )
 
     def _num_copies(self, generate_kwargs) -> int:
         """How many sequences generate runs per image: GenerationMixin expands every input this many times."""
@@ -480,21 +489,12 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def _prefill_cross_attention(self, image_embeds, generate_kwargs) -> EncoderDecoderCache:
         """
-        GPT-2's cross-attention keys and values over each image's visual tokens, computed once per image and repeated
-        for every beam or returned sequence (GenerationMixin would compute them for each copy of the image).
+        GPT-2's cross-attention keys and values over each image's visual tokens, computed once per image and kept as
+        that one copy, which all of the image's beams or returned sequences attend to inside `shared_cross_attention`
+        (see `cross_attention_vision_gpt.py`). GenerationMixin would compute and keep them for every sequence.
         """
-        text_config = self.config.text_config
-        cache = EncoderDecoderCache(DynamicCache(config=text_config), DynamicCache(config=text_config))
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
-        # Keys and values do not depend on the queries: one dummy query per image fills each layer's cache.
-        query = embeds.new_zeros(embeds.shape[0], 1, embeds.shape[-1])
-        for block in self.language_model.transformer.h:
-            block.crossattention(query, past_key_values=cache, encoder_hidden_states=embeds)
-        expand = self._num_copies(generate_kwargs)
-        if expand > 1:
-            cache.batch_repeat_interleave(expand)
-        cache.vision_gpt_copies_per_image = expand
-        return cache
+        return shared_cross_attention_cache(self.language_model, embeds, self._num_copies(generate_kwargs))
 
     def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
         """
@@ -508,6 +508,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             if torch.equal(beam_idx // copies, rows // copies):
                 past_key_values.self_attention_cache.reorder_cache(beam_idx)
                 return past_key_values
+            unshare_cross_attention_cache(past_key_values, beam_idx.shape[0])
         past_key_values.reorder_cache(beam_idx)
         return past_key_values
 

@@ -15,6 +15,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.vit.modeling_vit import ViTMLP
 from transformers.pytorch_utils import Conv1D
 
+from vision_gpt.modeling.cross_attention_vision_gpt import shared_cross_attention
 from vision_gpt.modeling.modeling_vision_gpt import VisionGPTMLP
 
 from vision_gpt.modeling.packed_linear_vision_gpt import (
@@ -82,16 +83,18 @@ def test_an_unsupported_cache_implementation_is_refused(inputs):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_bf16_greedy_captions_equal_batched_and_single(fusion, processor):
-    model = tiny_model(fusion=fusion).to(torch.bfloat16)
+@pytest.mark.parametrize("decoding", ["greedy", "beams"])
+def test_bf16_captions_equal_batched_and_single(fusion, decoding, processor):
+    model = tiny_model(fusion=fusion, visual_tokens="patches").to(torch.bfloat16)
     images = random_images(4, seed=5)
-    batched = model.generate(**processor(images=images), **GREEDY)
-    single = torch.cat([model.generate(**processor(images=[image]), **GREEDY) for image in images])
+    settings = GREEDY if decoding == "greedy" else dict(GREEDY, num_beams=3)
+    batched = model.generate(**processor(images=images), **settings)
+    single = torch.cat([model.generate(**processor(images=[image]), **settings) for image in images])
     assert batched.dtype == torch.long
     assert torch.equal(batched, single)
-    plain = model.generate(**processor(images=images), use_packed_linears=False, **GREEDY)
-    assert torch.equal(plain, torch.cat([model.generate(**processor(images=[image]), use_packed_linears=False, **GREEDY)
-                                         for image in images]))
+    plain = model.generate(**processor(images=images), use_packed_linears=False, **settings)
+    assert torch.equal(plain, torch.cat([model.generate(**processor(images=[image]), use_packed_linears=False,
+                                                        **settings) for image in images]))
 
 
 @needs_packed_kernels
@@ -249,16 +252,60 @@ def test_cross_attention_shared_image_cache_gives_the_plain_captions(settings, i
     assert torch.equal(model.generate(**inputs, use_cache=False, **settings), plain_generate(model, inputs, **settings))
 
 
+def _decode_step(model, cache, embeds, copies, encoder_attention_mask=None):
+    return model.language_model.transformer(input_ids=torch.arange(embeds.shape[0] * copies)[:, None] % 7,
+                                            past_key_values=cache,
+                                            encoder_hidden_states=embeds.repeat_interleave(copies, dim=0),
+                                            encoder_attention_mask=encoder_attention_mask)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_images_share_one_cross_attention_cache_that_attends_like_per_sequence_copies(masked):
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    mask = None
+    if masked:  # each sequence hides a different visual token
+        mask = torch.ones(6, embeds.shape[1], dtype=torch.long)
+        mask[torch.arange(6), torch.arange(6)] = 0
+    shared = model._prefill_cross_attention(embeds, dict(num_beams=3))
+    assert shared.cross_attention_cache.layers[0].keys.shape[0] == 2  # one copy per image
+    with torch.no_grad():
+        # GPT-2's own forward over a copy per sequence, as GenerationMixin lays them out.
+        copied = model._prefill_cross_attention(embeds, dict(num_beams=1))
+        copied.cross_attention_cache.batch_repeat_interleave(3)
+        del copied.vision_gpt_copies_per_image
+        expected = _decode_step(model, copied, embeds, 3, mask).last_hidden_state
+        with shared_cross_attention(model):
+            out = _decode_step(model, shared, embeds, 3, mask).last_hidden_state
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if masked:
+        unmasked = _decode_step(model, copied, embeds, 3).last_hidden_state
+        assert not torch.allclose(unmasked, expected, atol=1e-4)  # the mask mattered
+    assert "forward" not in model.language_model.transformer.h[0].crossattention.__dict__  # restored
+
+
+def test_a_bfloat16_model_keeps_its_shared_cross_keys_in_float32_on_cpu():
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches").to(torch.bfloat16)
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    cache = model._prefill_cross_attention(embeds, dict(num_beams=1))
+    assert cache.cross_attention_cache.layers[0].keys.dtype == torch.float32
+    with torch.no_grad(), shared_cross_attention(model):
+        assert _decode_step(model, cache, embeds, 1).last_hidden_state.dtype == torch.bfloat16
+
+
 def test_beam_reordering_skips_the_shared_cross_attention_cache_only_within_an_image():
     model = tiny_model(fusion="cross_attention", visual_tokens="patches")
     embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
     cache = model._prefill_cross_attention(embeds, dict(num_beams=3))  # 2 images x 3 beams
-    model.language_model.transformer(input_ids=torch.zeros(6, 1, dtype=torch.long), past_key_values=cache,
-                                     encoder_hidden_states=embeds.repeat_interleave(3, dim=0))
+    with torch.no_grad(), shared_cross_attention(model):
+        _decode_step(model, cache, embeds, 3)
     cross_keys = cache.cross_attention_cache.layers[0].keys
     self_keys = cache.self_attention_cache.layers[0].keys
     model._reorder_cache(cache, torch.tensor([2, 2, 0, 3, 5, 4]))
     assert cache.cross_attention_cache.layers[0].keys is cross_keys  # not copied
     assert torch.equal(cache.self_attention_cache.layers[0].keys, self_keys[[2, 2, 0, 3, 5, 4]])
-    model._reorder_cache(cache, torch.tensor([3, 4, 5, 0, 1, 2]))  # rows move across images: reorder everything
-    assert torch.equal(cache.cross_attention_cache.layers[0].keys, cross_keys[[3, 4, 5, 0, 1, 2]])
+    model._reorder_cache(cache, torch.tensor([3, 4, 5, 0, 1, 2]))  # rows move across images: each gets its own copy
+    assert torch.equal(cache.cross_attention_cache.layers[0].keys,
+                       cross_keys.repeat_interleave(3, dim=0)[[3, 4, 5, 0, 1, 2]])
+
+
