@@ -13,6 +13,8 @@ matrix-multiply peak, measured in the same run.
 
 import argparse
 import contextlib
+import ctypes
+import functools
 import os
 import statistics
 import threading
@@ -46,7 +48,12 @@ def build_models(quick: bool, **ours_overrides):
 
 
 class PeakMemory:
-    """Peak memory of a call: CUDA's allocator peak, or on CPU the peak resident set size above the start, sampled."""
+    """
+    Peak memory of a call above its start: CUDA's allocator peak, or on CPU the bytes malloc has handed out (glibc's
+    `mallinfo2`: the main heap plus every mmapped block, where torch's large tensors live), sampled every millisecond.
+    Resident set size would not do: memory freed to malloc stays resident, so a call reusing it reads as zero. Where
+    `mallinfo2` is missing (not glibc), resident set size it is.
+    """
 
     def __init__(self, device):
         self.device = device
@@ -57,15 +64,15 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
             return self
-        self.base = self.peak = _rss()
+        self.base = self.peak = cpu_memory_in_use()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, cpu_memory_in_use())
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -74,11 +81,32 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, cpu_memory_in_use())
         self.megabytes = (self.peak - self.base) / 2**20
 
 
-def _rss() -> int:
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=None)
+def _mallinfo2():
+    try:
+        function = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def cpu_memory_in_use() -> int:
+    """Bytes malloc has handed out and not taken back (heap in use + mmapped blocks); resident set size without
+    glibc."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is not None:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -96,22 +124,24 @@ def sync(device):
 
 def time_pair(models, pixel_values, mode, tokens, repeats, device, extra):
     """Median seconds per call and peak memory (MB) for each model, calls alternating between the models; `extra`
-    holds each model's additional generate arguments."""
+    holds each model's additional generate arguments. Memory is taken on the second warm-up call, so that the sampling
+    thread never runs during a timed call."""
+    memory = {}
     with torch.inference_mode():
-        for _ in range(2):  # warm-up
+        for warmup in range(2):
             for name, model in models.items():
-                generate(model, pixel_values, mode, tokens, **extra[name])
+                with PeakMemory(device) if warmup else contextlib.nullcontext() as peak:
+                    generate(model, pixel_values, mode, tokens, **extra[name])
+                if warmup:
+                    memory[name] = peak.megabytes
         times = {name: [] for name in models}
-        memory = {name: 0.0 for name in models}
         for _ in range(repeats):
             for name, model in models.items():
-                with PeakMemory(device) as peak:
-                    sync(device)
-                    start = time.perf_counter()
-                    generate(model, pixel_values, mode, tokens, **extra[name])
-                    sync(device)
-                    times[name].append(time.perf_counter() - start)
-                memory[name] = max(memory[name], peak.megabytes)
+                sync(device)
+                start = time.perf_counter()
+                generate(model, pixel_values, mode, tokens, **extra[name])
+                sync(device)
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}, memory
 
 

@@ -1,9 +1,11 @@
 import importlib.util
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from .conftest import tiny_model
 from .data_fixtures import write_flickr8k
@@ -33,6 +35,24 @@ def test_generation_benchmark_runs_end_to_end_in_quick_mode(variant, capsys):
     per_image = {(row[1].strip(), row[3].strip()): float(row[4]) for row in encoder_rows}
     assert per_image[("float32", "ours")] == pytest.approx(per_image[("float32", "peer")], rel=0.02)
     assert per_image[("float32", "ours")] > 0
+
+
+def test_peak_memory_counts_memory_that_malloc_reuses_from_earlier_calls():
+    bench = load("bench_generate")
+    if bench._mallinfo2() is None:
+        pytest.skip("needs glibc's mallinfo2 (elsewhere the benchmark falls back to resident set size)")
+    cpu = torch.device("cpu")
+    # From the third time on glibc serves 16 MB from memory the earlier ones freed, already resident: resident set
+    # size would not grow at all.
+    for _ in range(4):
+        with bench.PeakMemory(cpu) as peak:
+            block = torch.ones(16 * 2**20 // 4)
+            time.sleep(0.01)
+            del block  # freed before the block ends: only the sampled peak sees it
+        assert 15 < peak.megabytes < 20
+    with bench.PeakMemory(cpu) as idle:
+        time.sleep(0.01)
+    assert abs(idle.megabytes) < 2
 
 
 def test_generation_benchmark_refuses_contradictory_flags():
