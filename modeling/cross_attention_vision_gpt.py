@@ -104,9 +104,12 @@ def _shared_forward(attention: GPT2Attention):
 @contextmanager
 def shared_cross_attention(model: nn.Module, enabled: bool = True):
     """Inside the block, GPT-2's cross-attention layers in `model` attend over shared per-image caches (see above)."""
+    if not enabled:
+        yield
+        return
     layers = [
         module for module in model.modules()
-        if enabled and isinstance(module, GPT2Attention) and module.is_cross_attention and "forward" not in module.__dict__
+        if isinstance(module, GPT2Attention) and module.is_cross_attention and "forward" not in module.__dict__
     ]
     for module in layers:
         module.forward = _shared_forward(module)

@@ -132,7 +132,6 @@ class VisionGPTProjector(nn.Module):
         queries = queries + self.attn(self.ln_queries(queries), self.ln_patches(patches))
         return queries + self.mlp(self.ln_mlp(queries))
 
-
     def merge_patches(self, vision_features: torch.Tensor) -> torch.Tensor:
         """`(B, N, Dv)` tokens, the last S x S of them a patch grid -> `(B, ceil(S / m)^2, m * m * Dv)`."""
         side, m = self.grid_size, self.merge_size
@@ -500,7 +499,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         """
         Beam search's reordering (GenerationMixin calls this when the model defines it). Beams only move among the
         copies of their own image, which share one set of cross-attention keys and values: reordering that cache
-        would copy every layer's keys and values over all visual tokens at every step for nothing.
+        would copy every layer's keys and values over all visual tokens at every step for nothing. Should rows ever move
+        to another image's, every sequence first gets its own copy.
         """
         copies = getattr(past_key_values, "vision_gpt_copies_per_image", None)
         if copies is not None:
