@@ -4,9 +4,11 @@ Both at ViT-B/16 (224 px) and GPT-2 small (124M), random weights from the same s
 values), the same forced caption length (min_new_tokens == max_new_tokens), greedy and 5-beam, fp32 and bf16. Each
 setting gets two warm-up calls (oneDNN builds its kernels on the first bf16 calls), then the two models alternate so
 that a drifting machine affects both alike. Also: the vision encoder's achieved GFLOP/s next to the machine's
-matrix-multiply peak, measured in the same run.
+matrix-multiply peak, and the rate at which decoding's linear layers read their weights next to the machine's read
+bandwidth, measured in the same run.
 
-    python benchmarks/bench_generate.py                      # the full table (CPU: about 15 minutes on 2 cores)
+    python benchmarks/bench_generate.py                      # all three tables (CPU: about 15 minutes on 2 cores)
+    python benchmarks/bench_generate.py --tables decoding    # decoding's linear layers alone (seconds)
     python benchmarks/bench_generate.py --batch-sizes 8 --repeats 2
     python benchmarks/bench_generate.py --quick              # tiny models, seconds; used by the test suite
 """
@@ -29,6 +31,7 @@ from vision_gpt.modeling.configuration_vision_gpt import FUSIONS, VISUAL_TOKENS
 from vision_gpt.modeling.packed_linear_vision_gpt import packed_linear_available, packed_linears
 
 START = 50256
+TABLES = ("models", "encoder", "decoding")
 
 
 def build_models(quick: bool, **ours_overrides):
@@ -194,6 +197,54 @@ def vision_gflops(encoder_call, pixel_values, fast_path=contextlib.nullcontext, 
     return flops / pixel_values.shape[0] / 1e9, flops / best / 1e9
 
 
+def read_bandwidth(device, megabytes=512, repeats=5) -> float:
+    """GB/s of a plain reduction over a buffer far larger than the caches: what this machine's memory delivers."""
+    buffer = torch.ones(megabytes * 2**20 // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        buffer.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def decoding_layer_rates(text_config, dtype, device, rows=8, repeats=5) -> dict[str, tuple[float, float, float]]:
+    """
+    {kernel: (weight MB, GB/s of weights read, GFLOP/s)} for one decoding step's linear layers at `rows` rows (batch 8
+    greedy: one token per image): per GPT-2 block the self-attention's input and output layers, the cross-attention's
+    query and output layers and the MLP's two, then the LM head; each with its own weight, as in the model, so that
+    none stays in cache. Per kernel torch offers here: `F.linear`, and on CPU oneDNN with a packed weight.
+    """
+    width, layers = text_config.n_embd, text_config.n_layer
+    inner = text_config.n_inner or 4 * width
+    shapes = [(3 * width, width), (width, width), (width, width), (width, width), (inner, width), (width, inner)]
+    shapes = shapes * layers + [(text_config.vocab_size, width)]  # (out, in)
+    weights = [torch.randn(out, into, device=device, dtype=dtype) for out, into in shapes]
+    inputs = {into: torch.randn(rows, into, device=device, dtype=dtype) for into in {into for _, into in shapes}}
+    steps = {"F.linear": [functools.partial(F.linear, inputs[w.shape[1]], w) for w in weights]}
+    if device.type == "cpu" and packed_linear_available():
+        packed = [(inputs[w.shape[1]], torch.ops.mkldnn._reorder_linear_weight(w)) for w in weights]
+        steps["packed oneDNN"] = [functools.partial(torch.ops.mkldnn._linear_pointwise, x, w, None, "none", [], "")
+                                  for x, w in packed]
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    flops = 2 * rows * sum(w.numel() for w in weights)
+    rates = {}
+    with torch.inference_mode():
+        for kernel, calls in steps.items():
+            best = float("inf")
+            for _ in range(repeats + 2):
+                sync(device)
+                start = time.perf_counter()
+                for call in calls:
+                    call()
+                sync(device)
+                best = min(best, time.perf_counter() - start)
+            rates[kernel] = (weight_bytes / 1e6, weight_bytes / best / 1e9, flops / best / 1e9)
+    return rates
+
+
 def time_settings(models, batch_sizes, args, image_size, device, dtype, repeats, extra, rows):
     """Time both models at every batch size and decoding mode in one dtype; appends to `rows`."""
     dtype_name = str(dtype).removeprefix("torch.")
@@ -224,6 +275,9 @@ def main(argv=None):
                         help="run ours in bf16 with generate(float32_logits=False) (to see what float32 logits cost)")
     parser.add_argument("--fusion", choices=FUSIONS, help="ours with this fusion instead of the default")
     parser.add_argument("--visual-tokens", choices=VISUAL_TOKENS, help="ours with these visual tokens instead")
+    parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES,
+                        help="what to measure: the models side by side, the vision encoder against the matmul peak, "
+                             "decoding's linear layers against the read bandwidth (default: all three)")
     parser.add_argument("--quick", action="store_true", help="tiny models: checks that the benchmark runs")
     args = parser.parse_args(argv)
     if args.plain_linears and args.unfused_gelu:
@@ -235,12 +289,23 @@ def main(argv=None):
     overrides = {name: value for name, value in (("fusion", args.fusion), ("visual_tokens", args.visual_tokens))
                  if value is not None}
     ours32, peer32, image_size = build_models(args.quick, **overrides)
-    extra = {"ours": {"use_packed_linears": not args.plain_linears, "float32_logits": not args.bf16_logits}, "peer": {}}
-    rows = []
     print(f"device: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, {args.tokens} tokens per "
           f"caption, median of {repeats} call(s) after 2 warm-ups")
     print(f"ours: fusion={ours32.config.fusion!r}, visual_tokens={ours32.config.visual_tokens!r} "
           f"({ours32.config.num_image_tokens} visual tokens per image)")
+    if "models" in args.tables:
+        models_table(ours32, peer32, image_size, batch_sizes, repeats, device, args)
+    if "encoder" in args.tables:
+        encoder_table(ours32, peer32, image_size, device, args)
+    if "decoding" in args.tables:
+        decoding_table(ours32.config.text_config, device, args)
+
+
+def models_table(ours32, peer32, image_size, batch_sizes, repeats, device, args):
+    """Both models' images/s and peak memory at every batch size, decoding mode and dtype; the models come back in
+    float32 (`.to` converts them in place)."""
+    extra = {"ours": {"use_packed_linears": not args.plain_linears, "float32_logits": not args.bf16_logits}, "peer": {}}
+    rows = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         models = {"ours": ours32.to(device, dtype), "peer": peer32.to(device, dtype)}
@@ -251,7 +316,7 @@ def main(argv=None):
             settings = packed_linears(models["ours"], float32_layers=float32_layers, fuse_gelu=False)
         with settings:
             time_settings(models, batch_sizes, args, image_size, device, dtype, repeats, extra, rows)
-        ours32, peer32 = ours32.float(), peer32.float()
+        ours32.float(), peer32.float()
 
     print("\n| batch | decoding | dtype | ours / peer | ours img/s | peer img/s | ours peak MB | peer peak MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -260,6 +325,8 @@ def main(argv=None):
               f"{batch / seconds['ours']:.2f} | {batch / seconds['peer']:.2f} | {memory['ours']:.0f} | "
               f"{memory['peer']:.0f} |")
 
+
+def encoder_table(ours32, peer32, image_size, device, args):
     print("\nVision encoder (batch 8) against this machine's matrix-multiply peak (ViT-MLP-shaped products, best shape "
           "and kernel):")
     print("| dtype | matmul peak GFLOP/s | encoder | GFLOP/image | achieved GFLOP/s | share of peak |")
@@ -277,8 +344,20 @@ def main(argv=None):
             per_image, achieved = vision_gflops(call, pixel_values.to(device, dtype), fast_paths[name])
             print(f"| {dtype_name} | {peak:.0f} | {name} | {per_image:.3g} | {achieved:.0f} | "
                   f"{100 * achieved / peak:.0f}% |")
-        ours32, peer32 = ours.float(), peer.float()
+        ours.float(), peer.float()
 
+
+def decoding_table(text_config, device, args):
+    bandwidth = read_bandwidth(device, megabytes=16 if args.quick else 512)
+    print(f"\nDecoding's linear layers at 8 rows (a batch 8 greedy step: GPT-2's blocks with cross-attention, then "
+          f"the LM head) against this machine's read bandwidth, {bandwidth:.0f} GB/s (a sum over a large buffer):")
+    print("| kernel | dtype | weights MB | GB/s of weights | GFLOP/s | share of read bandwidth |")
+    print("|---|---|---|---|---|---|")
+    for dtype_name in args.dtypes:
+        rates = decoding_layer_rates(text_config, getattr(torch, dtype_name), device)
+        for kernel, (megabytes, rate, gflops) in rates.items():
+            print(f"| {kernel} | {dtype_name} | {megabytes:.1f} | {rate:.1f} | {gflops:.0f} | "
+                  f"{100 * rate / bandwidth:.0f}% |")
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,10 @@ class VisionGPTOutput(ModelOutput):
         GPT-2's key/value cache; with `fusion="prefix"` it holds the visual prefix too.
     image_embeds (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, hidden_size)`, *optional*):
         The mapped visual tokens that GPT-2 saw.
+    cross_attentions (`tuple[torch.FloatTensor]`, *optional*, returned with `output_attentions=True`):
+        With `fusion="cross_attention"`, each GPT-2 block's attention weights over the visual tokens, `(batch_size,
+        num_heads, sequence_length, num_image_tokens)`: where each caption token looked. Like `attentions`, filled
+        only by attention implementations that compute weights (`attn_implementation="eager"`); SDPA leaves them empty.
     """
 
     loss: torch.FloatTensor | None = None
@@ -47,6 +51,7 @@ class VisionGPTOutput(ModelOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     image_embeds: torch.FloatTensor | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class VisionGPTMLP(nn.Module):
@@ -161,6 +166,13 @@ class VisionGPTPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from this file's source, sees the resampler's `VisionGPTQueryAttention` and refuses
+        # (with a warning, yet sets the towers). The towers hold all the attention an implementation applies to; the
+        # resampler always runs SDPA and returns no weights, so switching is supported.
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -393,6 +405,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_embeds=image_embeds,
+            cross_attentions=outputs.cross_attentions,
         )
 
     @staticmethod
@@ -469,8 +482,10 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         config = kwargs.get("generation_config") or self.generation_config
         cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
         use_cache = kwargs.get("use_cache", config.use_cache)
+        # In training mode GPT-2's own cross-attention runs, which applies attention dropout (the shared one has none).
         share = (
             kwargs.get("past_key_values") is None and use_cache is not False and cache_implementation in (None, "dynamic")
+            and not self.training
         )
         if share:
             kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vision_gpt.modeling.packed_linear_vision_gpt import packed_linear_available
+
 from .conftest import tiny_model
 from .data_fixtures import write_flickr8k
 
@@ -35,6 +37,24 @@ def test_generation_benchmark_runs_end_to_end_in_quick_mode(variant, capsys):
     per_image = {(row[1].strip(), row[3].strip()): float(row[4]) for row in encoder_rows}
     assert per_image[("float32", "ours")] == pytest.approx(per_image[("float32", "peer")], rel=0.02)
     assert per_image[("float32", "ours")] > 0
+    assert_decoding_table(out)
+
+
+def assert_decoding_table(out):
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| F.linear |", "| packed oneDNN |"))]
+    kernels = {(row[0].strip(), row[1].strip()) for row in rows}
+    expected = {"F.linear"} | ({"packed oneDNN"} if packed_linear_available() else set())
+    assert kernels == {(kernel, dtype) for kernel in expected for dtype in ("float32", "bfloat16")}
+    megabytes = {row[1].strip(): float(row[2]) for row in rows}
+    assert megabytes["float32"] == pytest.approx(2 * megabytes["bfloat16"], rel=0.01)  # same layers, half the bytes
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+
+
+def test_generation_benchmark_measures_only_the_tables_asked_for(capsys):
+    load("bench_generate").main(["--quick", "--tables", "decoding"])
+    out = capsys.readouterr().out
+    assert "| batch |" not in out and "matmul peak" not in out
+    assert_decoding_table(out)
 
 
 def test_peak_memory_counts_memory_that_malloc_reuses_from_earlier_calls():

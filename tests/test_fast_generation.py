@@ -252,6 +252,25 @@ def test_cross_attention_shared_image_cache_gives_the_plain_captions(settings, i
     assert torch.equal(model.generate(**inputs, use_cache=False, **settings), plain_generate(model, inputs, **settings))
 
 
+def test_generate_in_training_mode_keeps_cross_attention_dropout(inputs):
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
+    for module in model.modules():  # no dropout but the cross-attention's, at a rate that changes captions
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for block in model.language_model.transformer.h:
+        block.crossattention.attn_dropout.p = 0.5
+    model.train()
+    settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    captions = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ours = model.generate(**inputs, **settings)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, plain_generate(model, inputs, **settings))  # GPT-2's own cross-attention ran
+        captions.append(ours)
+    assert not torch.equal(*captions)  # and its dropout was on
+
+
 def _decode_step(model, cache, embeds, copies, encoder_attention_mask=None):
     return model.language_model.transformer(input_ids=torch.arange(embeds.shape[0] * copies)[:, None] % 7,
                                             past_key_values=cache,

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
 from transformers.cache_utils import DynamicCache
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging as transformers_logging
 
 from vision_gpt import VisionGPTForConditionalGeneration
 
@@ -78,6 +80,33 @@ def test_kv_cache_steps_match_a_full_forward(fusion):
     step = model(input_ids=input_ids[:, 3:4], image_embeds=image_embeds, past_key_values=first.past_key_values,
                  attention_mask=torch.ones(3, 4, dtype=torch.long), use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], full[:, 3], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_eager_attention_returns_the_weights_and_where_caption_tokens_looked(fusion):
+    model = tiny_model(fusion=fusion)
+    pixel_values, input_ids, attention_mask, _ = batch()
+    sdpa_logits = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+    logger = transformers_logging.get_logger("transformers.modeling_utils")
+    with CaptureLogger(logger) as captured:
+        model.set_attn_implementation("eager")
+    assert "does not support setting its attention implementation" not in captured.out
+    assert model.language_model.config._attn_implementation == "eager"
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+    torch.testing.assert_close(out.logits, sdpa_logits, rtol=1e-4, atol=1e-4)  # same model, other kernel
+    layers, heads = model.config.text_config.n_layer, model.config.text_config.n_head
+    visual = model.config.num_image_tokens if fusion == "prefix" else 0
+    text_len = input_ids.shape[1]
+    assert len(out.attentions) == layers
+    assert out.attentions[0].shape == (3, heads, visual + text_len, visual + text_len)
+    if fusion == "prefix":
+        assert not out.cross_attentions
+        return
+    assert len(out.cross_attentions) == layers
+    weights = out.cross_attentions[-1]  # (B, H, T, num_image_tokens)
+    assert weights.shape == (3, heads, text_len, model.config.num_image_tokens)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, heads, text_len))
+    assert not torch.allclose(weights[0], weights[1])  # each image's own tokens
 
 
 @pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
