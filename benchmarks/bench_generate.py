@@ -316,7 +316,8 @@ def models_table(ours32, peer32, image_size, batch_sizes, repeats, device, args)
             settings = packed_linears(models["ours"], float32_layers=float32_layers, fuse_gelu=False)
         with settings:
             time_settings(models, batch_sizes, args, image_size, device, dtype, repeats, extra, rows)
-        ours32.float(), peer32.float()
+        ours32.float()
+        peer32.float()
 
     print("\n| batch | decoding | dtype | ours / peer | ours img/s | peer img/s | ours peak MB | peer peak MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -327,6 +328,7 @@ def models_table(ours32, peer32, image_size, batch_sizes, repeats, device, args)
 
 
 def encoder_table(ours32, peer32, image_size, device, args):
+    """Each model's vision encoder in GFLOP/s against the matrix-multiply peak, per dtype; back in float32 after."""
     print("\nVision encoder (batch 8) against this machine's matrix-multiply peak (ViT-MLP-shaped products, best shape "
           "and kernel):")
     print("| dtype | matmul peak GFLOP/s | encoder | GFLOP/image | achieved GFLOP/s | share of peak |")
@@ -344,10 +346,13 @@ def encoder_table(ours32, peer32, image_size, device, args):
             per_image, achieved = vision_gflops(call, pixel_values.to(device, dtype), fast_paths[name])
             print(f"| {dtype_name} | {peak:.0f} | {name} | {per_image:.3g} | {achieved:.0f} | "
                   f"{100 * achieved / peak:.0f}% |")
-        ours.float(), peer.float()
+        ours.float()
+        peer.float()
 
 
 def decoding_table(text_config, device, args):
+    """The rate at which one decoding step's linear layers read their weights, per kernel and dtype, against the
+    machine's read rate measured just before."""
     bandwidth = read_bandwidth(device, megabytes=16 if args.quick else 512)
     print(f"\nDecoding's linear layers at 8 rows (a batch 8 greedy step: GPT-2's blocks with cross-attention, then "
           f"the LM head) against this machine's read bandwidth, {bandwidth:.0f} GB/s (a sum over a large buffer):")
@@ -358,6 +363,7 @@ def decoding_table(text_config, device, args):
         for kernel, (megabytes, rate, gflops) in rates.items():
             print(f"| {kernel} | {dtype_name} | {megabytes:.1f} | {rate:.1f} | {gflops:.0f} | "
                   f"{100 * rate / bandwidth:.0f}% |")
+
 
 if __name__ == "__main__":
     main()
