@@ -1,7 +1,7 @@
 """VisionGPT: a vision tower, a trainable mapper and GPT-2, as one transformers model that generates captions."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 
 import torch
 import torch.nn.functional as F
@@ -9,15 +9,18 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
+from .compat_vision_gpt import CACHE_NAME, resolve_cache_argument
 from .configuration_vision_gpt import VisionGPTConfig
-from .cross_attention_vision_gpt import (
-    shared_cross_attention,
-    shared_cross_attention_cache,
-    unshare_cross_attention_cache,
+from .gpt2_vision_gpt import (
+    VisionGPTCrossAttentionCache,
+    VisionGPTLanguageModel,
+    init_gpt2_weights,
+    load_gpt2_state_dict,
 )
 from .packed_linear_vision_gpt import packed_linears
 
@@ -27,31 +30,45 @@ from .pipeline_vision_gpt import VisionGPTImageToTextPipeline  # noqa: F401
 from .processing_vision_gpt import VisionGPTProcessor  # noqa: F401
 
 
-@dataclass
-class VisionGPTOutput(ModelOutput):
-    r"""
+_OUTPUT_DOC = r"""
+    The output of [`VisionGPTForConditionalGeneration`].
+
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
         Cross-entropy over the caption tokens (labels of `-100` are ignored).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Next-token scores at each text position: `logits[:, i]` predicts `input_ids[:, i + 1]`. Visual positions of the
         prefix are never returned.
-    past_key_values (`Cache`, *optional*):
-        GPT-2's key/value cache; with `fusion="prefix"` it holds the visual prefix too.
+    cache (`Cache`, *optional*; named `past_key_values` on transformers releases before 5.24):
+        GPT-2's self-attention key/value cache; with `fusion="prefix"` it holds the visual prefix too.
+    hidden_states (`tuple[torch.FloatTensor]`, *optional*, returned with `output_hidden_states=True`):
+        GPT-2's input embeddings and each block's output, `(batch_size, positions, hidden_size)`; with a visual prefix
+        the positions include it.
+    attentions (`tuple[torch.FloatTensor]`, *optional*, returned with `output_attentions=True`):
+        Each GPT-2 block's self-attention weights (eager attention only; SDPA computes none).
     image_embeds (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, hidden_size)`, *optional*):
         The mapped visual tokens that GPT-2 saw.
     cross_attentions (`tuple[torch.FloatTensor]`, *optional*, returned with `output_attentions=True`):
         With `fusion="cross_attention"`, each GPT-2 block's attention weights over the visual tokens, `(batch_size,
         num_heads, sequence_length, num_image_tokens)`: where each caption token looked. Like `attentions`, filled
         only by attention implementations that compute weights (`attn_implementation="eager"`); SDPA leaves them empty.
-    """
+"""
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_embeds: torch.FloatTensor | None = None
-    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+# The cache field takes the name the installed transformers gives it (`compat_vision_gpt.py`): GenerationMixin reads it
+# from the output by that name.
+VisionGPTOutput = make_dataclass(
+    "VisionGPTOutput",
+    [
+        ("loss", torch.FloatTensor | None, field(default=None)),
+        ("logits", torch.FloatTensor | None, field(default=None)),
+        (CACHE_NAME, Cache | None, field(default=None)),
+        ("hidden_states", tuple[torch.FloatTensor, ...] | None, field(default=None)),
+        ("attentions", tuple[torch.FloatTensor, ...] | None, field(default=None)),
+        ("image_embeds", torch.FloatTensor | None, field(default=None)),
+        ("cross_attentions", tuple[torch.FloatTensor, ...] | None, field(default=None)),
+    ],
+    bases=(ModelOutput,),
+    namespace={"__doc__": _OUTPUT_DOC, "__module__": __name__},
+)
 
 
 class VisionGPTMLP(nn.Module):
@@ -161,11 +178,10 @@ class VisionGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "vision_gpt"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["GPT2Block", "ViTLayer", "CLIPEncoderLayer", "SiglipEncoderLayer", "Dinov2Layer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["VisionGPTBlock", "ViTLayer", "CLIPEncoderLayer", "SiglipEncoderLayer", "Dinov2Layer"]
+    _skip_keys_device_placement = [CACHE_NAME]
+    # GPT-2 here is ours (`gpt2_vision_gpt.py`) and runs eager or SDPA attention; the towers take what they support.
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -176,6 +192,8 @@ class VisionGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        if init_gpt2_weights(module, self.config.text_config):
+            return
         super()._init_weights(module)
         if isinstance(module, VisionGPTProjector) and module.visual_tokens == "queries":
             init.normal_(module.queries, mean=0.0, std=self.config.text_config.initializer_range)
@@ -206,7 +224,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config, **_vision_model_kwargs(config))
         self.projector = VisionGPTProjector(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = VisionGPTLanguageModel(config.text_config)
         self.post_init()
         self.apply_freezing()
         # Caption defaults for a model that has no saved generation_config.json yet.
@@ -216,10 +234,11 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
         # Loading replaces the parameters, and with them their `requires_grad`.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
         model.apply_freezing()
-        return model
+        return loaded
 
     # ----- parameters --------------------------------------------------------------------------------------------
 
@@ -231,6 +250,9 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value):
+        self.language_model.set_output_embeddings(value)
 
     def apply_freezing(self):
         """Set `requires_grad` from the config's `freeze_vision`, `freeze_text` and `freeze_text_layers`."""
@@ -318,11 +340,17 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         vision_features: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cross_attention_cache: VisionGPTCrossAttentionCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> VisionGPTOutput:
         r"""
@@ -330,32 +358,68 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
             tower's cached output) or `image_embeds` (already mapped visual tokens).
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token.
+            Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token. Or `inputs_embeds`, their
+            embeddings.
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
             1 for text tokens, 0 for padding. Visual positions are always attended and are not part of this mask.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Targets aligned with `input_ids` (the model shifts them); `-100` is ignored. Padding must be `-100`.
+        cache (`Cache`, *optional*):
+            GPT-2's key/value cache from an earlier call (`past_key_values` before transformers 5.24).
+        cross_attention_cache (`VisionGPTCrossAttentionCache`, *optional*):
+            Cross-attention keys and values computed once per image (`generate` builds it); without it they are
+            computed from the visual tokens on every call.
         """
-        if input_ids is None:
-            raise ValueError(
-                "VisionGPT needs `input_ids`: at least the start token. Use the processor, or `generate(pixel_values)`."
-            )
+        cache = resolve_cache_argument(cache, past_key_values, "VisionGPTForConditionalGeneration.forward")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        batch_size, seq_len = input_ids.shape
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        is_prefix = self.config.fusion == "prefix"
+        # GenerationMixin before 5.24 passes the new tokens' `cache_position`; positions come from the cache here.
+        kwargs.pop("cache_position", None)
+        if kwargs:
+            raise TypeError(f"VisionGPTForConditionalGeneration.forward() got unexpected arguments {sorted(kwargs)}.")
+        config = self.config
+        return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "VisionGPT needs exactly one of `input_ids` (at least the start token) and `inputs_embeds`. Use the "
+                "processor, or `generate(pixel_values)`."
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if labels is not None and labels.shape != (batch_size, seq_len):
+            raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the text has {(batch_size, seq_len)}.")
+        if use_cache is None:
+            # Training keeps no cache unless asked (nothing would read it).
+            use_cache = cache is not None or (config.text_config.use_cache and not self.training)
+        checkpointing = any(block.gradient_checkpointing for block in self.language_model.transformer.h)
+        if use_cache and checkpointing and self.training:
+            # Recomputing a block in the backward pass would append its keys and values to the cache a second time.
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config.text_config)
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
+        is_prefix = config.fusion == "prefix"
 
-        if image_embeds is None and (pixel_values is not None or vision_features is not None):
-            if not is_prefix or past_len == 0:
-                image_embeds = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
-        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+        if cross_attention_cache is not None and not cross_attention_cache.belongs_to(self):
+            cross_attention_cache = None  # another model's (an assistant's): compute ours
+        needs_image = (is_prefix and past_len == 0) or (not is_prefix and cross_attention_cache is None)
+        if image_embeds is None and needs_image:
+            if pixel_values is None and vision_features is None:
+                raise ValueError(
+                    "The first forward pass needs `pixel_values` (or `vision_features` / `image_embeds`)"
+                    if is_prefix else
+                    "Cross-attention fusion needs `pixel_values` (or `vision_features` / `image_embeds`) at every step."
+                )
+            image_embeds = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
+        if image_embeds is not None and needs_image and image_embeds.shape[0] != batch_size:
+            raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
 
         prefill_prefix = is_prefix and past_len == 0
         if prefill_prefix:
-            if image_embeds is None:
-                raise ValueError("The first forward pass needs `pixel_values` (or `vision_features` / `image_embeds`).")
-            if image_embeds.shape[0] != batch_size:
-                raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
             inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
         if attention_mask is not None and attention_mask.dim() == 4:
             # The `(B, 1, T, kv_len)` mask GenerationMixin prepares for a static (compileable) cache, which already
@@ -371,42 +435,36 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             # Positions count attended tokens only, so a left-padded row gets the positions it would have alone.
             position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
-        encoder_hidden_states = None
+        cross_keys_values = None
         if not is_prefix:
-            if image_embeds is None:
-                raise ValueError(
-                    "Cross-attention fusion needs `pixel_values` (or `vision_features` / `image_embeds`) at every step."
-                )
-            encoder_hidden_states = image_embeds.to(inputs_embeds.dtype)
+            if cross_attention_cache is not None:
+                cross_keys_values = cross_attention_cache.keys_values
+            else:
+                embeds = image_embeds.to(inputs_embeds.dtype)
+                cross_keys_values = self.language_model.transformer.cross_keys_values(embeds)
 
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"`labels` has shape {tuple(labels.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
+        hidden, all_hidden, all_attentions, all_cross = self.language_model.transformer(
+            inputs_embeds, position_ids, full_mask, cache, cross_keys_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        )
         # Only text positions get logits: the visual prefix is never predicted, and GPT-2's LM head is the costliest
         # layer per position.
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=full_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            encoder_hidden_states=encoder_hidden_states,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep if not _is_zero(logits_to_keep) else seq_len,
-            **kwargs,
-        )
-        logits = outputs.logits  # (B, T, V)
+        keep = logits_to_keep if not _is_zero(logits_to_keep) else seq_len
+        kept = hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep]
+        logits = self.get_output_embeddings()(kept)  # (B, T, V)
 
         loss = None
         if labels is not None:
             loss = _caption_loss(logits, labels, num_items_in_batch)
-        return VisionGPTOutput(
+        output = VisionGPTOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
+            hidden_states=all_hidden,
+            attentions=all_attentions,
             image_embeds=image_embeds,
-            cross_attentions=outputs.cross_attentions,
+            cross_attentions=all_cross,
+            **{CACHE_NAME: cache if use_cache else None},
         )
+        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _full_attention_mask(attention_mask, inputs_embeds, past_len):
@@ -470,29 +528,39 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             raise ValueError(f"Got {batch_size} images but {input_ids.shape[0]} prompts in `input_ids`.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.config.fusion == "prefix" and kwargs.get("past_key_values") is None:
-            past_key_values, attention_mask = self._prefill_visual_prefix(image_embeds, input_ids, attention_mask, kwargs)
+        user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
+        config = kwargs.get("generation_config") or self.generation_config
+        use_cache = kwargs.get("use_cache", config.use_cache) is not False
+        if self.config.fusion == "prefix" and user_cache is not None:
+            # Continuing from a returned cache, which holds the visual prefix first: the mask covers it too.
+            visual = attention_mask.new_ones(batch_size, self.config.num_prefix_tokens)
+            attention_mask = torch.cat([visual, attention_mask], dim=1)
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **{CACHE_NAME: user_cache},
+                                    **kwargs)
+        if self.config.fusion == "prefix" and use_cache:
+            cache, attention_mask = self._prefill_visual_prefix(image_embeds, input_ids, attention_mask, kwargs)
             # The mask now also covers the cached prefix, so generate's right-padding check falls back to "is the
             # last token the pad token?", which GPT-2's start token (= pad) always is: a false alarm, dropped here.
             with _without_log_message(transformers_logging.get_logger("transformers.generation.utils"),
                                       "right-padding was detected"):
                 return super().generate(
-                    input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+                    input_ids=input_ids, attention_mask=attention_mask, **{CACHE_NAME: cache}, **kwargs
                 )
-        config = kwargs.get("generation_config") or self.generation_config
-        cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
-        use_cache = kwargs.get("use_cache", config.use_cache)
-        # In training mode GPT-2's own cross-attention runs, which applies attention dropout (the shared one has none).
-        share = (
-            kwargs.get("past_key_values") is None and use_cache is not False and cache_implementation in (None, "dynamic")
-            and not self.training
-        )
-        if share:
-            kwargs["past_key_values"] = self._prefill_cross_attention(image_embeds, kwargs)
-        with shared_cross_attention(self, enabled=share):
-            return super().generate(
-                input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs
-            )
+        if user_cache is not None:
+            kwargs[CACHE_NAME] = user_cache
+        # Cross-attention keys and values once per image. In training mode every sequence attends its own copy, as in
+        # training, with attention dropout drawn per sequence. Without a cache every step recomputes everything.
+        if self.config.fusion == "cross_attention" and use_cache and not self.training:
+            kwargs["cross_attention_cache"] = self.get_cross_attention_cache(image_embeds)
+        return super().generate(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # GenerationMixin turns the 2D mask into a 4D one for static caches, or drops it where it judges causal
+        # attention enough; GPT-2 here builds its own from the 2D mask, which also covers the visual prefix.
+        if kwargs.get("attention_mask") is not None:
+            inputs["attention_mask"] = kwargs["attention_mask"]
+        return inputs
 
     def _num_copies(self, generate_kwargs) -> int:
         """How many sequences generate runs per image: GenerationMixin expands every input this many times."""
@@ -501,31 +569,17 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         num_return_sequences = generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1
         return max(num_beams, num_return_sequences)
 
-    def _prefill_cross_attention(self, image_embeds, generate_kwargs) -> EncoderDecoderCache:
+    @torch.no_grad()
+    def get_cross_attention_cache(self, image_embeds: torch.FloatTensor) -> VisionGPTCrossAttentionCache:
         """
-        GPT-2's cross-attention keys and values over each image's visual tokens, computed once per image and kept as
-        that one copy, which all of the image's beams or returned sequences attend to inside `shared_cross_attention`
-        (see `cross_attention_vision_gpt.py`). GenerationMixin would compute and keep them for every sequence.
+        GPT-2's cross-attention keys and values over each image's visual tokens `(B, L, D)`, computed once per image,
+        for `forward(..., cross_attention_cache=...)`: all of an image's sequences (beams, returned sequences) then
+        attend to that one copy (see [`VisionGPTCrossAttentionCache`]). `generate` builds it itself.
         """
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
-        return shared_cross_attention_cache(self.language_model, embeds, self._num_copies(generate_kwargs))
-
-    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.LongTensor) -> Cache:
-        """
-        Beam search's reordering (GenerationMixin calls this when the model defines it). Beams only move among the
-        copies of their own image, which share one set of cross-attention keys and values: reordering that cache
-        would copy every layer's keys and values over all visual tokens at every step for nothing. Should rows ever move
-        to another image's, every sequence first gets its own copy.
-        """
-        copies = getattr(past_key_values, "vision_gpt_copies_per_image", None)
-        if copies is not None:
-            rows = torch.arange(beam_idx.shape[0], device=beam_idx.device)
-            if torch.equal(beam_idx // copies, rows // copies):
-                past_key_values.self_attention_cache.reorder_cache(beam_idx)
-                return past_key_values
-            unshare_cross_attention_cache(past_key_values, beam_idx.shape[0])
-        past_key_values.reorder_cache(beam_idx)
-        return past_key_values
+        # On CPU half-precision keys and values are kept in float32 (exact upcast): see VisionGPTCrossAttentionCache.
+        dtype = torch.float32 if embeds.device.type == "cpu" else None
+        return VisionGPTCrossAttentionCache(self, self.language_model.transformer.cross_keys_values(embeds, dtype))
 
     def _prefill_visual_prefix(self, image_embeds, input_ids, attention_mask, generate_kwargs):
         """
@@ -548,8 +602,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         cache = DynamicCache(config=self.config.text_config)
         positions = torch.arange(num_visual, device=image_embeds.device).expand(batch_size, -1)
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
-        self.language_model.transformer(inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                                        use_cache=True)
+        self.language_model.transformer(embeds, positions, cache=cache)
         # The same expansion GenerationMixin applies to input_ids and the mask (repeat_interleave, same order).
         expand = self._num_copies(generate_kwargs)
         if expand > 1:
@@ -564,8 +617,10 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         if max_new_tokens is None:
             max_new_tokens = (generate_kwargs.get("max_length") or config.max_length) - (prompt_length - cache.get_seq_length())
         static = StaticCache(config=self.config.text_config, max_cache_len=prompt_length + max_new_tokens)
+        positions = torch.arange(cache.get_seq_length(), device=cache.layers[0].keys.device)
         for layer_idx, layer in enumerate(cache.layers):
-            static.update(layer.keys, layer.values, layer_idx)
+            # `cache_kwargs` for releases whose static cache needs the positions (see VisionGPTAttention).
+            static.update(layer.keys, layer.values, layer_idx, {"cache_position": positions})
         return static
 
     # ----- assembly --------------------------------------------------------------------------------------------------
@@ -598,7 +653,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         )
         model.vision_model.load_state_dict(vision.state_dict())
         text = AutoModelForCausalLM.from_pretrained(text_model, config=config.text_config, dtype=torch.float32)
-        model.language_model.load_state_dict(text.state_dict())
+        load_gpt2_state_dict(model.language_model, text.state_dict())
         model.apply_freezing()
         return model
 

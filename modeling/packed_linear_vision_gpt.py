@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
-from transformers.pytorch_utils import Conv1D
+
+from .gpt2_vision_gpt import VisionGPTConv1D
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # layer -> (weight key, packed weight). Kept outside the layers so that copying, pickling or saving a model never
@@ -36,22 +37,34 @@ _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 
 
 @lru_cache(maxsize=None)
-def packed_linear_available() -> bool:
-    """True where oneDNN's packed linear kernels exist and work (x86 CPUs with a oneDNN-enabled torch)."""
+def packed_linear_available(dtype: torch.dtype = torch.float32, activation: tuple[str, str] = ("none", "")) -> bool:
+    """
+    True where oneDNN's packed linear kernel exists and computes `activation(x @ W^T + b)` correctly in `dtype`, tried
+    once on a small layer. Not every x86 CPU runs every dtype: without AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, oneDNN
+    refuses to pack a bfloat16 weight ("bf16 path needs the cpu support ..."), and such a CPU gets the plain layers.
+    """
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
     try:
-        weight, inputs = torch.ones(4, 8), torch.ones(2, 8)
+        generator = torch.Generator().manual_seed(0)
+        weight, bias = torch.randn(16, 32, generator=generator), torch.randn(16, generator=generator)
+        inputs = torch.randn(3, 32, generator=generator)
+        weight, bias, inputs = weight.to(dtype), bias.to(dtype), inputs.to(dtype)
+        name, algorithm = activation
         packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        return bool(torch.allclose(torch.ops.mkldnn._linear_pointwise(inputs, packed, None, "none", [], ""),
-                                   F.linear(inputs, weight)))
+        out = torch.ops.mkldnn._linear_pointwise(inputs, packed, bias, name, [], algorithm)
+        expected = F.linear(inputs.float(), weight.float(), bias.float())
+        if name == "gelu":
+            expected = F.gelu(expected, approximate=algorithm if algorithm == "tanh" else "none")
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        return out.dtype == dtype and bool(torch.allclose(out.float(), expected, atol=tolerance, rtol=tolerance))
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
 def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer as `F.linear` sees it: weight `(out, in)`. GPT-2's Conv1D stores its weight as `(in, out)`."""
-    if isinstance(module, Conv1D):
+    if isinstance(module, VisionGPTConv1D):
         return module.weight.t(), module.bias
     return module.weight, module.bias
 
@@ -75,12 +88,13 @@ def _version(tensor: torch.Tensor) -> int:
         return 0
 
 
-def _takes_packed_path(module: nn.Module, hidden_states: torch.Tensor) -> bool:
+def _takes_packed_path(module: nn.Module, hidden_states: torch.Tensor, activation=("none", "")) -> bool:
     return not (
         torch.is_grad_enabled()
         or torch.compiler.is_compiling()  # a compiled graph chooses its own kernels
         or hidden_states.device.type != "cpu"
         or hidden_states.dtype != module.weight.dtype
+        or not packed_linear_available(hidden_states.dtype, activation)  # e.g. bfloat16 on an AVX2-only CPU
     )
 
 
@@ -95,28 +109,31 @@ def _packed_linear(
     return torch.ops.mkldnn._linear_pointwise(hidden_states, _packed_weight(module, dtype), bias, name, [], algorithm)
 
 
-def _packed_forward(module: nn.Module, float32_output: bool = False):
+def _packed_forward(module: nn.Module, float32_output: bool = False, activation: nn.Module | None = None):
+    """`module`'s forward through oneDNN; with `activation`, followed by it (fused as a post-op where oneDNN can)."""
     plain_forward = module.forward
     dtype = torch.float32 if float32_output and module.weight.dtype == torch.bfloat16 else None
+    post_op = _onednn_gelu(activation) if activation is not None else ("none", "")
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _takes_packed_path(module, hidden_states):
-            return plain_forward(hidden_states)
-        return _packed_linear(module, hidden_states, dtype=dtype)
+        if _takes_packed_path(module, hidden_states, post_op) and (dtype is None or packed_linear_available(dtype)):
+            return _packed_linear(module, hidden_states, post_op, dtype=dtype)
+        out = plain_forward(hidden_states)
+        return out if activation is None else activation(out)
 
     forward.is_vision_gpt_packed = True
     return forward
 
 
-# MLP blocks whose forward is `second(activation(first(x)))`, by class name: (first, activation, second). GPT-2's ends
-# with a dropout, the identity outside training (in training the plain forward runs).
+# MLP blocks whose forward is `second(activation(first(x)))`, by class name: (first, activation). The activation moves
+# into the first layer inside `packed_linears`, and the block's own activation is the identity meanwhile.
 _MLPS = {
-    "GPT2MLP": ("c_fc", "act", "c_proj"),
-    "ViTMLP": ("fc1", "activation_fn", "fc2"),
-    "CLIPMLP": ("fc1", "activation_fn", "fc2"),
-    "SiglipMLP": ("fc1", "activation_fn", "fc2"),
-    "Dinov2MLP": ("fc1", "activation_fn", "fc2"),
-    "VisionGPTMLP": ("fc1", "act", "fc2"),
+    "VisionGPTTextMLP": ("c_fc", "act"),  # GPT-2's (gpt2_vision_gpt.py)
+    "VisionGPTMLP": ("fc1", "act"),  # the mapper's
+    "ViTMLP": ("fc1", "activation_fn"),
+    "CLIPMLP": ("fc1", "activation_fn"),
+    "SiglipMLP": ("fc1", "activation_fn"),
+    "Dinov2MLP": ("fc1", "activation_fn"),
 }
 
 
@@ -131,34 +148,23 @@ def _onednn_gelu(activation: nn.Module) -> tuple[str, str] | None:
     return None
 
 
-def _fused_mlp_forward(module: nn.Module):
-    """`module`'s forward with its GELU applied inside the first layer's matrix product."""
-    first_name, activation_name, second_name = _MLPS[type(module).__name__]
-    first, second = getattr(module, first_name), getattr(module, second_name)
-    activation = _onednn_gelu(getattr(module, activation_name))
-    plain_forward = module.forward
-
-    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if module.training or not _takes_packed_path(first, hidden_states):
-            return plain_forward(hidden_states)
-        return second(_packed_linear(first, hidden_states, activation))
-
-    forward.is_vision_gpt_packed = True
-    return forward
-
-
-def _fusable_mlp(module: nn.Module) -> bool:
+def _fusable_mlp(module: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
+    """(first layer, activation attribute name, activation) of an MLP whose GELU can move into its first layer."""
     cls = type(module)
-    ours_or_transformers = cls.__module__.startswith("transformers.") or cls.__module__.endswith("modeling_vision_gpt")
+    ours_or_transformers = cls.__module__.startswith("transformers.") or cls.__module__.endswith("_vision_gpt")
     names = _MLPS.get(cls.__name__) if ours_or_transformers else None
-    if names is None or "forward" in module.__dict__:
-        return False
+    if names is None:
+        return None
     first, activation = getattr(module, names[0], None), getattr(module, names[1], None)
-    return first is not None and _eligible(first) and activation is not None and _onednn_gelu(activation) is not None
+    if first is None or not _eligible(first) or not isinstance(activation, nn.Module) or _onednn_gelu(activation) is None:
+        return None
+    return first, names[1], activation
 
 
 def _eligible(module: nn.Module) -> bool:
-    if not isinstance(module, (nn.Linear, Conv1D)) or type(module).forward not in (nn.Linear.forward, Conv1D.forward):
+    if not isinstance(module, (nn.Linear, VisionGPTConv1D)) or type(module).forward not in (
+        nn.Linear.forward, VisionGPTConv1D.forward
+    ):
         return False  # a subclass (e.g. a quantized or LoRA layer) computes something else
     if "forward" in module.__dict__:
         return False  # already wrapped, e.g. by an Accelerate offloading hook
@@ -171,12 +177,14 @@ def packed_linears(
     model: nn.Module, enabled: bool = True, float32_layers: tuple[nn.Module, ...] = (), fuse_gelu: bool = True
 ):
     """
-    Inside the block, every plain `nn.Linear` and GPT-2 `Conv1D` of `model` on the CPU runs oneDNN with packed weights,
-    and (with `fuse_gelu`) the GELU of known MLP blocks runs inside their first layer (calls with gradients enabled, and
-    MLPs in training mode, still take the plain path). Layers in `float32_layers` whose weights are bfloat16 compute and
-    return float32. Does nothing where the kernels are unavailable or when `enabled` is False. Re-entrant: nested or
-    concurrent blocks on the same model keep the outermost block's settings and restore the plain layers only when the
-    last one ends.
+    Inside the block, every plain `nn.Linear` and GPT-2 `VisionGPTConv1D` of `model` on the CPU runs oneDNN with packed
+    weights, and (with `fuse_gelu`) the GELU of known MLP blocks runs inside their first layer: the layer computes it,
+    and the block's activation is an `nn.Identity` meanwhile (a submodule swap, restored at the end). Each call checks
+    that oneDNN runs its dtype and post-op on this CPU (`packed_linear_available`) and otherwise computes the plain
+    layer (and activation): the same results, never an error. Calls with gradients enabled take the plain path too.
+    Layers in `float32_layers` whose weights are bfloat16 compute and return float32. Does nothing where the kernels
+    are unavailable or when `enabled` is False. Re-entrant: nested or concurrent blocks on the same model keep the
+    outermost block's settings and restore the plain layers only when the last one ends.
     """
     if not enabled or not packed_linear_available():
         yield
@@ -184,19 +192,29 @@ def packed_linears(
     depth = getattr(model, "_vision_gpt_packed_depth", 0)
     if depth == 0:
         float32_ids = {id(layer) for layer in float32_layers}
-        mlps = [module for module in model.modules() if fuse_gelu and _fusable_mlp(module)]
+        fused = {}  # first layer -> its MLP's activation
+        swapped = []
+        for module in model.modules():
+            found = _fusable_mlp(module) if fuse_gelu else None
+            if found is not None:
+                first, name, activation = found
+                fused[first] = activation
+                swapped.append((module, name, activation))
         for module in model.modules():
             if _eligible(module):
-                # An instance attribute: shadows the class's method.
-                module.forward = _packed_forward(module, float32_output=id(module) in float32_ids)
-        for module in mlps:
-            module.forward = _fused_mlp_forward(module)
+                # An instance attribute of a torch or vision-gpt layer: shadows its class's method.
+                module.forward = _packed_forward(module, id(module) in float32_ids, fused.get(module))
+        for module, name, _ in swapped:
+            setattr(module, name, nn.Identity())
+        model._vision_gpt_packed_swapped = swapped
     model._vision_gpt_packed_depth = depth + 1
     try:
         yield
     finally:
         model._vision_gpt_packed_depth -= 1
         if model._vision_gpt_packed_depth == 0:
+            for module, name, activation in model.__dict__.pop("_vision_gpt_packed_swapped", ()):
+                setattr(module, name, activation)
             for module in model.modules():
                 if getattr(module.__dict__.get("forward"), "is_vision_gpt_packed", False):
                     del module.forward

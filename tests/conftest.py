@@ -71,6 +71,15 @@ def processor(tokenizer):
     return VisionGPTProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, processor):
+    """`tiny_model()` and `processor` saved as a model folder, for the commands that load one."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_model().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 ALL_MODES = [
     (fusion, visual_tokens)
     for fusion in ("prefix", "cross_attention")

@@ -21,7 +21,7 @@ from transformers import AutoModel
 from vision_gpt.app import EXAMPLES_DIR, Captioner, DecodingSettings, build_app, caption_request, register
 
 from . import browser
-from .conftest import random_images, tiny_model
+from .conftest import random_images
 
 gradio = pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
 
@@ -30,22 +30,14 @@ SETTINGS = dict(num_beams=3, num_captions=3, max_new_tokens=10)
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, processor):
-    folder = tmp_path_factory.mktemp("app-model")
-    tiny_model().save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+def captioner(tiny_model_dir):
+    return Captioner.from_pretrained(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
-def captioner(model_dir):
-    return Captioner.from_pretrained(str(model_dir))
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
+def reference(tiny_model_dir):
     """The same saved model, loaded on its own: what the app's answers are checked against."""
-    return AutoModel.from_pretrained(model_dir).eval()
+    return AutoModel.from_pretrained(tiny_model_dir).eval()
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +108,8 @@ def test_greedy_and_sampled_scores_are_the_models_average_token_log_prob(caption
         assert caption.score == pytest.approx(forward_average_log_prob(reference, processor, path, ids), abs=1e-4)
 
 
-def test_bfloat16_model_captions_with_finite_scores(model_dir, image_files):
-    fast = Captioner.from_pretrained(str(model_dir), dtype="bfloat16")
+def test_bfloat16_model_captions_with_finite_scores(tiny_model_dir, image_files):
+    fast = Captioner.from_pretrained(str(tiny_model_dir), dtype="bfloat16")
     assert fast.model.dtype == torch.bfloat16
     image = fast.load_inputs(image_files[:1], "")[0][0].image
     for settings in (DecodingSettings(**SETTINGS), DecodingSettings(num_beams=1, num_captions=1, max_new_tokens=6)):
@@ -254,11 +246,11 @@ def test_page_has_a_bounded_queue_and_shipped_examples(captioner):
     assert demo.captioner.load_inputs(examples, "")[1] == [], "every shipped example is a readable image"
 
 
-def test_app_command_serves_on_localhost_and_stops_on_ctrl_c(model_dir):
+def test_app_command_serves_on_localhost_and_stops_on_ctrl_c(tiny_model_dir):
     port = browser.free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     # `python -m vision_gpt.cli` is the `vision-gpt` entry point, without depending on the venv's bin/ being on PATH.
-    command = [sys.executable, "-m", "vision_gpt.cli", "app", "--model", str(model_dir), "--port", str(port)]
+    command = [sys.executable, "-m", "vision_gpt.cli", "app", "--model", str(tiny_model_dir), "--port", str(port)]
     # A shell's background job (e.g. `.ci/run &`) starts with SIGINT ignored, and children inherit that: give the app
     # the default disposition, so that Ctrl-C reaches it as it would from a terminal.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

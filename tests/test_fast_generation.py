@@ -10,14 +10,12 @@ from transformers import CLIPVisionConfig, CompileConfig, Dinov2Config, Generati
 from transformers import ViTConfig
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.dinov2.modeling_dinov2 import Dinov2MLP
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.vit.modeling_vit import ViTMLP
-from transformers.pytorch_utils import Conv1D
 
-from vision_gpt.modeling.cross_attention_vision_gpt import shared_cross_attention
+from vision_gpt.modeling import packed_linear_vision_gpt
+from vision_gpt.modeling.gpt2_vision_gpt import VisionGPTConv1D, VisionGPTTextMLP
 from vision_gpt.modeling.modeling_vision_gpt import VisionGPTMLP
-
 from vision_gpt.modeling.packed_linear_vision_gpt import (
     has_packed_weight,
     packed_linear_available,
@@ -122,7 +120,8 @@ def test_bf16_generate_chooses_tokens_from_float32_logits(float32_logits, inputs
 @pytest.mark.parametrize("shape", [(5, 24), (2, 3, 24)])
 def test_packed_layers_compute_the_plain_layers(dtype, shape):
     torch.manual_seed(0)
-    layers = torch.nn.ModuleList([torch.nn.Linear(24, 40), torch.nn.Linear(24, 40, bias=False), Conv1D(40, 24)])
+    layers = torch.nn.ModuleList([torch.nn.Linear(24, 40), torch.nn.Linear(24, 40, bias=False),
+                                   VisionGPTConv1D(24, 40)])
     layers = layers.to(dtype)
     x = torch.randn(shape, dtype=dtype)
     with torch.no_grad():
@@ -195,7 +194,7 @@ def _mlps():
     """One small instance of every MLP block whose GELU the packed path fuses, with its activation's name."""
     sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
     return [
-        (GPT2MLP(64, GPT2Config(n_embd=32, n_head=4)), "act"),  # gelu_new: the tanh formula
+        (VisionGPTTextMLP(GPT2Config(n_embd=32, n_head=4, n_inner=64)), "act"),  # GPT-2's gelu_new: the tanh formula
         (ViTMLP(ViTConfig(**sizes)), "activation_fn"),  # exact (erf) GELU
         (CLIPMLP(CLIPVisionConfig(**sizes, hidden_act="gelu")), "activation_fn"),
         (SiglipMLP(SiglipVisionConfig(**sizes)), "activation_fn"),  # gelu_pytorch_tanh
@@ -227,20 +226,52 @@ def test_fused_gelu_mlps_compute_the_plain_mlps(index, dtype):
 @needs_packed_kernels
 def test_mlps_fall_back_to_the_plain_forward_where_fusion_does_not_apply():
     x = torch.randn(2, 5, 32)
-    quick_gelu = CLIPMLP(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                          hidden_act="quick_gelu"))
-    training = VisionGPTMLP(32, 64, 32, "gelu").train()
-    for mlp in (quick_gelu, training):
-        calls = []
-        activation = mlp.activation_fn if mlp is quick_gelu else mlp.act
-        activation.register_forward_hook(lambda *args: calls.append(1))
-        with torch.no_grad():
-            expected = mlp(x)
-            with packed_linears(mlp):
-                out = mlp(x)
-                assert has_packed_weight(mlp.fc1)  # its linear layers still run packed
-        assert len(calls) == 2
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    mlp = CLIPMLP(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   hidden_act="quick_gelu"))  # no oneDNN post-op computes quick GELU
+    calls = []
+    mlp.activation_fn.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        expected = mlp(x)
+        with packed_linears(mlp):
+            out = mlp(x)
+            assert has_packed_weight(mlp.fc1)  # its linear layers still run packed
+    assert len(calls) == 2
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_cpu_without_bf16_kernels_gets_the_plain_layers_and_the_same_captions(fusion, inputs, monkeypatch):
+    # An AVX2-only CPU: oneDNN packs no bfloat16 weight there (and would raise). Forced here on any CPU.
+    probe = packed_linear_vision_gpt.packed_linear_available
+    monkeypatch.setattr(packed_linear_vision_gpt, "packed_linear_available",
+                        lambda dtype=torch.float32, activation=("none", ""): dtype != torch.bfloat16 and probe(dtype,
+                                                                                                            activation))
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", _refuse_bf16(torch.ops.mkldnn._reorder_linear_weight))
+    model = tiny_model(fusion=fusion).to(torch.bfloat16)
+    fast = model.generate(**inputs, **GREEDY)
+    assert not any(has_packed_weight(module) for module in model.modules())
+    assert torch.equal(fast, model.generate(**inputs, use_packed_linears=False, **GREEDY))
+    assert torch.equal(fast, plain_generate(model, inputs, **GREEDY))
+    float32_model = tiny_model(fusion=fusion)
+    float32_model.generate(**inputs, **GREEDY)
+    assert has_packed_weight(float32_model.language_model.lm_head) == packed_linear_available()  # fp32 still packed
+
+
+def _refuse_bf16(reorder):
+    def refuse(weight, *args, **kwargs):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or "
+                               "avx512bw, avx512vl and avx512dq")
+        return reorder(weight, *args, **kwargs)
+    return refuse
+
+
+def test_the_probe_refuses_a_dtype_the_kernels_refuse(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", _refuse_bf16(torch.ops.mkldnn._reorder_linear_weight))
+    probe = packed_linear_available.__wrapped__  # the uncached check
+    assert not probe(torch.bfloat16)
+    assert not probe(torch.bfloat16, ("gelu", "tanh"))
+    assert probe(torch.float32) == packed_linear_available(torch.float32)
 
 
 @pytest.mark.parametrize("settings", [dict(num_beams=3), dict(num_beams=4, num_return_sequences=2),
@@ -258,7 +289,7 @@ def test_generate_in_training_mode_keeps_cross_attention_dropout(inputs):
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     for block in model.language_model.transformer.h:
-        block.crossattention.attn_dropout.p = 0.5
+        block.crossattention.attn_dropout = 0.5
     model.train()
     settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
     captions = []
@@ -266,65 +297,46 @@ def test_generate_in_training_mode_keeps_cross_attention_dropout(inputs):
         torch.manual_seed(seed)
         ours = model.generate(**inputs, **settings)
         torch.manual_seed(seed)
-        assert torch.equal(ours, plain_generate(model, inputs, **settings))  # GPT-2's own cross-attention ran
+        assert torch.equal(ours, plain_generate(model, inputs, **settings))  # per-sequence cross-attention ran
         captions.append(ours)
     assert not torch.equal(*captions)  # and its dropout was on
 
 
-def _decode_step(model, cache, embeds, copies, encoder_attention_mask=None):
-    return model.language_model.transformer(input_ids=torch.arange(embeds.shape[0] * copies)[:, None] % 7,
-                                            past_key_values=cache,
-                                            encoder_hidden_states=embeds.repeat_interleave(copies, dim=0),
-                                            encoder_attention_mask=encoder_attention_mask)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_images_share_one_cross_attention_cache_that_attends_like_per_sequence_copies(masked):
-    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
-    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
-    mask = None
-    if masked:  # each sequence hides a different visual token
-        mask = torch.ones(6, embeds.shape[1], dtype=torch.long)
-        mask[torch.arange(6), torch.arange(6)] = 0
-    shared = model._prefill_cross_attention(embeds, dict(num_beams=3))
-    assert shared.cross_attention_cache.layers[0].keys.shape[0] == 2  # one copy per image
+def _decode_step(model, embeds, copies, **kwargs):
+    """A first decoding step of `copies` sequences per image, image-major as GenerationMixin lays them out."""
+    ids = torch.arange(embeds.shape[0] * copies)[:, None] % 7
     with torch.no_grad():
-        # GPT-2's own forward over a copy per sequence, as GenerationMixin lays them out.
-        copied = model._prefill_cross_attention(embeds, dict(num_beams=1))
-        copied.cross_attention_cache.batch_repeat_interleave(3)
-        del copied.vision_gpt_copies_per_image
-        expected = _decode_step(model, copied, embeds, 3, mask).last_hidden_state
-        with shared_cross_attention(model):
-            out = _decode_step(model, shared, embeds, 3, mask).last_hidden_state
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    if masked:
-        unmasked = _decode_step(model, copied, embeds, 3).last_hidden_state
-        assert not torch.allclose(unmasked, expected, atol=1e-4)  # the mask mattered
-    assert "forward" not in model.language_model.transformer.h[0].crossattention.__dict__  # restored
+        return model(input_ids=ids, image_embeds=embeds.repeat_interleave(copies, dim=0), **kwargs).logits
+
+
+def test_images_share_one_cross_attention_cache_that_attends_like_per_sequence_copies():
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches").eval()
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    shared = model.get_cross_attention_cache(embeds)
+    assert shared.num_images == 2 and len(shared.keys_values) == model.config.text_config.n_layer
+    expected = _decode_step(model, embeds, 3)  # keys and values computed for every sequence
+    # Equal up to float rounding: the attention runs over 3 queries per image instead of 1 per sequence.
+    torch.testing.assert_close(_decode_step(model, embeds, 3, cross_attention_cache=shared), expected,
+                               atol=1e-4, rtol=1e-4)
+    other = model.get_cross_attention_cache(torch.randn_like(embeds))
+    assert not torch.allclose(_decode_step(model, embeds, 3, cross_attention_cache=other), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot share"):
+        _decode_step(model, embeds[:1].expand(3, -1, -1), 1, cross_attention_cache=shared)
+
+
+def test_another_models_cross_attention_cache_is_not_used():
+    # Assisted decoding hands the main model's keyword arguments to the assistant: it must compute its own.
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches").eval()
+    assistant = copy.deepcopy(model)
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    wrong = model.get_cross_attention_cache(torch.randn_like(embeds))
+    torch.testing.assert_close(_decode_step(assistant, embeds, 2, cross_attention_cache=wrong),
+                               _decode_step(assistant, embeds, 2))
 
 
 def test_a_bfloat16_model_keeps_its_shared_cross_keys_in_float32_on_cpu():
-    model = tiny_model(fusion="cross_attention", visual_tokens="patches").to(torch.bfloat16)
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches").to(torch.bfloat16).eval()
     embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
-    cache = model._prefill_cross_attention(embeds, dict(num_beams=1))
-    assert cache.cross_attention_cache.layers[0].keys.dtype == torch.float32
-    with torch.no_grad(), shared_cross_attention(model):
-        assert _decode_step(model, cache, embeds, 1).last_hidden_state.dtype == torch.bfloat16
-
-
-def test_beam_reordering_skips_the_shared_cross_attention_cache_only_within_an_image():
-    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
-    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
-    cache = model._prefill_cross_attention(embeds, dict(num_beams=3))  # 2 images x 3 beams
-    with torch.no_grad(), shared_cross_attention(model):
-        _decode_step(model, cache, embeds, 3)
-    cross_keys = cache.cross_attention_cache.layers[0].keys
-    self_keys = cache.self_attention_cache.layers[0].keys
-    model._reorder_cache(cache, torch.tensor([2, 2, 0, 3, 5, 4]))
-    assert cache.cross_attention_cache.layers[0].keys is cross_keys  # not copied
-    assert torch.equal(cache.self_attention_cache.layers[0].keys, self_keys[[2, 2, 0, 3, 5, 4]])
-    model._reorder_cache(cache, torch.tensor([3, 4, 5, 0, 1, 2]))  # rows move across images: each gets its own copy
-    assert torch.equal(cache.cross_attention_cache.layers[0].keys,
-                       cross_keys.repeat_interleave(3, dim=0)[[3, 4, 5, 0, 1, 2]])
-
-
+    cache = model.get_cross_attention_cache(embeds)
+    assert cache.keys_values[0][0].dtype == torch.float32
+    assert _decode_step(model, embeds, 1, cross_attention_cache=cache).dtype == torch.bfloat16

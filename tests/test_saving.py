@@ -15,7 +15,7 @@ from vision_gpt import VisionGPTForConditionalGeneration, VisionGPTImageToTextPi
 from .conftest import random_images, tiny_model
 
 REMOTE_FILES = {"configuration_vision_gpt.py", "modeling_vision_gpt.py", "processing_vision_gpt.py",
-                "pipeline_vision_gpt.py", "packed_linear_vision_gpt.py", "cross_attention_vision_gpt.py"}
+                "pipeline_vision_gpt.py", "packed_linear_vision_gpt.py", "gpt2_vision_gpt.py", "compat_vision_gpt.py"}
 GREEDY = dict(max_new_tokens=6, num_beams=1)
 
 

@@ -32,6 +32,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hardware
+
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "app_examples"
@@ -190,6 +192,9 @@ class Captioner:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "bfloat16" and torch.device(device).type == "cpu" and not hardware.cpu_bf16_is_native():
+            logger.warning("dtype bfloat16 on the CPU: %s; use float32 (the default) here.",
+                           hardware.describe_cpu_bf16())
         model = AutoModel.from_pretrained(model_path_or_id, trust_remote_code=True, dtype=getattr(torch, dtype))
         processor = AutoProcessor.from_pretrained(model_path_or_id, trust_remote_code=True)
         return cls(model.to(device), processor, name=str(model_path_or_id), **kwargs)
@@ -611,8 +616,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-urls", "--no_urls", dest="no_urls", action="store_true",
                         help="hide the URL box: the server fetches nothing from the network")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="weights' precision (default float32; bfloat16 is faster on recent CPUs, captions may "
-                             "differ slightly)")
+                        help="weights' precision (default float32; bfloat16 is faster on GPUs and on CPUs with "
+                             "native bf16, AVX-512 BF16 or AMX on x86, and slower than float32 on others; captions "
+                             "may differ slightly)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.set_defaults(func=run)
     return parser

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import hardware
 from .data import open_stored_image
 from .modeling.processing_vision_gpt import ImageLoadError, load_image
 
@@ -583,6 +584,9 @@ def run(args) -> int:
                          "the same command resumes where it stopped.")
     fmt = output_format(args.output) if args.output else None
     dtype_name = args.dtype or "float32"
+    if dtype_name == "bfloat16" and device.type == "cpu" and not hardware.cpu_bf16_is_native():
+        say(f"warning: --dtype bfloat16 on the CPU: {hardware.describe_cpu_bf16()}; use --dtype float32 (the default) "
+            "here")
 
     try:
         model = AutoModel.from_pretrained(args.model, dtype=DTYPES[dtype_name],
@@ -730,8 +734,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     model.add_argument("--model", required=True, metavar="FOLDER_OR_ID",
                        help="the captioner: a folder written by save_pretrained or `vision-gpt assemble`, or a Hub id")
     model.add_argument("--dtype", type=_dtype_name, choices=list(DTYPES),
-                       help="weights and compute precision: float32 (default), bfloat16 (bf16; faster on recent CPUs "
-                            "and GPUs) or float16 (fp16; GPUs)")
+                       help="weights and compute precision: float32 (default), bfloat16 (bf16; faster on GPUs and "
+                            "on CPUs with native bf16: AVX-512 BF16 or AMX on x86; slower than float32 on others) or "
+                            "float16 (fp16; GPUs)")
     model.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N or auto (default: the accelerator if there is one; under accelerate "
                             "launch, each process's own GPU)")

@@ -17,6 +17,7 @@ import torch
 from transformers import (AutoConfig, EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
 
+from . import hardware
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
 
@@ -176,6 +177,17 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     if data_args.early_stopping_patience is not None and data_args.early_stopping_patience < 1:
         raise ValueError("--early_stopping_patience must be at least 1")
     # Model fields are checked by VisionGPTConfig itself, against the real tower sizes, in build_model_config.
+
+
+def emulated_bf16_warning(training_args) -> str | None:
+    """What to tell a user who asks for bf16 on a CPU that has no native bf16 (None otherwise). Not an error: the run
+    works, only many times slower than in float32."""
+    flags = " and ".join(f"--{name}" for name in ("bf16", "bf16_full_eval") if getattr(training_args, name))
+    # With bf16, TrainingArguments already refused a machine without an accelerator unless use_cpu is set.
+    if not flags or not training_args.use_cpu or hardware.cpu_bf16_is_native():
+        return None
+    return (f"{flags} on the CPU: {hardware.describe_cpu_bf16()}; in training many times slower (a demo step at batch "
+            f"32 took 68.8 s with --bf16 and 1.71 s without on an AVX2-only AMD EPYC). Drop {flags} to run in float32.")
 
 
 def _model_overrides(model_args: ModelArguments) -> dict:
@@ -456,6 +468,9 @@ def main(argv=None) -> dict:
     JSON/YAML config file)."""
     model_args, data_args, training_args = parse_arguments(argv)
     _setup_logging(training_args)
+    warning = emulated_bf16_warning(training_args)
+    if warning and training_args.process_index == 0:
+        logger.warning("%s", warning)
     try:
         build_model_config(model_args)
     except (ValueError, OSError) as error:

@@ -1,0 +1,343 @@
+"""
+GPT-2, owned by vision-gpt: the decoder with its optional cross-attention over the visual tokens.
+
+Why our own: generation needs control of GPT-2's insides that transformers' `GPT2LMHeadModel` does not offer through
+public surfaces: a visual prefix prefilled once per image, and cross-attention keys and values kept once per image and
+shared by all of its beams (see `VisionGPTCrossAttentionCache`). Reaching into `GPT2Attention` for them broke with every
+transformers release that changed its arguments (5.24 renamed `past_key_values` to `cache`). These modules depend only
+on torch and on `Cache.update` / `Cache.get_seq_length`, and read the same `GPT2Config`.
+
+Parameter names and shapes are those of `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ..., Conv1D weights
+stored `(in, out)`), so GPT-2 checkpoints load with an identity key map that `load_gpt2_state_dict` asserts, as
+nanoGPT's `from_pretrained` does, and vision-gpt checkpoints saved before this file existed load unchanged.
+"""
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+class VisionGPTConv1D(nn.Module):
+    """GPT-2's linear layer: `x @ weight + bias` with the weight stored `(in_features, out_features)`."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+        nn.init.normal_(self.weight, std=0.02)  # GPT-2's; a model re-initialises from its config (init_gpt2_weights)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, hidden_states.reshape(-1, self.in_features), self.weight)
+        return out.view(*hidden_states.shape[:-1], self.out_features)
+
+
+class VisionGPTCrossAttentionCache:
+    """
+    Each GPT-2 block's cross-attention keys and values over each image's visual tokens, `(images, H, L, hd)`, computed
+    once per image by [`VisionGPTForConditionalGeneration.generate`] and shared by all the image's sequences (beams,
+    returned sequences): a decoding step reads each image's keys and values once, not once per beam. The queries of an
+    image's c sequences attend together as one `(c x T)`-query attention, the same arithmetic per query, since
+    cross-attention has no mask between queries. Sequences stay within their image under every decoding strategy of
+    `GenerationMixin`, so beam search never has to reorder it.
+
+    On CPU a half-precision model keeps them in float32 (computed in its dtype, then upcast exactly): torch's CPU
+    bfloat16 attention kernel is slow for a few queries against 197 keys (1.0 ms per layer at 8 images x 1 query, 0.16 ms
+    in float32), and the scores are no less precise.
+    """
+
+    def __init__(self, model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]]):
+        self._owner = weakref.ref(model)
+        self.keys_values = keys_values  # per layer: (images, H, L, hd) each
+
+    def belongs_to(self, model: nn.Module) -> bool:
+        """Whether `model` computed these (an assistant model in assisted decoding must compute its own)."""
+        return self._owner() is model
+
+    @property
+    def num_images(self) -> int:
+        return self.keys_values[0][0].shape[0]
+
+
+def _split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
+    batch_size, seq_len, hidden = states.shape
+    return states.view(batch_size, seq_len, num_heads, hidden // num_heads).transpose(1, 2)  # (B, H, T, hd)
+
+
+def _attention(query, key, value, mask, dropout: float, scale: float, eager: bool):
+    """`(B, H, T, hd)` attention; `mask` is boolean (True: attend) and broadcastable to `(B, H, T, S)`, or None."""
+    if not eager:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scale), None
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = F.dropout(scores.softmax(dim=-1, dtype=torch.float32).to(value.dtype), p=dropout)
+    return torch.matmul(weights, value), weights
+
+
+class VisionGPTAttention(nn.Module):
+    """GPT-2's causal self-attention (`c_attn` projects to q, k, v) or cross-attention (`q_attn`; `c_attn` to k, v)."""
+
+    def __init__(self, config, layer_idx: int, is_cross_attention: bool = False):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        if hidden % self.num_heads:
+            raise ValueError(f"GPT-2's n_embd={hidden} must be divisible by its n_head={self.num_heads}.")
+        self.config, self.layer_idx, self.is_cross_attention = config, layer_idx, is_cross_attention
+        self.scaling = (hidden // self.num_heads) ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+        if is_cross_attention:
+            self.q_attn = VisionGPTConv1D(hidden, hidden)
+            self.c_attn = VisionGPTConv1D(hidden, 2 * hidden)
+        else:
+            self.c_attn = VisionGPTConv1D(hidden, 3 * hidden)
+        self.c_proj = VisionGPTConv1D(hidden, hidden)
+        self.attn_dropout = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def _eager(self) -> bool:
+        # The attention implementation transformers set on the config (`attn_implementation=` / set_attn_implementation);
+        # eager is the one that returns weights.
+        return getattr(self.config, "_attn_implementation", None) == "eager"
+
+    def cross_keys_values(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, L, D)` visual tokens -> keys and values `(B, H, L, hd)`, contiguous (every step reads them whole)."""
+        keys, values = self.c_attn(image_embeds).split(image_embeds.shape[-1], dim=2)
+        return _split_heads(keys, self.num_heads).contiguous(), _split_heads(values, self.num_heads).contiguous()
+
+    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys_values=None):
+        """
+        Self-attention: `mask` is `(B, 1, T, S)` boolean or None (then causal over T with nothing cached), `cache` a
+        transformers `Cache` updated in place. Cross-attention: `cross_keys_values` are `(images, H, L, hd)` for
+        `B = images x c` sequences, image-major; every visual token is attended.
+        """
+        batch_size, seq_len, hidden = hidden_states.shape
+        dropout = self.attn_dropout if self.training else 0.0
+        eager = self._eager()
+        if self.is_cross_attention:
+            keys, values = cross_keys_values
+            images = keys.shape[0]
+            if batch_size % images:
+                raise ValueError(f"{batch_size} sequences cannot share the cross-attention keys of {images} images.")
+            if eager:  # weights per sequence: attend over per-sequence copies
+                keys, values = (states.repeat_interleave(batch_size // images, dim=0) for states in (keys, values))
+                images = batch_size
+            query = self.q_attn(hidden_states).view(images, -1, self.num_heads, hidden // self.num_heads)
+            query = query.transpose(1, 2).to(keys.dtype)  # (images, H, c x T, hd)
+            out, weights = _attention(query, keys, values, None, dropout, self.scaling, eager)
+        else:
+            query, keys, values = (_split_heads(s, self.num_heads) for s in self.c_attn(hidden_states).split(hidden, 2))
+            if cache is not None:
+                # The 4th argument is `cache_kwargs` where a cache needs positions (static caches before 5.24); later
+                # releases take the positions from the cache itself and ignore it.
+                keys, values = cache.update(keys, values, self.layer_idx, {"cache_position": cache_position})
+                if keys.shape[-2] > int(cache_position[-1]) + 1 and (mask is None or mask.shape[-1] < keys.shape[-2]):
+                    # A static cache returns all its slots, the unfilled ones too: they are never attended.
+                    mask = _pad_mask(mask, cache_position, keys.shape[-2])
+            if mask is None and seq_len > 1 and not eager:
+                out = F.scaled_dot_product_attention(query, keys, values, dropout_p=dropout, is_causal=True,
+                                                     scale=self.scaling)
+                weights = None
+            else:
+                if mask is None and seq_len > 1:
+                    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()
+                out, weights = _attention(query, keys, values, mask, dropout, self.scaling, eager)
+        out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch_size, seq_len, hidden)
+        return self.resid_dropout(self.c_proj(out)), weights
+
+
+class VisionGPTTextMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.hidden_size
+        self.c_fc = VisionGPTConv1D(config.hidden_size, inner)
+        self.act = ACT2FN[config.activation_function]
+        self.c_proj = VisionGPTConv1D(inner, config.hidden_size)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class VisionGPTBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(hidden, eps=eps)
+        self.attn = VisionGPTAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(hidden, eps=eps)
+        if config.add_cross_attention:
+            self.crossattention = VisionGPTAttention(config, layer_idx, is_cross_attention=True)
+            self.ln_cross_attn = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = VisionGPTTextMLP(config)
+
+    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys_values=None):
+        attn_out, self_weights = self.attn(self.ln_1(hidden_states), mask, cache, cache_position)
+        hidden_states = hidden_states + attn_out
+        cross_weights = None
+        if cross_keys_values is not None:
+            cross_out, cross_weights = self.crossattention(self.ln_cross_attn(hidden_states),
+                                                           cross_keys_values=cross_keys_values)
+            hidden_states = hidden_states + cross_out
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, self_weights, cross_weights
+
+
+class VisionGPTTextModel(nn.Module):
+    """GPT-2's body: token and position embeddings, the blocks, the final layer norm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(VisionGPTBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def cross_keys_values(self, image_embeds: torch.Tensor, dtype: torch.dtype | None = None):
+        """Every block's cross-attention keys and values over `image_embeds` `(B, L, D)`, optionally cast to `dtype`."""
+        return [
+            tuple(states.to(dtype or states.dtype) for states in block.crossattention.cross_keys_values(image_embeds))
+            for block in self.h
+        ]
+
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cross_keys_values=None,
+                output_attentions=False, output_hidden_states=False):
+        """
+        `inputs_embeds` `(B, T, D)`, `position_ids` `(B, T)`; `attention_mask` is None (every position attended), a 2D
+        `(B, past + T)` 0/1 mask over the cached and new positions, or a 4D mask over the cache's full length (a static
+        cache's, from GenerationMixin): boolean (True: attend) or additive (0: attend). `cross_keys_values`: per block,
+        the cross-attention keys and values (`cross_keys_values()` or a `VisionGPTCrossAttentionCache`). Returns the
+        last hidden states `(B, T, D)` and the hidden states, attentions and cross-attentions asked for (or None).
+        """
+        past_len = cache.get_seq_length() if cache is not None else 0
+        seq_len = inputs_embeds.shape[1]
+        # A static cache reports its length as a tensor; positions need it as an int only to be built, so an int is fine.
+        cache_position = torch.arange(int(past_len), int(past_len) + seq_len, device=inputs_embeds.device)
+        mask = _self_attention_mask(attention_mask, int(past_len), seq_len, inputs_embeds.device)
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        all_hidden, all_self, all_cross = (), (), ()
+        for block in self.h:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            layer_cross = None if cross_keys_values is None else cross_keys_values[block.attn.layer_idx]
+            hidden_states, self_weights, cross_weights = block(hidden_states, mask, cache, cache_position, layer_cross)
+            if output_attentions:
+                all_self += (self_weights,)
+                all_cross += (cross_weights,) if cross_keys_values is not None else ()
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        return hidden_states, all_hidden or None, all_self or None, all_cross or None
+
+
+def _pad_mask(mask, cache_position: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """`mask` `(B, 1, T, S)` (None: causal) widened to `num_keys` keys, the keys past S never attended."""
+    filled = int(cache_position[-1]) + 1
+    if mask is None:
+        keys = torch.arange(filled, device=cache_position.device)
+        mask = (keys[None, :] <= cache_position[:, None])[None, None]  # (1, 1, T, S)
+    return F.pad(mask, (0, num_keys - mask.shape[-1]), value=False)
+
+
+def _self_attention_mask(attention_mask, past_len: int, seq_len: int, device) -> torch.Tensor | None:
+    """The boolean `(B, 1, T, S)` self-attention mask (True: attend), or None where plain causal attention is exact."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None:
+        if past_len == 0 or seq_len == 1:
+            return None  # causal with nothing cached, or one query that attends everything
+        attention_mask = torch.ones(1, past_len + seq_len, dtype=torch.bool, device=device)
+    total = attention_mask.shape[1]
+    if total != past_len + seq_len:
+        raise ValueError(
+            f"`attention_mask` covers {total} positions, but the cache and the new tokens hold {past_len + seq_len}."
+        )
+    keys = torch.arange(total, device=device)
+    queries = torch.arange(past_len, total, device=device)
+    causal = keys[None, :] <= queries[:, None]  # (T, S)
+    mask = causal[None] & attention_mask[:, None, :].bool()  # (B, T, S)
+    # A left-padding query attends nothing else: let it attend itself, so that no softmax row is empty (NaN).
+    mask |= keys[None, None, :] == queries[None, :, None]
+    return mask[:, None]  # (B, 1, T, S)
+
+
+class VisionGPTLanguageModel(nn.Module):
+    """GPT-2 with its LM head (`transformer`, `lm_head`), the names and shapes of `GPT2LMHeadModel`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = VisionGPTTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.lm_head = value
+
+
+def init_gpt2_weights(module: nn.Module, config) -> bool:
+    """GPT-2's initialisation for our modules (True if `module` was one): normal(0, initializer_range), and the residual
+    projections scaled by 1 / sqrt(2 x n_layer) as in the GPT-2 paper. transformers' `initialization` functions leave
+    weights that loading already filled alone."""
+    std = config.initializer_range
+    if isinstance(module, VisionGPTConv1D):
+        init.normal_(module.weight, mean=0.0, std=std)
+        init.zeros_(module.bias)
+        return True
+    if isinstance(module, (VisionGPTAttention, VisionGPTTextMLP)):
+        init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+        return True
+    return False
+
+
+def load_gpt2_state_dict(language_model: VisionGPTLanguageModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """
+    Load a `GPT2LMHeadModel` state dict. The key map is the identity: every key and shape is asserted, as nanoGPT
+    asserts its port, so that a GPT-2 variant with other weights fails here rather than loading half a model. GPT-2's
+    old causal-mask buffers (`attn.bias`, `attn.masked_bias`) are not weights and are dropped.
+    """
+    ours = language_model.state_dict()
+    theirs = {k: v for k, v in state_dict.items() if not k.endswith((".attn.bias", ".attn.masked_bias",
+                                                                      ".crossattention.bias",
+                                                                      ".crossattention.masked_bias"))}
+    if "lm_head.weight" not in theirs and language_model.config.tie_word_embeddings:
+        theirs["lm_head.weight"] = theirs.get("transformer.wte.weight")
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or unexpected:
+        raise ValueError(f"Not a GPT-2 state dict for this config: missing {missing[:8]}, unexpected {unexpected[:8]}.")
+    for name, tensor in theirs.items():
+        if tensor.shape != ours[name].shape:
+            raise ValueError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, expected {tuple(ours[name].shape)}.")
+    language_model.load_state_dict(theirs)
+
+
+__all__ = [
+    "VisionGPTAttention",
+    "VisionGPTBlock",
+    "VisionGPTConv1D",
+    "VisionGPTCrossAttentionCache",
+    "VisionGPTLanguageModel",
+    "VisionGPTTextModel",
+    "init_gpt2_weights",
+    "load_gpt2_state_dict",
+]

