@@ -179,13 +179,15 @@ class VisionGPTBlock(GradientCheckpointingLayer):
             self.ln_cross_attn = nn.LayerNorm(hidden, eps=eps)
         self.mlp = VisionGPTTextMLP(config)
 
-    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys_values=None):
+    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys=None, cross_values=None):
+        # Cross keys and values come as separate tensors: reentrant gradient checkpointing detaches only the
+        # block's top-level tensor arguments, and they depend on the mapper's graph.
         attn_out, self_weights = self.attn(self.ln_1(hidden_states), mask, cache, cache_position)
         hidden_states = hidden_states + attn_out
         cross_weights = None
-        if cross_keys_values is not None:
+        if cross_keys is not None:
             cross_out, cross_weights = self.crossattention(self.ln_cross_attn(hidden_states),
-                                                           cross_keys_values=cross_keys_values)
+                                                           cross_keys_values=(cross_keys, cross_values))
             hidden_states = hidden_states + cross_out
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
         return hidden_states, self_weights, cross_weights
@@ -229,8 +231,8 @@ class VisionGPTTextModel(nn.Module):
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
-            layer_cross = None if cross_keys_values is None else cross_keys_values[block.attn.layer_idx]
-            hidden_states, self_weights, cross_weights = block(hidden_states, mask, cache, cache_position, layer_cross)
+            keys, values = (None, None) if cross_keys_values is None else cross_keys_values[block.attn.layer_idx]
+            hidden_states, self_weights, cross_weights = block(hidden_states, mask, cache, cache_position, keys, values)
             if output_attentions:
                 all_self += (self_weights,)
                 all_cross += (cross_weights,) if cross_keys_values is not None else ()

@@ -336,8 +336,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def forward(
         self,
-        pixel_values: torch.FloatTensor | None = None,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         cache: Cache | None = None,
@@ -354,12 +354,12 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         **kwargs,
     ) -> VisionGPTOutput:
         r"""
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
-            Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
-            tower's cached output) or `image_embeds` (already mapped visual tokens).
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token. Or `inputs_embeds`, their
             embeddings.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
+            tower's cached output) or `image_embeds` (already mapped visual tokens).
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
             1 for text tokens, 0 for padding. Visual positions are always attended and are not part of this mask.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -443,9 +443,16 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
                 embeds = image_embeds.to(inputs_embeds.dtype)
                 cross_keys_values = self.language_model.transformer.cross_keys_values(embeds)
 
+        # `output_hidden_states` may name layers, as transformers 5's models take it: a list of indices into the
+        # hidden states (negative ones count from the end); the others come back as None.
+        selected = output_hidden_states if isinstance(output_hidden_states, (list, tuple)) else None
+        output_hidden_states = bool(output_hidden_states)
         hidden, all_hidden, all_attentions, all_cross = self.language_model.transformer(
             inputs_embeds, position_ids, full_mask, cache, cross_keys_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         )
+        if selected is not None and all_hidden is not None:
+            kept = {index % len(all_hidden) for index in selected}
+            all_hidden = tuple(states if i in kept else None for i, states in enumerate(all_hidden))
         # Only text positions get logits: the visual prefix is never predicted, and GPT-2's LM head is the costliest
         # layer per position.
         keep = logits_to_keep if not _is_zero(logits_to_keep) else seq_len

@@ -5,6 +5,11 @@ import os
 # The suite never reaches the Hub; offline mode turns the client's retries (about a minute) into an immediate miss.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import logging
+import sys
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +90,64 @@ ALL_MODES = [
     for fusion in ("prefix", "cross_attention")
     for visual_tokens in ("patches", "pooled", "queries", "merged")
 ]
+
+
+# ----- deprecations from our own calls fail the test ----------------------------------------------------------------
+# transformers announces a rename a few releases before it removes the old name: as a FutureWarning or
+# DeprecationWarning, or as a one-off log line ("... is deprecated"). Raised from a call in vision-gpt's own code (the
+# package or the published model), it fails the test, so that the next rename shows up on the release that announces
+# it. Warnings that transformers or torch raise from their own internals are left alone.
+
+_OUR_CODE = tuple(str(Path(__file__).resolve().parents[1] / folder) for folder in ("vision_gpt", "modeling"))
+_TRANSFORMERS = str(Path(sys.modules["transformers"].__file__).parent)
+
+
+def _called_from_our_code(frame) -> bool:
+    """Whether the stack below a transformers warning passes through vision-gpt's code (before reaching a test)."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_OUR_CODE) or "/transformers_modules/" in filename:  # remote code, as loaded
+            return True
+        frame = frame.f_back
+    return False
+
+
+# Deprecations that transformers triggers with its own arguments, whatever the model: assisted decoding calls the
+# assistant's `generate` with both a generation config and generation arguments (candidate_generator.py, 5.24).
+_RAISED_BY_TRANSFORMERS_ITSELF = ("Passing `generation_config` together with generation-related arguments",)
+
+
+class _DeprecationLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith(_RAISED_BY_TRANSFORMERS_ITSELF):
+            return
+        if "deprecat" in message.lower() and _called_from_our_code(sys._getframe()):
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def transformers_deprecations_from_our_code_fail(monkeypatch):
+    plain_warn = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        caller = sys._getframe(1)
+        is_deprecation = isinstance(category, type) and issubclass(category, (FutureWarning, DeprecationWarning))
+        if is_deprecation and caller.f_code.co_filename.startswith(_TRANSFORMERS) and _called_from_our_code(caller):
+            raise category(f"transformers deprecation reached from vision-gpt's code: {message}")
+        return plain_warn(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    handler = _DeprecationLog()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.messages:
+        pytest.fail(f"transformers logged a deprecation for a call in vision-gpt's code: {handler.messages}")

@@ -7,6 +7,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging as transformers_logging
 
 from vision_gpt import VisionGPTForConditionalGeneration
+from vision_gpt.modeling.compat_vision_gpt import CACHE_NAME
 
 from .conftest import ALL_MODES, IMAGE_SIZE, tiny_model, tiny_text_config, tiny_vision_config
 
@@ -75,11 +76,24 @@ def test_kv_cache_steps_match_a_full_forward(fusion):
     pixel_values, input_ids, _, _ = batch()
     full = model(pixel_values=pixel_values, input_ids=input_ids).logits
     cache = DynamicCache(config=model.config.text_config)
-    first = model(pixel_values=pixel_values, input_ids=input_ids[:, :3], past_key_values=cache, use_cache=True)
+    # The cache goes by the installed release's name (`cache` since 5.24), both in and out.
+    first = model(pixel_values=pixel_values, input_ids=input_ids[:, :3], use_cache=True, **{CACHE_NAME: cache})
     image_embeds = first.image_embeds
-    step = model(input_ids=input_ids[:, 3:4], image_embeds=image_embeds, past_key_values=first.past_key_values,
+    step = model(input_ids=input_ids[:, 3:4], image_embeds=image_embeds, **{CACHE_NAME: first[CACHE_NAME]},
                  attention_mask=torch.ones(3, 4, dtype=torch.long), use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], full[:, 3], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(CACHE_NAME == "past_key_values", reason="this transformers release still calls it past_key_values")
+def test_the_old_cache_name_still_works_and_warns():
+    model = tiny_model()
+    pixel_values, input_ids, _, _ = batch()
+    cache = DynamicCache(config=model.config.text_config)
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old = model(pixel_values=pixel_values, input_ids=input_ids, past_key_values=cache, use_cache=True)
+    assert old.cache is cache and cache.get_seq_length() == model.config.num_prefix_tokens + input_ids.shape[1]
+    with pytest.raises(ValueError, match="both"):
+        model(pixel_values=pixel_values, input_ids=input_ids, past_key_values=cache, cache=cache)
 
 
 @pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])

@@ -22,7 +22,10 @@ for hardware this suite does not have.
   pad-free inputs. Can be tested as part of LLM test"); it also needs CUDA and flash-attn.
 Tests that need a GPU, several GPUs, flash-attn, bitsandbytes or other accelerators skip themselves through the
 mixins' own `require_*` decorators; the mixins also skip, by themselves, tests for features the model does not have
-(e.g. no chat template in the processor). None of those is listed by hand here.
+(e.g. no chat template in the processor; the static-cache, compile and packed-sequence tests, while the model sets
+neither `_can_compile_fullgraph` nor `_supports_attention_backend`). None of those is listed by hand here.
+LLaVA marks its gradient-checkpointing tests `xfail` ("This architecture seems to not compute gradients for some
+layer"); that is not VisionGPT's failure mode, so they run here unmarked.
 """
 
 import copy
@@ -38,6 +41,15 @@ if not (TRANSFORMERS_TESTS / "transformers_tests" / "test_modeling_common.py").i
     pytest.skip(
         f"transformers' common tests are not at {TRANSFORMERS_TESTS} (a copy of shared/ is expected beside the "
         "project folder); these tests need them.",
+        allow_module_level=True,
+    )
+import transformers  # noqa: E402
+
+MIXINS_RELEASE = "5.24.0"  # the release the mixins in shared/transformers-tests come from (.ci/run pins a venv to it)
+if transformers.__version__ != MIXINS_RELEASE:
+    pytest.skip(
+        f"transformers' common tests are written for transformers {MIXINS_RELEASE}, not the installed "
+        f"{transformers.__version__}; .ci/run runs them in a virtualenv pinned to {MIXINS_RELEASE}.",
         allow_module_level=True,
     )
 if str(TRANSFORMERS_TESTS) not in sys.path:
@@ -151,11 +163,16 @@ class VisionGPTModelTester:
 class VisionGPTModelTestBase(ModelTesterMixin, GenerationTesterMixin):
     all_model_classes = (VisionGPTForConditionalGeneration,)
     _is_composite = True
+    # Inputs that the mixins' attention-implementation tests feed beside `main_input_name`: a captioner needs its image
+    # (LLaVA runs on text alone, so its tester needs none).
+    additional_model_inputs = ["pixel_values"]
     tester_kwargs = {}
 
     def setUp(self):
         self.model_tester = VisionGPTModelTester(self, **self.tester_kwargs)
-        common_properties = ["fusion", "visual_tokens", "num_visual_tokens", "vision_feature_layer", "num_image_tokens"]
+        common_properties = [
+            "fusion", "visual_tokens", "num_visual_tokens", "vision_feature_layer", "num_image_tokens"
+        ]
         self.config_tester = ConfigTester(
             self,
             config_class=VisionGPTConfig,
@@ -183,14 +200,94 @@ class VisionGPTModelTestBase(ModelTesterMixin, GenerationTesterMixin):
         pass
 
 
+# ----- known model defects ------------------------------------------------------------------------------------
+# Tests that fail because VisionGPT is wrong and is not fixed yet (issue 13 is open). They still run, as strict
+# expected failures: each one that starts passing fails the suite until it is taken off this list.
+PREFIX_NOT_IN_INPUT_IDS = (
+    "VisionGPT defect: fusion='prefix' puts its visual tokens before `input_ids` instead of as image tokens inside "
+    "them (LLaVA's design), so attentions, hidden states and the cache are longer than the sequences GenerationMixin "
+    "tracks, and generate needs the image again to continue from a cache or to hand to an assistant model"
+)
+NO_IMAGE_NO_CAPTION = "VisionGPT defect: generate() without an image raises instead of generating text alone from bos"
+CROSS_CACHE_NOT_RETURNED = (
+    "VisionGPT defect: the returned cache holds self-attention only; the cross-attention keys and values are not in "
+    "it, so continuing generate from it needs the image again"
+)
+IMAGE_FEATURES_TENSOR = (
+    "VisionGPT defect: get_image_features returns a tensor, not the BaseModelOutputWithPooling (honouring "
+    "return_dict, output_hidden_states, output_attentions) that transformers 5 VLMs return"
+)
+NO_IMAGE_OUTPUTS = "VisionGPT defect: the output has `image_embeds`, not the `image_outputs` field of 5.24 VLM outputs"
+NO_BASE_MODEL = "VisionGPT defect: base_model_prefix='vision_gpt' names no submodule (LLaVA has a base model at .model)"
+TEXT_MODEL_NOT_PRETRAINED = (
+    "VisionGPT defect: language_model is vision-gpt's own GPT-2 nn.Module, not a PreTrainedModel with its own "
+    "attention-implementation dispatch"
+)
+PROCESSOR_KWARGS = (
+    "VisionGPTProcessor defect: it does not follow transformers 5's typed ProcessingKwargs conventions (call "
+    "arguments, subprocessor defaults, text_kwargs/images_kwargs)"
+)
+PROCESSOR_AUTO_MAP = (
+    "VisionGPTProcessor sets `_auto_class` (so that saving writes its remote code): save_pretrained then writes an "
+    "auto_map that from_pretrained does not restore, which transformers' own processors never meet"
+)
+COMMON_DEFECTS = {
+    "test_generate_without_input_ids": NO_IMAGE_NO_CAPTION,
+    **dict.fromkeys([f"test_get_image_features_output_{i}" for i in range(3)]
+                    + ["test_get_image_features_hidden_states", "test_get_image_features_attentions"],
+                    IMAGE_FEATURES_TENSOR),
+    "test_multimodal_outputs_are_returned": NO_IMAGE_OUTPUTS,
+    "test_model_base_model_prefix": NO_BASE_MODEL,
+    "test_sdpa_can_dispatch_composite_models": TEXT_MODEL_NOT_PRETRAINED,
+}
+PREFIX_DEFECTS = dict.fromkeys(
+    ["test_assisted_decoding_matches_greedy_search_0_random", "test_assisted_decoding_matches_greedy_search_1_same",
+     "test_assisted_decoding_sample", "test_beam_sample_generate_dict_output", "test_beam_search_generate_dict_output",
+     "test_beam_search_generate_dict_outputs_use_cache", "test_generate_continue_from_past_key_values",
+     "test_greedy_generate_dict_outputs", "test_greedy_generate_dict_outputs_use_cache", "test_past_key_values_format",
+     "test_sample_generate_dict_output"],
+    PREFIX_NOT_IN_INPUT_IDS,
+)
+CROSS_ATTENTION_DEFECTS = {"test_generate_continue_from_past_key_values": CROSS_CACHE_NOT_RETURNED}
+PROCESSOR_DEFECTS = {
+    **dict.fromkeys(
+        ["test_call_arguments_default_none", "test_call_arguments_not_in_attributes",
+         "test_call_arguments_not_in_processor_kwargs", "test_doubly_passed_kwargs_0_images",
+         "test_flat_kwarg_applied_when_modality_dict_lacks_it", "test_init_arguments_not_in_processor_kwargs",
+         "test_kwargs_overrides_default_subprocessor_kwargs_0_images", "test_model_input_names",
+         "test_overlapping_text_image_kwargs_handling_0_images", "test_structured_kwargs_nested_from_dict_0_images",
+         "test_subprocessor_defaults_0_text", "test_subprocessor_defaults_preserved_by_kwargs_0_images",
+         "test_unstructured_kwargs_0_images", "test_unstructured_kwargs_batched_0_images"],
+        PROCESSOR_KWARGS,
+    ),
+    "test_processor_from_and_save_pretrained": PROCESSOR_AUTO_MAP,
+    "test_processor_from_and_save_pretrained_as_nested_dict": PROCESSOR_AUTO_MAP,
+}
+
+
+def expected_failures(defects: dict[str, str]):
+    """Mark the named inherited tests as strict expected failures with their reasons."""
+
+    def mark(cls):
+        for name, reason in defects.items():
+            test = getattr(cls, name)  # raises if a mixin renames the test: keep the list true
+            setattr(cls, name, pytest.mark.xfail(reason=reason, strict=True)(test))
+        return cls
+
+    return mark
+
+
+@expected_failures({**COMMON_DEFECTS, **PREFIX_DEFECTS})
 class VisionGPTPrefixModelTest(VisionGPTModelTestBase, unittest.TestCase):
     tester_kwargs = {"fusion": "prefix", "visual_tokens": "queries", "num_visual_tokens": 4}
 
 
+@expected_failures({**COMMON_DEFECTS, **CROSS_ATTENTION_DEFECTS})
 class VisionGPTCrossAttentionModelTest(VisionGPTModelTestBase, unittest.TestCase):
     tester_kwargs = {"fusion": "cross_attention", "visual_tokens": "merged"}
 
 
+@expected_failures(PROCESSOR_DEFECTS)
 class VisionGPTProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = VisionGPTProcessor
 

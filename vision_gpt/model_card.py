@@ -2,6 +2,7 @@
 
 import re
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCardData
@@ -17,6 +18,25 @@ def template_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"MODEL_CARD.md not found in {[str(c) for c in candidates]}; reinstall vision-gpt.")
+
+
+def supported_versions() -> dict[str, str]:
+    """The transformers and torch ranges vision-gpt declares (and CI tests at both ends), e.g. {"transformers":
+    ">=5.20,<6", "torch": ">=2.4"}: from the installed package's metadata, or a source checkout's setup.cfg."""
+    try:
+        requirements = metadata.requires("vision-gpt") or []
+    except metadata.PackageNotFoundError:
+        setup_cfg = Path(__file__).resolve().parent.parent / "setup.cfg"
+        requirements = setup_cfg.read_text().splitlines() if setup_cfg.is_file() else []
+    ranges = {}
+    for requirement in requirements:
+        match = re.match(r"\s*(transformers|torch)\s*([<>=!~][^;]*)", requirement)
+        if match:
+            ranges[match.group(1)] = ",".join(sorted(part.strip() for part in match.group(2).split(","))[::-1])
+    missing = {"transformers", "torch"} - set(ranges)
+    if missing:
+        raise RuntimeError(f"vision-gpt's requirements name no {sorted(missing)} range; reinstall vision-gpt.")
+    return ranges
 
 
 def _describe_fusion(config) -> tuple[str, str]:
@@ -87,6 +107,8 @@ def render_model_card(
         "evaluation_description": evaluation_description,
         "data_limitations": data_limitations,
         "image_size": str(config.vision_config.image_size),
+        "transformers_range": supported_versions()["transformers"],
+        "torch_range": supported_versions()["torch"],
     }
     template = template_path().read_text()
     missing = sorted(set(_PLACEHOLDER.findall(template)) - set(fields))
