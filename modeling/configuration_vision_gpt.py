@@ -4,7 +4,8 @@ import math
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
-from transformers.configuration_utils import SubConfigSpec
+
+from .compat_vision_gpt import SubConfigSpec, build_sub_configs
 
 FUSIONS = ("prefix", "cross_attention")
 VISUAL_TOKENS = ("patches", "pooled", "queries", "merged")
@@ -65,10 +66,14 @@ class VisionGPTConfig(PretrainedConfig):
     model_type = "vision_gpt"
     # Set here rather than by registration, so that every save writes the remote code next to the config.
     _auto_class = "AutoConfig"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
-    }
+    _sub_config_types = {"vision_config": "vit", "text_config": "gpt2"}  # the defaults: ViT-B/16, GPT-2 small
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            name: SubConfigSpec(config_class=AutoConfig, model_type=model_type)
+            for name, model_type in _sub_config_types.items()
+        }
+    else:  # before transformers 5.20 (see compat_vision_gpt.py)
+        sub_configs = dict.fromkeys(_sub_config_types, AutoConfig)
 
     vision_config: dict | PretrainedConfig | None = None
     text_config: dict | PretrainedConfig | None = None
@@ -86,6 +91,8 @@ class VisionGPTConfig(PretrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            build_sub_configs(self, self._sub_config_types)
         super().__post_init__(**kwargs)
         self._validate()
         # GPT-2 builds its cross-attention layers (and generate its EncoderDecoderCache) from this flag.

@@ -3,7 +3,7 @@ GPT-2, owned by vision-gpt: the decoder with its optional cross-attention over t
 
 Why our own: generation needs control of GPT-2's insides that transformers' `GPT2LMHeadModel` does not offer through
 public surfaces: a visual prefix prefilled once per image, and cross-attention keys and values kept once per image and
-shared by all of its beams (see `VisionGPTCrossAttentionCache`). Reaching into `GPT2Attention` for them broke with every
+shared by all of its beams (see `VisionGPTCache`). Reaching into `GPT2Attention` for them broke with every
 transformers release that changed its arguments (5.24 renamed `past_key_values` to `cache`). These modules depend only
 on torch and on `Cache.update` / `Cache.get_seq_length`, and read the same `GPT2Config`.
 
@@ -13,13 +13,13 @@ nanoGPT's `from_pretrained` does, and vision-gpt checkpoints saved before this f
 """
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
@@ -38,31 +38,26 @@ class VisionGPTConv1D(nn.Module):
         return out.view(*hidden_states.shape[:-1], self.out_features)
 
 
-class VisionGPTCrossAttentionCache:
+class VisionGPTCache(DynamicCache):
     """
-    Each GPT-2 block's cross-attention keys and values over each image's visual tokens, `(images, H, L, hd)`, computed
-    once per image by [`VisionGPTForConditionalGeneration.generate`] and shared by all the image's sequences (beams,
-    returned sequences): a decoding step reads each image's keys and values once, not once per beam. The queries of an
-    image's c sequences attend together as one `(c x T)`-query attention, the same arithmetic per query, since
-    cross-attention has no mask between queries. Sequences stay within their image under every decoding strategy of
-    `GenerationMixin`, so beam search never has to reorder it.
+    GPT-2's self-attention cache (a `DynamicCache`) that, with `fusion="cross_attention"`, also keeps each block's
+    cross-attention keys and values over each image's visual tokens, `(images, H, L, hd)`: computed once, read by
+    every later step, and returned with the cache, so that decoding can continue from it without the image.
+
+    [`VisionGPTForConditionalGeneration.generate`] fills them once per image before beams are expanded, and all of an
+    image's sequences (beams, returned sequences) attend to that one copy: a decoding step reads each image's keys and
+    values once, not once per beam. The queries of an image's c sequences attend together as one `(c x T)`-query
+    attention, the same arithmetic per query, since cross-attention has no mask between queries. Sequences stay within
+    their image under every decoding strategy of `GenerationMixin`, so beam search reorders only the self-attention
+    layers.
 
     On CPU a half-precision model keeps them in float32 (computed in its dtype, then upcast exactly): torch's CPU
     bfloat16 attention kernel is slow for a few queries against 197 keys (1.0 ms per layer at 8 images x 1 query, 0.16 ms
     in float32), and the scores are no less precise.
     """
 
-    def __init__(self, model: nn.Module, keys_values: list[tuple[torch.Tensor, torch.Tensor]]):
-        self._owner = weakref.ref(model)
-        self.keys_values = keys_values  # per layer: (images, H, L, hd) each
-
-    def belongs_to(self, model: nn.Module) -> bool:
-        """Whether `model` computed these (an assistant model in assisted decoding must compute its own)."""
-        return self._owner() is model
-
-    @property
-    def num_images(self) -> int:
-        return self.keys_values[0][0].shape[0]
+    # per block: (keys, values), each (images, H, L, hd); None until the first forward with the image
+    cross_keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -218,7 +213,7 @@ class VisionGPTTextModel(nn.Module):
         `inputs_embeds` `(B, T, D)`, `position_ids` `(B, T)`; `attention_mask` is None (every position attended), a 2D
         `(B, past + T)` 0/1 mask over the cached and new positions, or a 4D mask over the cache's full length (a static
         cache's, from GenerationMixin): boolean (True: attend) or additive (0: attend). `cross_keys_values`: per block,
-        the cross-attention keys and values (`cross_keys_values()` or a `VisionGPTCrossAttentionCache`). Returns the
+        the cross-attention keys and values (`cross_keys_values()`, or those a `VisionGPTCache` keeps). Returns the
         last hidden states `(B, T, D)` and the hidden states, attentions and cross-attentions asked for (or None).
         """
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -336,8 +331,8 @@ def load_gpt2_state_dict(language_model: VisionGPTLanguageModel, state_dict: dic
 __all__ = [
     "VisionGPTAttention",
     "VisionGPTBlock",
+    "VisionGPTCache",
     "VisionGPTConv1D",
-    "VisionGPTCrossAttentionCache",
     "VisionGPTLanguageModel",
     "VisionGPTTextModel",
     "init_gpt2_weights",

@@ -17,7 +17,7 @@ from transformers.utils import logging as transformers_logging
 from .compat_vision_gpt import CACHE_NAME, resolve_cache_argument
 from .configuration_vision_gpt import VisionGPTConfig
 from .gpt2_vision_gpt import (
-    VisionGPTCrossAttentionCache,
+    VisionGPTCache,
     VisionGPTLanguageModel,
     init_gpt2_weights,
     load_gpt2_state_dict,
@@ -51,6 +51,9 @@ _OUTPUT_DOC = r"""
         With `fusion="cross_attention"`, each GPT-2 block's attention weights over the visual tokens, `(batch_size,
         num_heads, sequence_length, num_image_tokens)`: where each caption token looked. Like `attentions`, filled
         only by attention implementations that compute weights (`attn_implementation="eager"`); SDPA leaves them empty.
+    image_outputs (`BaseModelOutputWithPooling`, *optional*):
+        `get_image_features`' output for the images encoded in this call: the vision tower's states (its hidden states
+        and attentions with `output_hidden_states` / `output_attentions`) and, as `pooler_output`, `image_embeds`.
 """
 
 # The cache field takes the name the installed transformers gives it (`compat_vision_gpt.py`): GenerationMixin reads it
@@ -65,6 +68,7 @@ VisionGPTOutput = make_dataclass(
         ("attentions", tuple[torch.FloatTensor, ...] | None, field(default=None)),
         ("image_embeds", torch.FloatTensor | None, field(default=None)),
         ("cross_attentions", tuple[torch.FloatTensor, ...] | None, field(default=None)),
+        ("image_outputs", BaseModelOutputWithPooling | None, field(default=None)),
     ],
     bases=(ModelOutput,),
     namespace={"__doc__": _OUTPUT_DOC, "__module__": __name__},
@@ -305,32 +309,67 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         or for `visual_tokens="pooled"` the pooled feature as `(B, 1, Dv)`. With a frozen tower these are what a
         training feature cache stores.
         """
+        return self._run_vision_tower(pixel_values)[0]
+
+    def _run_vision_tower(self, pixel_values, output_hidden_states=False, output_attentions=False):
+        """(the features the projector reads, the tower's `BaseModelOutputWithPooling`)."""
         config = self.config
         pooled = config.visual_tokens == "pooled"
         use_hidden_states = not pooled and config.vision_feature_layer != -1
         vision_dtype = next(self.vision_model.parameters()).dtype
         outputs = self.vision_model(
-            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=use_hidden_states, return_dict=True
+            pixel_values=pixel_values.to(vision_dtype), output_hidden_states=use_hidden_states or output_hidden_states,
+            output_attentions=output_attentions, return_dict=True,
         )
         if pooled:
             features = getattr(outputs, "pooler_output", None)
             if features is None:
                 features = outputs.last_hidden_state.mean(dim=1)
-            return features[:, None]  # (B, 1, Dv)
-        if use_hidden_states:
-            return outputs.hidden_states[config.vision_feature_layer]
-        return outputs.last_hidden_state  # (B, N, Dv)
+            features = features[:, None]  # (B, 1, Dv)
+        elif use_hidden_states:
+            features = outputs.hidden_states[config.vision_feature_layer]
+        else:
+            features = outputs.last_hidden_state  # (B, N, Dv)
+        if use_hidden_states and not output_hidden_states:
+            outputs.hidden_states = None  # taken only for the feature layer
+        return features, outputs
 
     def get_image_features(
-        self, pixel_values: torch.FloatTensor | None = None, vision_features: torch.FloatTensor | None = None
-    ) -> torch.FloatTensor:
-        """The visual tokens GPT-2 reads, `(B, num_image_tokens, D)`, from pixels or from cached vision features."""
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """
+        The images encoded as transformers 5's vision-language models return them: a `BaseModelOutputWithPooling`
+        whose `pooler_output` is the visual tokens GPT-2 reads, `(B, num_image_tokens, D)`, and whose
+        `last_hidden_state`, `hidden_states` and `attentions` are the vision tower's (the latter two when asked). From
+        pixels, or from cached `vision_features` (then `last_hidden_state` is those features). A tuple with
+        `return_dict=False`.
+        """
+        config = self.config
+        return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
         if vision_features is None:
             if pixel_values is None:
                 raise ValueError("get_image_features needs `pixel_values` or precomputed `vision_features`.")
-            vision_features = self.get_vision_features(pixel_values)
+            vision_features, outputs = self._run_vision_tower(
+                pixel_values,
+                output_hidden_states=bool(output_hidden_states if output_hidden_states is not None
+                                          else config.vision_config.output_hidden_states),
+                output_attentions=bool(output_attentions if output_attentions is not None
+                                       else config.vision_config.output_attentions),
+            )
+        else:
+            outputs = BaseModelOutputWithPooling(last_hidden_state=vision_features)
         projector_dtype = self.get_input_embeddings().weight.dtype
-        return self.projector(vision_features.to(projector_dtype))
+        outputs.pooler_output = self.projector(vision_features.to(projector_dtype))  # (B, K, D)
+        return outputs if return_dict else outputs.to_tuple()
+
+    def _image_embeds(self, pixel_values=None, vision_features=None) -> torch.FloatTensor:
+        """The visual tokens GPT-2 reads, `(B, num_image_tokens, D)`."""
+        return self.get_image_features(pixel_values, vision_features, return_dict=True).pooler_output
 
     # ----- forward ---------------------------------------------------------------------------------------------------
 
@@ -344,7 +383,6 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         vision_features: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        cross_attention_cache: VisionGPTCrossAttentionCache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
@@ -365,10 +403,12 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Targets aligned with `input_ids` (the model shifts them); `-100` is ignored. Padding must be `-100`.
         cache (`Cache`, *optional*):
-            GPT-2's key/value cache from an earlier call (`past_key_values` before transformers 5.24).
-        cross_attention_cache (`VisionGPTCrossAttentionCache`, *optional*):
-            Cross-attention keys and values computed once per image (`generate` builds it); without it they are
-            computed from the visual tokens on every call.
+            GPT-2's key/value cache from an earlier call (`past_key_values` before transformers 5.24). A
+            [`VisionGPTCache`] (what this model creates) also keeps the cross-attention keys and values, so that later
+            calls need no image; any other `Cache` gets them recomputed from the image at every call.
+
+        Without any image (no `pixel_values`, `vision_features`, `image_embeds`, nor a cache that holds the image),
+        GPT-2 alone reads the text.
         """
         cache = resolve_cache_argument(cache, past_key_values, "VisionGPTForConditionalGeneration.forward")
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -400,25 +440,34 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             # Recomputing a block in the backward pass would append its keys and values to the cache a second time.
             use_cache, cache = False, None
         if use_cache and cache is None:
-            cache = DynamicCache(config=config.text_config)
+            cache = VisionGPTCache(config=config.text_config)
         past_len = int(cache.get_seq_length()) if cache is not None else 0
         is_prefix = config.fusion == "prefix"
 
-        if cross_attention_cache is not None and not cross_attention_cache.belongs_to(self):
-            cross_attention_cache = None  # another model's (an assistant's): compute ours
-        needs_image = (is_prefix and past_len == 0) or (not is_prefix and cross_attention_cache is None)
-        if image_embeds is None and needs_image:
-            if pixel_values is None and vision_features is None:
-                raise ValueError(
-                    "The first forward pass needs `pixel_values` (or `vision_features` / `image_embeds`)"
-                    if is_prefix else
-                    "Cross-attention fusion needs `pixel_values` (or `vision_features` / `image_embeds`) at every step."
-                )
-            image_embeds = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
+        cached_cross = getattr(cache, "cross_keys_values", None) if not is_prefix else None
+        needs_image = (is_prefix and past_len == 0) or (not is_prefix and cached_cross is None)
+        has_image = image_embeds is not None or pixel_values is not None or vision_features is not None
+        if needs_image and not has_image and labels is not None:
+            raise ValueError(
+                "`labels` were given without an image: training the captioner needs `pixel_values` (or "
+                "`vision_features` / `image_embeds`) with every caption."
+            )
+        if needs_image and not has_image and past_len > 0:
+            raise ValueError(
+                "Cross-attention fusion needs the image (`pixel_values`, `vision_features` or `image_embeds`) at every "
+                "step unless the cache is the VisionGPTCache this model returned, which keeps it."
+            )
+        image_outputs = None
+        if image_embeds is None and needs_image and has_image:
+            image_outputs = self.get_image_features(
+                pixel_values=pixel_values, vision_features=vision_features, return_dict=True,
+                output_hidden_states=bool(output_hidden_states), output_attentions=output_attentions,
+            )
+            image_embeds = image_outputs.pooler_output
         if image_embeds is not None and needs_image and image_embeds.shape[0] != batch_size:
             raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
 
-        prefill_prefix = is_prefix and past_len == 0
+        prefill_prefix = is_prefix and past_len == 0 and image_embeds is not None
         if prefill_prefix:
             inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -435,13 +484,13 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             # Positions count attended tokens only, so a left-padded row gets the positions it would have alone.
             position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
 
-        cross_keys_values = None
-        if not is_prefix:
-            if cross_attention_cache is not None:
-                cross_keys_values = cross_attention_cache.keys_values
-            else:
+        cross_keys_values = cached_cross or None  # [] in a cache: text without an image
+        if not is_prefix and cached_cross is None:
+            if image_embeds is not None:
                 embeds = image_embeds.to(inputs_embeds.dtype)
                 cross_keys_values = self.language_model.transformer.cross_keys_values(embeds)
+            if isinstance(cache, VisionGPTCache) and not (self.training and torch.is_grad_enabled()):
+                cache.cross_keys_values = cross_keys_values or []  # one copy per sequence here
 
         # `output_hidden_states` may name layers, as transformers 5's models take it: a list of indices into the
         # hidden states (negative ones count from the end); the others come back as None.
@@ -469,6 +518,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             attentions=all_attentions,
             image_embeds=image_embeds,
             cross_attentions=all_cross,
+            image_outputs=image_outputs,
             **{CACHE_NAME: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
@@ -521,23 +571,32 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             return self._generate_captions(pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs)
 
     def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
-        if image_embeds is None:
-            if pixel_values is None and vision_features is None:
-                raise ValueError("generate() needs `pixel_values` (or `vision_features` / `image_embeds`).")
-            image_embeds = self.get_image_features(pixel_values=pixel_values, vision_features=vision_features)
-        batch_size = image_embeds.shape[0]
+        user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
+        if image_embeds is None and (pixel_values is not None or vision_features is not None):
+            image_embeds = self._image_embeds(pixel_values=pixel_values, vision_features=vision_features)
+        if image_embeds is not None:
+            batch_size = image_embeds.shape[0]
+        else:
+            batch_size = input_ids.shape[0] if input_ids is not None else 1
         if input_ids is None:
             start = self.generation_config.bos_token_id
             if start is None:
                 start = self.config.bos_token_id
-            input_ids = torch.full((batch_size, 1), start, dtype=torch.long, device=image_embeds.device)
+            input_ids = torch.full((batch_size, 1), start, dtype=torch.long, device=self.device)
         elif input_ids.shape[0] != batch_size:
             raise ValueError(f"Got {batch_size} images but {input_ids.shape[0]} prompts in `input_ids`.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
         config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", config.use_cache) is not False
+        cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        if image_embeds is None and not (self.config.fusion == "prefix" and user_cache is not None):
+            # No image: continuing from a cache that holds it (a VisionGPTCache), or GPT-2 alone continuing the text.
+            if user_cache is None and use_cache and cache_implementation in (None, "dynamic"):
+                user_cache = VisionGPTCache(config=self.config.text_config)  # remembers that there is no image
+            if user_cache is not None:
+                kwargs[CACHE_NAME] = user_cache
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if self.config.fusion == "prefix" and user_cache is not None:
             # Continuing from a returned cache, which holds the visual prefix first: the mask covers it too.
             visual = attention_mask.new_ones(batch_size, self.config.num_prefix_tokens)
@@ -555,10 +614,13 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
                 )
         if user_cache is not None:
             kwargs[CACHE_NAME] = user_cache
-        # Cross-attention keys and values once per image. In training mode every sequence attends its own copy, as in
-        # training, with attention dropout drawn per sequence. Without a cache every step recomputes everything.
-        if self.config.fusion == "cross_attention" and use_cache and not self.training:
-            kwargs["cross_attention_cache"] = self.get_cross_attention_cache(image_embeds)
+        elif self.config.fusion == "cross_attention" and use_cache and not self.training and cache_implementation in (
+            None, "dynamic"
+        ):
+            # Cross-attention keys and values once per image, shared by its beams. In training mode every sequence
+            # attends its own copy, as in training, with attention dropout drawn per sequence.
+            kwargs[CACHE_NAME] = self.get_cross_attention_cache(image_embeds)
+        # image_embeds too: the cross-attention of an assistant model, or of a cache without the image, reads them.
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
@@ -577,16 +639,18 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         return max(num_beams, num_return_sequences)
 
     @torch.no_grad()
-    def get_cross_attention_cache(self, image_embeds: torch.FloatTensor) -> VisionGPTCrossAttentionCache:
+    def get_cross_attention_cache(self, image_embeds: torch.FloatTensor) -> VisionGPTCache:
         """
-        GPT-2's cross-attention keys and values over each image's visual tokens `(B, L, D)`, computed once per image,
-        for `forward(..., cross_attention_cache=...)`: all of an image's sequences (beams, returned sequences) then
-        attend to that one copy (see [`VisionGPTCrossAttentionCache`]). `generate` builds it itself.
+        An empty [`VisionGPTCache`] holding GPT-2's cross-attention keys and values over each image's visual tokens
+        `(B, L, D)`, computed once per image: all of an image's sequences (beams, returned sequences) then attend to
+        that one copy. `generate` builds it itself; pass it as the cache of a hand-written decoding loop.
         """
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
-        # On CPU half-precision keys and values are kept in float32 (exact upcast): see VisionGPTCrossAttentionCache.
+        # On CPU half-precision keys and values are kept in float32 (exact upcast): see VisionGPTCache.
         dtype = torch.float32 if embeds.device.type == "cpu" else None
-        return VisionGPTCrossAttentionCache(self, self.language_model.transformer.cross_keys_values(embeds, dtype))
+        cache = VisionGPTCache(config=self.config.text_config)
+        cache.cross_keys_values = self.language_model.transformer.cross_keys_values(embeds, dtype)
+        return cache
 
     def _prefill_visual_prefix(self, image_embeds, input_ids, attention_mask, generate_kwargs):
         """

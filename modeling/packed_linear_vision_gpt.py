@@ -133,7 +133,7 @@ _MLPS = {
     "ViTMLP": ("fc1", "activation_fn"),
     "CLIPMLP": ("fc1", "activation_fn"),
     "SiglipMLP": ("fc1", "activation_fn"),
-    "Dinov2MLP": ("fc1", "activation_fn"),
+    "Dinov2MLP": ("fc1", ("activation_fn", "activation")),  # `activation` before transformers 5.18
 }
 
 
@@ -155,10 +155,13 @@ def _fusable_mlp(module: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
     names = _MLPS.get(cls.__name__) if ours_or_transformers else None
     if names is None:
         return None
-    first, activation = getattr(module, names[0], None), getattr(module, names[1], None)
+    first = getattr(module, names[0], None)
+    activation_names = names[1] if isinstance(names[1], tuple) else (names[1],)
+    activation_name = next((name for name in activation_names if hasattr(module, name)), None)
+    activation = getattr(module, activation_name) if activation_name else None
     if first is None or not _eligible(first) or not isinstance(activation, nn.Module) or _onednn_gelu(activation) is None:
         return None
-    return first, names[1], activation
+    return first, activation_name, activation
 
 
 def _eligible(module: nn.Module) -> bool:

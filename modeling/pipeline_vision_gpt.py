@@ -2,6 +2,8 @@
 
 from transformers import GenerationConfig, Pipeline
 
+from .compat_vision_gpt import pipeline_generate_kwargs
+
 
 class VisionGPTImageToTextPipeline(Pipeline):
     r"""
@@ -44,7 +46,7 @@ class VisionGPTImageToTextPipeline(Pipeline):
         return inputs.to(self.dtype) if self.dtype is not None else inputs
 
     def _forward(self, model_inputs, **generate_kwargs):
-        generate_kwargs = self._prepare_generate_kwargs(generate_kwargs)
+        generate_kwargs = pipeline_generate_kwargs(self, generate_kwargs)
         sequences = self.model.generate(**model_inputs, **generate_kwargs)
         # (B * n, L) -> (B, n, L), so that batching splits return sequences by image.
         batch_size = model_inputs["pixel_values"].shape[0]

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ViTImageProcessorPil
+from transformers import AutoTokenizer, BatchFeature, ViTImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
+
+from .compat_vision_gpt import load_image_processor
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -170,7 +172,7 @@ class VisionGPTProcessor(ProcessorMixin):
     @classmethod
     def from_vision_text_pretrained(cls, vision_model: str, text_model: str, **kwargs) -> "VisionGPTProcessor":
         """The processor for a model assembled by `from_vision_text_pretrained` from the same two checkpoints."""
-        image_processor = AutoImageProcessor.from_pretrained(vision_model)
+        image_processor = load_image_processor(vision_model)
         tokenizer = AutoTokenizer.from_pretrained(text_model)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 

@@ -14,6 +14,7 @@ from transformers.models.siglip.modeling_siglip import SiglipMLP
 from transformers.models.vit.modeling_vit import ViTMLP
 
 from vision_gpt.modeling import packed_linear_vision_gpt
+from vision_gpt.modeling.compat_vision_gpt import CACHE_NAME
 from vision_gpt.modeling.gpt2_vision_gpt import VisionGPTConv1D, VisionGPTTextMLP
 from vision_gpt.modeling.modeling_vision_gpt import VisionGPTMLP
 from vision_gpt.modeling.packed_linear_vision_gpt import (
@@ -38,7 +39,7 @@ def inputs(processor):
 
 def plain_generate(model, inputs, **settings):
     """GenerationMixin's loop with the visual prefix recomputed per sequence and no packed weights."""
-    image_embeds = model.get_image_features(inputs["pixel_values"])
+    image_embeds = model.get_image_features(inputs["pixel_values"]).pooler_output
     return GenerationMixin.generate(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                     image_embeds=image_embeds, **settings)
 
@@ -193,12 +194,13 @@ def test_float32_layers_compute_bf16_weights_in_float32(dtype):
 def _mlps():
     """One small instance of every MLP block whose GELU the packed path fuses, with its activation's name."""
     sizes = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    dinov2 = Dinov2MLP(Dinov2Config(hidden_size=32, num_attention_heads=4, mlp_ratio=2))
     return [
         (VisionGPTTextMLP(GPT2Config(n_embd=32, n_head=4, n_inner=64)), "act"),  # GPT-2's gelu_new: the tanh formula
         (ViTMLP(ViTConfig(**sizes)), "activation_fn"),  # exact (erf) GELU
         (CLIPMLP(CLIPVisionConfig(**sizes, hidden_act="gelu")), "activation_fn"),
         (SiglipMLP(SiglipVisionConfig(**sizes)), "activation_fn"),  # gelu_pytorch_tanh
-        (Dinov2MLP(Dinov2Config(hidden_size=32, num_attention_heads=4, mlp_ratio=2)), "activation_fn"),
+        (dinov2, "activation_fn" if hasattr(dinov2, "activation_fn") else "activation"),  # `activation` before 5.18
         (VisionGPTMLP(32, 64, 32, "gelu"), "act"),
     ]
 
@@ -311,32 +313,35 @@ def _decode_step(model, embeds, copies, **kwargs):
 
 def test_images_share_one_cross_attention_cache_that_attends_like_per_sequence_copies():
     model = tiny_model(fusion="cross_attention", visual_tokens="patches").eval()
-    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32)).pooler_output
     shared = model.get_cross_attention_cache(embeds)
-    assert shared.num_images == 2 and len(shared.keys_values) == model.config.text_config.n_layer
+    assert len(shared.cross_keys_values) == model.config.text_config.n_layer
+    assert shared.cross_keys_values[0][0].shape[0] == 2  # one copy per image
     expected = _decode_step(model, embeds, 3)  # keys and values computed for every sequence
     # Equal up to float rounding: the attention runs over 3 queries per image instead of 1 per sequence.
-    torch.testing.assert_close(_decode_step(model, embeds, 3, cross_attention_cache=shared), expected,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_decode_step(model, embeds, 3, cache=shared), expected, atol=1e-4, rtol=1e-4)
     other = model.get_cross_attention_cache(torch.randn_like(embeds))
-    assert not torch.allclose(_decode_step(model, embeds, 3, cross_attention_cache=other), expected, atol=1e-3)
+    assert not torch.allclose(_decode_step(model, embeds, 3, cache=other), expected, atol=1e-3)
     with pytest.raises(ValueError, match="cannot share"):
-        _decode_step(model, embeds[:1].expand(3, -1, -1), 1, cross_attention_cache=shared)
+        _decode_step(model, embeds[:1].expand(3, -1, -1), 1, cache=model.get_cross_attention_cache(embeds))
 
 
-def test_another_models_cross_attention_cache_is_not_used():
-    # Assisted decoding hands the main model's keyword arguments to the assistant: it must compute its own.
+def test_the_returned_cache_keeps_the_cross_attention_keys_and_values():
     model = tiny_model(fusion="cross_attention", visual_tokens="patches").eval()
-    assistant = copy.deepcopy(model)
-    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
-    wrong = model.get_cross_attention_cache(torch.randn_like(embeds))
-    torch.testing.assert_close(_decode_step(assistant, embeds, 2, cross_attention_cache=wrong),
-                               _decode_step(assistant, embeds, 2))
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32)).pooler_output
+    ids = torch.tensor([[3, 4], [5, 6]])
+    with torch.no_grad():
+        whole = model(input_ids=ids, image_embeds=embeds).logits[:, -1]
+        first = model(input_ids=ids[:, :1], image_embeds=embeds, use_cache=True)
+        keys = first[CACHE_NAME].cross_keys_values[0][0]
+        step = model(input_ids=ids[:, 1:], use_cache=True, **{CACHE_NAME: first[CACHE_NAME]})  # no image
+    assert step[CACHE_NAME].cross_keys_values[0][0] is keys  # computed once
+    torch.testing.assert_close(step.logits[:, -1], whole, atol=1e-5, rtol=1e-5)
 
 
 def test_a_bfloat16_model_keeps_its_shared_cross_keys_in_float32_on_cpu():
     model = tiny_model(fusion="cross_attention", visual_tokens="patches").to(torch.bfloat16).eval()
-    embeds = model.get_image_features(torch.randn(2, 3, 32, 32))
+    embeds = model.get_image_features(torch.randn(2, 3, 32, 32)).pooler_output
     cache = model.get_cross_attention_cache(embeds)
-    assert cache.keys_values[0][0].dtype == torch.float32
-    assert _decode_step(model, embeds, 1, cross_attention_cache=cache).dtype == torch.bfloat16
+    assert cache.cross_keys_values[0][0].dtype == torch.float32
+    assert _decode_step(model, embeds, 1, cache=cache).dtype == torch.bfloat16

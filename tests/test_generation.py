@@ -1,5 +1,8 @@
 import pytest
 import torch
+from transformers import DynamicCache
+
+from vision_gpt.modeling.compat_vision_gpt import CACHE_NAME
 
 from .conftest import random_images, tiny_model
 
@@ -107,8 +110,6 @@ def test_default_generation_config_is_set_for_captions():
 def test_generate_refuses_mismatched_inputs(processor, images):
     model = tiny_model()
     pixel_values = processor(images=images[:2])["pixel_values"]
-    with pytest.raises(ValueError, match="pixel_values"):
-        model.generate(max_new_tokens=2)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         model.generate(pixel_values, input_ids=torch.tensor([[START]]), max_new_tokens=2)
 
@@ -129,8 +130,9 @@ def test_shared_prefix_prefill_matches_plain_generation(kwargs, processor, image
     torch.manual_seed(0)
     shared = model.generate(**inputs, **settings)
     torch.manual_seed(0)
+    image_embeds = model.get_image_features(inputs["pixel_values"]).pooler_output
     plain = GenerationMixin.generate(model, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                     image_embeds=model.get_image_features(inputs["pixel_values"]), **settings)
+                                     image_embeds=image_embeds, **settings)
     assert torch.equal(shared, plain)
 
 
@@ -142,3 +144,40 @@ def test_visual_prefix_goes_through_gpt2_once_per_image(processor, images):
     model.generate(**processor(images=images[:2]), num_beams=3, max_new_tokens=3, min_new_tokens=3)
     assert rows[0] == (2, 4)  # two images x four visual tokens, not six beams
     assert rows[1] == (6, 1)  # then one token per beam
+
+
+def test_cross_attention_generation_continues_from_the_returned_cache_without_the_image(processor, images):
+    model = tiny_model(fusion="cross_attention", visual_tokens="patches")
+    inputs = processor(images=images[:2], prompt=["a", "two red"])
+    settings = dict(num_beams=1, return_dict_in_generate=True, output_scores=True)
+    whole = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **settings)
+    first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **settings)
+    mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 3), value=1)
+    rest = model.generate(input_ids=first.sequences, attention_mask=mask, cache=first[CACHE_NAME], max_new_tokens=2,
+                          min_new_tokens=2, **settings)  # no image: the cache keeps its keys and values
+    assert torch.equal(rest.sequences, whole.sequences)
+    with pytest.raises(ValueError, match="needs the image"):  # a cache that does not hold the image
+        model(input_ids=rest.sequences[:, :2], use_cache=True, cache=_plain_cache_with(model, 1))
+
+
+def _plain_cache_with(model, tokens):
+    """A transformers DynamicCache (not the model's own) that already holds `tokens` positions."""
+    cache = DynamicCache(config=model.config.text_config)
+    text = model.config.text_config
+    shape = (2, text.n_head, tokens, text.n_embd // text.n_head)
+    for layer in range(text.n_layer):
+        cache.update(torch.zeros(shape), torch.zeros(shape), layer)
+    return cache
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_without_an_image_gpt2_alone_continues_the_text(fusion, processor):
+    model = tiny_model(fusion=fusion, visual_tokens="patches")
+    ids = processor.tokenizer(["a dog"], return_tensors="pt").input_ids
+    out = model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, num_beams=1)
+    # The same tokens as GPT-2's blocks alone, step by step, with no visual input at all.
+    expected = ids
+    for _ in range(4):
+        logits = model(input_ids=expected, use_cache=False).logits[:, -1]
+        expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)

@@ -208,16 +208,12 @@ PREFIX_NOT_IN_INPUT_IDS = (
     "them (LLaVA's design), so attentions, hidden states and the cache are longer than the sequences GenerationMixin "
     "tracks, and generate needs the image again to continue from a cache or to hand to an assistant model"
 )
-NO_IMAGE_NO_CAPTION = "VisionGPT defect: generate() without an image raises instead of generating text alone from bos"
-CROSS_CACHE_NOT_RETURNED = (
-    "VisionGPT defect: the returned cache holds self-attention only; the cross-attention keys and values are not in "
-    "it, so continuing generate from it needs the image again"
+BEAM_DEFAULT = (
+    "VisionGPT's caption default is 3-beam search (its generation_config when none is saved), so this test, which "
+    "passes no num_beams, continues a beam search from its returned cache: a beam cache has a row per beam, and "
+    "generate expands the continued prompt again (with num_beams=1 the continuation equals one call: "
+    "tests/test_generation.py)"
 )
-IMAGE_FEATURES_TENSOR = (
-    "VisionGPT defect: get_image_features returns a tensor, not the BaseModelOutputWithPooling (honouring "
-    "return_dict, output_hidden_states, output_attentions) that transformers 5 VLMs return"
-)
-NO_IMAGE_OUTPUTS = "VisionGPT defect: the output has `image_embeds`, not the `image_outputs` field of 5.24 VLM outputs"
 NO_BASE_MODEL = "VisionGPT defect: base_model_prefix='vision_gpt' names no submodule (LLaVA has a base model at .model)"
 TEXT_MODEL_NOT_PRETRAINED = (
     "VisionGPT defect: language_model is vision-gpt's own GPT-2 nn.Module, not a PreTrainedModel with its own "
@@ -232,11 +228,6 @@ PROCESSOR_AUTO_MAP = (
     "auto_map that from_pretrained does not restore, which transformers' own processors never meet"
 )
 COMMON_DEFECTS = {
-    "test_generate_without_input_ids": NO_IMAGE_NO_CAPTION,
-    **dict.fromkeys([f"test_get_image_features_output_{i}" for i in range(3)]
-                    + ["test_get_image_features_hidden_states", "test_get_image_features_attentions"],
-                    IMAGE_FEATURES_TENSOR),
-    "test_multimodal_outputs_are_returned": NO_IMAGE_OUTPUTS,
     "test_model_base_model_prefix": NO_BASE_MODEL,
     "test_sdpa_can_dispatch_composite_models": TEXT_MODEL_NOT_PRETRAINED,
 }
@@ -248,7 +239,7 @@ PREFIX_DEFECTS = dict.fromkeys(
      "test_sample_generate_dict_output"],
     PREFIX_NOT_IN_INPUT_IDS,
 )
-CROSS_ATTENTION_DEFECTS = {"test_generate_continue_from_past_key_values": CROSS_CACHE_NOT_RETURNED}
+CROSS_ATTENTION_DEFECTS = {"test_generate_continue_from_past_key_values": BEAM_DEFAULT}
 PROCESSOR_DEFECTS = {
     **dict.fromkeys(
         ["test_call_arguments_default_none", "test_call_arguments_not_in_attributes",

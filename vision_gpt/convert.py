@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoTokenizer,
     GenerationConfig,
     VisionEncoderDecoderConfig,
@@ -22,6 +21,7 @@ from transformers import (
 )
 
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
+from .modeling.compat_vision_gpt import load_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -185,8 +185,8 @@ def convert_checkpoint(source: str, output_dir: str, fp16: bool = False) -> Path
     name = f"'{source}'"
     # Check the architecture from config.json before loading (possibly large) weights.
     check_architecture(AutoConfig.from_pretrained(source), name)
-    tokenizer = _load_part(AutoTokenizer, source, "tokenizer")
-    image_processor = _load_part(AutoImageProcessor, source, "image_processor")
+    tokenizer = _load_part(AutoTokenizer.from_pretrained, source, "tokenizer")
+    image_processor = _load_part(load_image_processor, source, "image_processor")
     # FP32 whatever the checkpoint's dtype: the parity check compares FP32 logits.
     ved = VisionEncoderDecoderModel.from_pretrained(source, dtype=torch.float32).eval()
     model, processor = convert_vision_encoder_decoder(ved, tokenizer, image_processor)
@@ -257,9 +257,9 @@ def _describe(ved_model) -> str:
     return f"'{name}'" if name else f"the given {type(ved_model).__name__}"
 
 
-def _load_part(auto_class, source: str, part: str):
+def _load_part(load, source: str, part: str):
     try:
-        return auto_class.from_pretrained(source)
+        return load(source)
     except (OSError, ValueError) as error:
         # Without its files AutoTokenizer raises a ValueError about sentencepiece and tiktoken: say what is missing.
         raise ValueError(
