@@ -361,7 +361,7 @@ def decoding_table(text_config, device, args):
     for dtype_name in args.dtypes:
         rates = decoding_layer_rates(text_config, getattr(torch, dtype_name), device)
         for kernel, (megabytes, rate, gflops) in rates.items():
-            print(f"| {kernel} | {dtype_name} | {megabytes:.1f} | {rate:.1f} | {gflops:.0f} | "
+            print(f"| {kernel} | {dtype_name} | {megabytes:.1f} | {rate:.2f} | {gflops:.1f} | "
                   f"{100 * rate / bandwidth:.0f}% |")
 
 

@@ -8,8 +8,9 @@ its code does:
   config declares `sub_configs = {name: class}` and builds dict sub-configs itself (`build_sub_configs`).
 - transformers 5.20 added `Pipeline._prepare_generate_kwargs`; before it a generation pipeline passes its own
   `generation_config` to `generate` (`pipeline_generate_kwargs`).
-- before transformers 5.18, `AutoImageProcessor` resolves a saved `ViTImageProcessorPil` to the torchvision-backed
-  `ViTImageProcessor` and fails without torchvision (`load_image_processor` then takes the PIL class by name).
+- before transformers 5.18, without torchvision, `AutoImageProcessor` is a placeholder that raises ImportError, or
+  resolves a saved `ViTImageProcessorPil` to the torchvision-backed `ViTImageProcessor` (`load_image_processor` then
+  takes the PIL class that the saved config names).
 - transformers 5.24 renamed the key/value cache from `past_key_values` to `cache`: in `generate`, in
   `prepare_inputs_for_generation`, in models' `forward` and in the output classes (whose `__init__` now turns a
   `past_key_values=` argument into `cache`). `CACHE_NAME` is the name the installed release uses. Our forward takes both

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor, gpt2_tokenizer_from_pypi
 
@@ -142,6 +143,8 @@ def transformers_deprecations_from_our_code_fail(monkeypatch):
         return plain_warn(message, category, stacklevel + 1, source, **kwargs)
 
     monkeypatch.setattr(warnings, "warn", warn)
+    # A training run sets transformers' verbosity for its process (vision_gpt.training): later tests get it back.
+    verbosity = transformers_logging.get_verbosity()
     handler = _DeprecationLog()
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
@@ -149,5 +152,6 @@ def transformers_deprecations_from_our_code_fail(monkeypatch):
         yield
     finally:
         logger.removeHandler(handler)
+        transformers_logging.set_verbosity(verbosity)
     if handler.messages:
         pytest.fail(f"transformers logged a deprecation for a call in vision-gpt's code: {handler.messages}")

