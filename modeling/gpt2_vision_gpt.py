@@ -108,11 +108,13 @@ class VisionGPTAttention(nn.Module):
         keys, values = self.c_attn(image_embeds).split(image_embeds.shape[-1], dim=2)
         return _split_heads(keys, self.num_heads).contiguous(), _split_heads(values, self.num_heads).contiguous()
 
-    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys_values=None):
+    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys_values=None,
+                num_positions: int = 0):
         """
         Self-attention: `mask` is `(B, 1, T, S)` boolean or None (then causal over T with nothing cached), `cache` a
-        transformers `Cache` updated in place. Cross-attention: `cross_keys_values` are `(images, H, L, hd)` for
-        `B = images x c` sequences, image-major; every visual token is attended.
+        transformers `Cache` updated in place, `num_positions` how many positions it holds with the new tokens.
+        Cross-attention: `cross_keys_values` are `(images, H, L, hd)` for `B = images x c` sequences, image-major;
+        every visual token is attended.
         """
         batch_size, seq_len, hidden = hidden_states.shape
         dropout = self.attn_dropout if self.training else 0.0
@@ -134,7 +136,7 @@ class VisionGPTAttention(nn.Module):
                 # The 4th argument is `cache_kwargs` where a cache needs positions (static caches before 5.24); later
                 # releases take the positions from the cache itself and ignore it.
                 keys, values = cache.update(keys, values, self.layer_idx, {"cache_position": cache_position})
-                if keys.shape[-2] > int(cache_position[-1]) + 1 and (mask is None or mask.shape[-1] < keys.shape[-2]):
+                if keys.shape[-2] > num_positions and (mask is None or mask.shape[-1] < keys.shape[-2]):
                     # A static cache returns all its slots, the unfilled ones too: they are never attended.
                     mask = _pad_mask(mask, cache_position, keys.shape[-2])
             if mask is None and seq_len > 1 and not eager:
@@ -174,10 +176,12 @@ class VisionGPTBlock(GradientCheckpointingLayer):
             self.ln_cross_attn = nn.LayerNorm(hidden, eps=eps)
         self.mlp = VisionGPTTextMLP(config)
 
-    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys=None, cross_values=None):
+    def forward(self, hidden_states, mask=None, cache=None, cache_position=None, cross_keys=None, cross_values=None,
+                num_positions: int = 0):
         # Cross keys and values come as separate tensors: reentrant gradient checkpointing detaches only the
         # block's top-level tensor arguments, and they depend on the mapper's graph.
-        attn_out, self_weights = self.attn(self.ln_1(hidden_states), mask, cache, cache_position)
+        attn_out, self_weights = self.attn(self.ln_1(hidden_states), mask, cache, cache_position,
+                                           num_positions=num_positions)
         hidden_states = hidden_states + attn_out
         cross_weights = None
         if cross_keys is not None:
@@ -216,18 +220,19 @@ class VisionGPTTextModel(nn.Module):
         the cross-attention keys and values (`cross_keys_values()`, or those a `VisionGPTCache` keeps). Returns the
         last hidden states `(B, T, D)` and the hidden states, attentions and cross-attentions asked for (or None).
         """
-        past_len = cache.get_seq_length() if cache is not None else 0
+        # A static cache reports its length as a tensor.
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
-        # A static cache reports its length as a tensor; positions need it as an int only to be built, so an int is fine.
-        cache_position = torch.arange(int(past_len), int(past_len) + seq_len, device=inputs_embeds.device)
-        mask = _self_attention_mask(attention_mask, int(past_len), seq_len, inputs_embeds.device)
+        cache_position = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)
+        mask = _self_attention_mask(attention_mask, past_len, seq_len, inputs_embeds.device)
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         all_hidden, all_self, all_cross = (), (), ()
         for block in self.h:
             if output_hidden_states:
                 all_hidden += (hidden_states,)
             keys, values = (None, None) if cross_keys_values is None else cross_keys_values[block.attn.layer_idx]
-            hidden_states, self_weights, cross_weights = block(hidden_states, mask, cache, cache_position, keys, values)
+            hidden_states, self_weights, cross_weights = block(hidden_states, mask, cache, cache_position, keys, values,
+                                                               num_positions=past_len + seq_len)
             if output_attentions:
                 all_self += (self_weights,)
                 all_cross += (cross_weights,) if cross_keys_values is not None else ()

@@ -8,6 +8,7 @@ from transformers.utils import logging as transformers_logging
 
 from vision_gpt import VisionGPTForConditionalGeneration
 from vision_gpt.modeling.compat_vision_gpt import CACHE_NAME
+from vision_gpt.modeling.gpt2_vision_gpt import VisionGPTLanguageModel, load_gpt2_state_dict
 
 from .conftest import ALL_MODES, IMAGE_SIZE, tiny_model, tiny_text_config, tiny_vision_config
 
@@ -256,6 +257,32 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain, checkpointed = grads(False), grads(True)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_our_gpt2_computes_transformers_gpt2():
+    # vision-gpt's own GPT-2 (gpt2_vision_gpt.py) with GPT-2's weights gives GPT-2's logits, with a left-padded batch.
+    torch.manual_seed(2)
+    gpt2 = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})).eval()
+    ours = VisionGPTLanguageModel(gpt2.config).eval()
+    load_gpt2_state_dict(ours, gpt2.state_dict())
+    input_ids = torch.randint(0, 500, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = gpt2(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
+        hidden = ours.transformer(ours.get_input_embeddings()(input_ids), positions, mask)[0]
+        logits = ours.lm_head(hidden)
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_the_gpt2_key_map_refuses_a_state_dict_that_does_not_fit():
+    config = GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})
+    ours = VisionGPTLanguageModel(config)
+    weights = GPT2LMHeadModel(config).state_dict()
+    with pytest.raises(ValueError, match="missing.*transformer.h.1.mlp.c_fc.weight"):
+        load_gpt2_state_dict(ours, {k: v for k, v in weights.items() if k != "transformer.h.1.mlp.c_fc.weight"})
+    with pytest.raises(ValueError, match="has shape"):
+        load_gpt2_state_dict(ours, {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][:10]})
 
 
 def test_from_vision_text_pretrained_loads_both_towers(tmp_path):
