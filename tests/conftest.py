@@ -103,6 +103,9 @@ _OUR_CODE = tuple(str(Path(__file__).resolve().parents[1] / folder) for folder i
 _TRANSFORMERS = str(Path(sys.modules["transformers"].__file__).parent)
 
 
+_SESSION_VERBOSITY = transformers_logging.get_verbosity()
+
+
 def _called_from_our_code(frame) -> bool:
     """Whether the stack below a transformers warning passes through vision-gpt's code (before reaching a test)."""
     while frame is not None:
@@ -143,8 +146,6 @@ def transformers_deprecations_from_our_code_fail(monkeypatch):
         return plain_warn(message, category, stacklevel + 1, source, **kwargs)
 
     monkeypatch.setattr(warnings, "warn", warn)
-    # A training run sets transformers' verbosity for its process (vision_gpt.training): later tests get it back.
-    verbosity = transformers_logging.get_verbosity()
     handler = _DeprecationLog()
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
@@ -152,6 +153,8 @@ def transformers_deprecations_from_our_code_fail(monkeypatch):
         yield
     finally:
         logger.removeHandler(handler)
-        transformers_logging.set_verbosity(verbosity)
+        # A training run sets transformers' verbosity for its process (vision_gpt.training), also from module-scoped
+        # fixtures that run before this one: every test ends with the verbosity the session started with.
+        transformers_logging.set_verbosity(_SESSION_VERBOSITY)
     if handler.messages:
         pytest.fail(f"transformers logged a deprecation for a call in vision-gpt's code: {handler.messages}")
