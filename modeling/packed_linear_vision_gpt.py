@@ -101,7 +101,12 @@ def _takes_packed_path(module: nn.Module, hidden_states: torch.Tensor, activatio
 def _packed_linear(
     module: nn.Module, hidden_states: torch.Tensor, activation=("none", ""), dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """The layer through oneDNN, computed in `dtype` (default: the weight's own) with `activation` as a post-op."""
+    """
+    The layer through oneDNN, computed in `dtype` (default: the weight's own) with `activation` as a post-op.
+    `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise` are torch's private oneDNN ops (the ones its own
+    inductor CPU backend emits): no public op packs a weight. Callers reach this only after `packed_linear_available`
+    ran them on this machine for this dtype and post-op; anywhere they are missing or refuse, the plain layer runs.
+    """
     _, bias = _weight_and_bias(module)
     if dtype is not None:
         hidden_states, bias = hidden_states.to(dtype), None if bias is None else bias.to(dtype)
