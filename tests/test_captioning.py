@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -14,6 +16,7 @@ from PIL import Image
 
 from vision_gpt import VisionGPTForConditionalGeneration
 from vision_gpt.cli import main
+from vision_gpt.output_lock import OutputLock, OutputLockedError, lock_path
 
 from .conftest import random_images, tiny_model
 
@@ -122,6 +125,21 @@ def test_files_folders_globs_and_lists_give_one_row_per_image(model_dir, tree, t
     assert str(settings["num_beams"]) == "3" and str(settings["max_new_tokens"]) == "3"
     assert settings["dtype"] == "float32" and settings["model"] == model_dir
     assert "done: 5 captioned" in err and "5 failed" in err
+
+
+def test_a_list_file_names_files_whose_names_are_not_utf8(model_dir, tmp_path, capsys):
+    folder = os.fsencode(tmp_path)
+    name = folder + b"/caf\xe9.png"  # Latin-1 bytes, as old cameras and Windows shares write them
+    random_images(1)[0].save(os.fsdecode(name))
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\xef\xbb\xbf" + name + b"\r\n" + folder + b"/gone.png\r\n")  # BOM, CRLF
+    output = tmp_path / "captions.jsonl"
+    assert caption("--from-file", listing, "--model", model_dir, "--output", output, *SHORT) == 1
+    rows = [json.loads(line.decode("utf-8", "surrogateescape")) for line in output.read_bytes().splitlines()]
+    by_image = {os.fsencode(row["image"]): row for row in rows}
+    assert by_image.keys() == {name, folder + b"/gone.png"}
+    assert by_image[name]["caption"] and not by_image[name]["error"]
+    assert "done: 1 captioned" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -285,3 +303,81 @@ def test_two_process_accelerate_run_splits_the_images_and_merges_the_rows(model_
     assert sorted(row["image"] for row in rows) == sorted(str(folder / f"{index}.png") for index in range(6))
     assert all(row["caption"] for row in rows)
     assert list(tmp_path.glob("captions.part-*")) == []
+    assert not lock_path(output).exists()
+
+
+# ----- one job per output --------------------------------------------------------------------------------------------
+
+
+def caption_command(folder, model_dir, output):
+    return [sys.executable, "-m", ENTRY_MODULE, "caption", str(folder), "--model", model_dir, "--output", str(output),
+            "--batch-size", "1", "--num-workers", "0", *SHORT]
+
+
+def start_holding_the_lock(command, output):
+    """Start a caption job and return it once it holds the output's lock (its pid is in the lock file)."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while True:
+        try:
+            if json.loads(lock_path(output).read_text()).get("pid") == process.pid:
+                return process
+        except (OSError, ValueError):
+            pass
+        assert process.poll() is None and time.time() < deadline, "the job never took the lock"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, image in enumerate(random_images(12)):
+        image.save(folder / f"{index:02d}.png")
+    return folder
+
+
+def test_a_second_job_on_the_same_output_stops_at_once_naming_the_first(model_dir, photos, tmp_path):
+    output = tmp_path / "captions.csv"
+    command = caption_command(photos, model_dir, output)
+    first = start_holding_the_lock(command, output)
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run, lock held: however fast it captions, the second job meets it
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert f"error: '{output}' is being written by process {first.pid} on " in second.stderr
+    assert "Wait for that job to finish" in second.stderr and "captioning" not in second.stderr
+    assert first.wait(timeout=120) == 0, first.stderr.read()[-2000:]
+    rows = read_output(output)
+    assert sorted(row["image"] for row in rows) == sorted(str(path) for path in photos.iterdir())
+    assert output.read_text().count("image,caption") == 1
+    assert not lock_path(output).exists()
+
+
+def test_a_lock_left_by_a_killed_job_is_taken_over(model_dir, photos, tmp_path, capsys):
+    output = tmp_path / "captions.jsonl"
+    killed = start_holding_the_lock(caption_command(photos, model_dir, output), output)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    assert lock_path(output).exists()
+    assert caption(photos, "--model", model_dir, "--output", output, *SHORT) == 0
+    assert f"took over the lock of process {killed.pid} on " in capsys.readouterr().err
+    rows = read_output(output)
+    assert sorted(row["image"] for row in rows) == sorted(str(path) for path in photos.iterdir())
+    assert not lock_path(output).exists()
+
+
+def test_the_lock_excludes_a_second_holder_until_released(tmp_path):
+    output = tmp_path / "out.jsonl"
+    first, second = OutputLock(output), OutputLock(output)
+    assert first.acquire() == []
+    with pytest.raises(OutputLockedError, match=f"'{output}' is being written by process {os.getpid()} on "):
+        second.acquire()
+    first.release()
+    assert not lock_path(output).exists()
+    assert second.acquire() == []
+    second.release()

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from vision_gpt.data import (CaptionCollator, CaptionPairDataset, detect_layout, load_captioning_dataset,
-                             normalize_caption)
+from vision_gpt.data import (MAX_CAPTION_CHARS, CaptionCollator, CaptionPairDataset, detect_layout,
+                             load_captioning_dataset, normalize_caption)
 from vision_gpt.feature_cache import FeatureCache
 
 from .conftest import tiny_model
@@ -63,6 +63,78 @@ def test_bad_data_is_skipped_counted_and_reported(tmp_path):
     assert counts(splits)["train"] == (4, 20)
     summary = report.summary(splits)
     assert "img_000.jpg" in summary and "img_001.jpg" in summary and "ghost.jpg.1" in summary
+
+
+def corrupt(path, old: bytes, new: bytes):
+    raw = path.read_bytes()
+    assert old in raw
+    path.write_bytes(raw.replace(old, new, 1))
+
+
+def test_a_flickr8k_line_that_is_not_utf8_is_skipped_counted_and_named(tmp_path):
+    root = write_flickr8k(tmp_path / "f8k", train=4, val=2, test=2)
+    with open(root / "Flickr8k.token.txt", "ab") as tokens:
+        tokens.write(b"img_000.jpg#5\tcaf\xe9 au lait\n")
+    corrupt(root / "Flickr_8k.devImages.txt", b"img_005.jpg", b"img_\xff05.jpg")
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    # img_005.jpg's captions then name an image in no split.
+    assert report.counts == {"lines that are not UTF-8": 2, "captions naming images in no split": 1}
+    assert counts(splits) == {"train": (4, 20), "validation": (1, 5), "test": (2, 10)}
+    summary = report.summary(splits)
+    assert "Skipped 2 (lines that are not UTF-8)" in summary
+    assert "Flickr8k.token.txt line 41 (byte 0xe9 at column 18)" in summary
+    assert "Flickr_8k.devImages.txt line 2 (byte 0xff at column 5)" in summary
+
+
+@pytest.mark.parametrize("layout", ["karpathy", "coco"])
+def test_a_json_caption_that_is_not_utf8_skips_that_caption_only(tmp_path, layout):
+    root = (write_karpathy if layout == "karpathy" else write_coco)(tmp_path / layout)
+    path = next(root.glob("dataset_*.json")) if layout == "karpathy" else root / "annotations/captions_train2017.json"
+    corrupt(path, b'"a red picture"', b'"a red caf\xe9"')
+    splits, report = load_captioning_dataset("auto", str(root))
+    assert report.counts == {"captions that are not UTF-8": 1}
+    assert counts(splits)["train"] == (6, 29)
+    where = f"{path.name} images[0] (img_000.jpg) sentences[1]" if layout == "karpathy" else \
+        f"{path.name} annotations[1]"
+    assert f"Skipped 1 (captions that are not UTF-8), e.g. {where}" in report.summary(splits)
+
+
+@pytest.mark.parametrize("layout", ["karpathy", "coco"])
+def test_a_json_file_that_is_not_json_stops_naming_the_file_and_position(tmp_path, layout):
+    root = (write_karpathy if layout == "karpathy" else write_coco)(tmp_path / layout)
+    path = next(root.glob("dataset_*.json")) if layout == "karpathy" else root / "annotations/captions_train2017.json"
+    path.write_text('{"images": [\n  {"filename": "a.jpg",, }]}')
+    with pytest.raises(ValueError) as error:
+        load_captioning_dataset("auto", str(root))
+    assert str(error.value) == f"'{path}' is not valid JSON: Expecting property name enclosed in double quotes at " \
+        "line 2, column 24."
+    path.write_text('{"annotations": []}')
+    with pytest.raises(ValueError, match=f"'{path}' has no 'images' list"):
+        load_captioning_dataset("auto", str(root))
+
+
+def test_malformed_json_entries_are_skipped_and_counted(tmp_path):
+    root = write_karpathy(tmp_path / "k")
+    path = root / "dataset_flickr8k.json"
+    data = json.loads(path.read_text())
+    data["images"] += [{"split": "train"}, "not an entry"]
+    path.write_text(json.dumps(data))
+    splits, report = load_captioning_dataset("auto", str(root))
+    assert report.counts == {"malformed entries (no file name, or one that is not UTF-8)": 2}
+    assert counts(splits)["train"] == (6, 30)
+    assert "dataset_flickr8k.json images[10]; dataset_flickr8k.json images[11]" in report.summary(splits)
+
+
+def test_a_caption_longer_than_the_limit_is_cut_at_a_word_and_reported(tmp_path):
+    root = write_flickr8k(tmp_path / "f8k", train=4, val=2, test=2)
+    with open(root / "Flickr8k.token.txt", "a") as tokens:
+        tokens.write("img_001.jpg#5\ta dog " + "runs far " * 120_000 + "\n")  # about 1 MB on one line
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    assert report.counts == {f"captions longer than {MAX_CAPTION_CHARS} characters, cut at a word before that": 1}
+    original = ("a dog " + "runs far " * 120_000).strip()
+    long = splits["train"][1].captions[-1]
+    assert len(long) <= MAX_CAPTION_CHARS and original.startswith(long) and original[len(long)] == " "
+    assert f"img_001.jpg ({len(original)} characters)" in report.summary(splits)
 
 
 def test_layout_errors_name_the_folder(tmp_path):

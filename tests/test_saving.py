@@ -1,9 +1,11 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +52,16 @@ def test_save_writes_a_complete_hub_repo(saved):
     for name in REMOTE_FILES:
         source = os.path.join(os.path.dirname(__file__), "..", "modeling", name)
         assert (folder / name).read_text() == open(source).read(), f"{name} must be copied verbatim"
+
+
+def test_the_readme_lists_exactly_the_files_a_saved_repo_carries(saved):
+    folder, _, _, _ = saved
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `modeling/` |"))
+    carried = {f for f in os.listdir(folder) if f.endswith(".py")}
+    assert set(re.findall(r"`(\w+_vision_gpt\.py)`", row)) == carried == REMOTE_FILES
+    number = {7: "seven", 8: "eight", 9: "nine"}.get(len(carried), str(len(carried)))
+    assert f"these {number} files are copied" in row and f"the {number} `modeling/` files" in readme
 
 
 def test_tied_embeddings_are_stored_once_and_tied_again(saved):

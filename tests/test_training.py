@@ -49,6 +49,8 @@ def two_step_run(setup, tmp_path_factory):
     (images / "img_001.jpg").write_bytes(raw[: len(raw) // 3])
     with open(data / "Flickr8k.token.txt", "a") as tokens:
         tokens.write("ghost.jpg.1#0\tan image that is not there\nimg_002.jpg#5\t \n")
+    with open(data / "Flickr8k.token.txt", "ab") as tokens:
+        tokens.write(b"img_003.jpg#5\tcaf\xe9\n" + b"img_004.jpg#5\t" + b"a dog " * 200_000 + b"\n")
     output = tmp_path_factory.mktemp("run") / "out"
     args = base_args(setup, output, "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
                      "--save_strategy", "steps", "--save_steps", "1", "--caption_metrics", "true",
@@ -100,7 +102,10 @@ def test_bad_data_is_reported_at_start_and_training_completes(two_step_run):
     output, _ = two_step_run
     log = (output / "train.log").read_text()
     for line in ("Skipped 1 (missing image files)", "Skipped 1 (unreadable images)",
-                 "Skipped 1 (captions naming images in no split)", "Skipped 1 (empty captions)"):
+                 "Skipped 1 (captions naming images in no split)", "Skipped 1 (empty captions)",
+                 "Skipped 1 (lines that are not UTF-8), e.g. Flickr8k.token.txt line 43 (byte 0xe9 at column 18)",
+                 "Cut 1 (captions longer than 1000 characters, cut at a word before that), e.g. img_004.jpg "
+                 "(1199999 characters)"):
         assert line in log
     assert log.index("Skipped 1 (missing image files)") < log.index("***** Running training *****")
 
@@ -243,28 +248,52 @@ def losses(output):
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_result(setup, tmp_path):
+def test_kill_9_during_a_save_then_resume_latest_gives_the_uninterrupted_result(setup, tmp_path):
     uninterrupted = tmp_path / "whole"
     main(resume_args(setup, uninterrupted))
 
     killed = tmp_path / "killed"
+    # A FIFO where checkpoint-4's optimizer state goes holds the run inside that save, after the model is written and
+    # before trainer_state.json: the kill then lands exactly where a real one leaves a half-saved checkpoint.
+    (killed / "checkpoint-4").mkdir(parents=True)
+    fifo = killed / "checkpoint-4" / "optimizer.pt"
+    os.mkfifo(fifo)
     process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *resume_args(setup, killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 240
-    while not (killed / "checkpoint-2" / "trainer_state.json").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+    while not (killed / "checkpoint-4" / "model.safetensors").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before checkpoint-4's save"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert not (killed / "model.safetensors").exists()
+    assert (killed / "checkpoint-2" / "trainer_state.json").exists()
+    assert not (killed / "checkpoint-4" / "trainer_state.json").exists()
+    fifo.unlink()
+    fifo.write_bytes(b"PK\x03\x04 cut short")  # what a kill during torch.save leaves
 
-    main(resume_args(setup, killed) + ["--resume_from_checkpoint", str(killed / "checkpoint-2")])
+    main(resume_args(setup, killed) + ["--resume_from_checkpoint", "latest"])
+    log = (killed / "train.log").read_text()
+    assert "Resuming from" in log and "checkpoint-2; passed over the newer checkpoint-4 (trainer_state.json is " \
+        "missing; scheduler.pt is missing; rng_state.pth is missing)" in log
     assert losses(killed)[-4:] == losses(uninterrupted)[-4:]
     final, reference = load_file(killed / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
     assert final.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(final[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_from_an_incomplete_checkpoint_stops_at_start_naming_what_is_missing(setup, tmp_path):
+    cut = tmp_path / "out" / "checkpoint-5"
+    cut.mkdir(parents=True)
+    (cut / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        main(resume_args(setup, tmp_path / "out") + ["--resume_from_checkpoint", "latest"])
+    assert str(stop.value.code) == (
+        f"error: --resume_from_checkpoint latest: no complete checkpoint in {tmp_path / 'out'}. Incomplete: "
+        "checkpoint-5 (trainer_state.json is missing; optimizer.pt is missing; scheduler.pt is missing; "
+        "rng_state.pth is missing).")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_two_process_accelerate_run(setup, tmp_path):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from . import hardware
 from .data import open_stored_image
 from .modeling.processing_vision_gpt import ImageLoadError, load_image
+from .output_lock import OutputLock
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Up to this many images (and no --output) the captions are printed as a table; more belong in a resumable file.
@@ -91,13 +92,16 @@ def _read_list_file(list_file: str) -> list[str]:
     """Paths from a list file ('-' is stdin): one file or folder per line, taken literally (file names may contain
     glob characters); blank lines and lines starting with '#' are ignored; relative paths are relative to the current
     directory, as on the command line."""
+    # Read as bytes and split only at line ends: a file name that is not UTF-8 is still a file name on Linux, and
+    # surrogateescape maps it back to the very bytes the file system has.
     if list_file == "-":
-        lines = sys.stdin.read().splitlines()
+        raw = sys.stdin.buffer.read()
     else:
         try:
-            lines = Path(list_file).read_text(encoding="utf-8").splitlines()
+            raw = Path(list_file).read_bytes()
         except OSError as error:
             raise ValueError(f"Cannot read the list file --from-file '{list_file}': {error.strerror}.") from None
+    lines = raw.decode("utf-8-sig", errors="surrogateescape").split("\n")
     paths = []
     for line in lines:
         line = line.strip()
@@ -553,7 +557,6 @@ def run(args) -> int:
     """Caption the inputs of `args` (parsed by the parser `register` builds). Returns the exit code: 0, or 1 when
     any image could not be captioned."""
     from accelerate import PartialState
-    from transformers import AutoModel, AutoProcessor, set_seed
 
     def say(message):
         if state.is_main_process:
@@ -583,6 +586,25 @@ def run(args) -> int:
                          "--output captions.jsonl (or .csv): rows are written as they are captioned, and rerunning "
                          "the same command resumes where it stopped.")
     fmt = output_format(args.output) if args.output else None
+    lock = None
+    if args.output:
+        # One job per output, for the whole run (the other processes of a multi-process run write part files
+        # that the main process merges): taken before the model loads, so a second job stops at once.
+        lock = OutputLock(Path(args.output)) if state.is_main_process else None
+        if lock is not None:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        for note in _on_main(state, lambda: lock.acquire()):
+            say(note)
+    try:
+        return _caption(args, state, device, refs, dataset, fmt, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _caption(args, state, device, refs, dataset, fmt, say) -> int:
+    from transformers import AutoModel, AutoProcessor, set_seed
+
     dtype_name = args.dtype or "float32"
     if dtype_name == "bfloat16" and device.type == "cpu" and not hardware.cpu_bf16_is_native():
         say(f"warning: --dtype bfloat16 on the CPU: {hardware.describe_cpu_bf16()}; use --dtype float32 (the default) "
@@ -606,8 +628,6 @@ def run(args) -> int:
     done = {}
     if args.output:
         output = Path(args.output)
-        if state.is_main_process:
-            output.parent.mkdir(parents=True, exist_ok=True)
         done, notes = _on_main(state, lambda: prepare_output(output, fmt, columns, args.retry_errors))
         for note in notes:
             say(note)

@@ -5,6 +5,7 @@ Every layout is read into `CaptionedImage` records, one per image with all its r
 before training starts: never a crash mid-epoch, never a silent drop.
 """
 
+import codecs
 import io
 import json
 import logging
@@ -24,6 +25,9 @@ from .modeling.processing_vision_gpt import ImageLoadError, load_image
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# A caption is a sentence, and the tokenizer keeps only --max_caption_length tokens (64 by default) anyway: a caption
+# of more than 1,000 characters is a broken line (say, a file glued to a caption), cut here and reported.
+MAX_CAPTION_CHARS = 1000
 _SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "validation", "validation": "validation",
                   "dev": "validation", "test": "test"}
 FLICKR8K_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
@@ -45,9 +49,11 @@ class DataReport:
     source: str
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=lambda: defaultdict(list))
+    actions: dict = field(default_factory=dict)
 
-    def add(self, reason: str, example: str) -> None:
+    def add(self, reason: str, example: str, action: str = "Skipped") -> None:
         self.counts[reason] += 1
+        self.actions[reason] = action
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(example)
 
@@ -58,7 +64,8 @@ class DataReport:
         if not self.counts:
             lines.append("No problems found.")
         for reason, count in sorted(self.counts.items()):
-            lines.append(f"Skipped {count} ({reason}), e.g. {'; '.join(self.examples[reason])}")
+            lines.append(f"{self.actions.get(reason, 'Skipped')} {count} ({reason}), e.g. "
+                         f"{'; '.join(self.examples[reason])}")
         return "\n".join(lines)
 
 
@@ -66,6 +73,59 @@ def normalize_caption(caption: str) -> str:
     """Lowercase, single spaces, no trailing period: Flickr8k's tokenized captions end in ' .'."""
     caption = re.sub(r"\s+", " ", caption).strip().lower()
     return re.sub(r"\s*\.$", "", caption).strip()
+
+
+# ----- reading files -------------------------------------------------------------------------------------------------
+
+
+def read_text_lines(path: Path, report: DataReport) -> list[tuple[int, str]]:
+    """The lines of a UTF-8 text file with their numbers (from 1). A line that is not UTF-8 is skipped and counted,
+    naming the file, the line and the byte, like any other malformed line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"Could not read '{path}': {error.strerror}.") from None
+    lines = []
+    # bytes.splitlines breaks only at \n, \r\n and \r; str.splitlines would also break inside a caption at \x1c,
+    # \x85 or \u2028.
+    for number, line in enumerate(raw.removeprefix(codecs.BOM_UTF8).splitlines(), 1):
+        try:
+            lines.append((number, line.decode("utf-8")))
+        except UnicodeDecodeError as error:
+            report.add("lines that are not UTF-8",
+                       f"{path.name} line {number} (byte 0x{line[error.start]:02x} at column {error.start + 1})")
+    return lines
+
+
+def read_json_file(path: Path):
+    """A JSON file's content. Bytes that are not UTF-8 come through as lone surrogates (`surrogateescape`), so that
+    one bad byte in a caption skips that caption (see `is_utf8`) instead of the whole file; a file that is not JSON
+    stops the run with an error naming it and the position."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    except OSError as error:
+        raise ValueError(f"Could not read '{path}': {error.strerror}.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"'{path}' is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+                         ) from None
+
+
+def is_utf8(text: str) -> bool:
+    """False for text read with `surrogateescape` from bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_field(data, key: str, kind: type, path: Path):
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, kind):
+        raise ValueError(f"'{path}' has no '{key}' {kind.__name__}; is it the right file for this layout?")
+    return value
 
 
 # ----- layouts --------------------------------------------------------------------------------------------------------
@@ -102,7 +162,7 @@ def read_flickr8k(data_dir: str, report: DataReport) -> dict[str, list[Captioned
     root = Path(data_dir)
     image_dir = _find_image_dir(root)
     captions = defaultdict(list)
-    for number, line in enumerate((root / "Flickr8k.token.txt").read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in read_text_lines(root / "Flickr8k.token.txt", report):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -118,7 +178,7 @@ def read_flickr8k(data_dir: str, report: DataReport) -> dict[str, list[Captioned
         path = root / filename
         if not path.is_file():
             raise ValueError(f"Flickr8k split file '{path}' is missing.")
-        names = [n.strip() for n in path.read_text(encoding="utf-8").splitlines() if n.strip()]
+        names = [name.strip() for _, name in read_text_lines(path, report) if name.strip()]
         listed.update(names)
         records = []
         for name in names:
@@ -136,21 +196,30 @@ def read_flickr8k(data_dir: str, report: DataReport) -> dict[str, list[Captioned
 def read_karpathy(data_dir: str, report: DataReport) -> dict[str, list[CaptionedImage]]:
     """Karpathy's `dataset_{flickr8k,flickr30k,coco}.json` plus the image folder (`restval` goes to train)."""
     root = Path(data_dir)
-    json_files = sorted(root.glob("dataset_*.json"))
-    data = json.loads(json_files[0].read_text(encoding="utf-8"))
-    if "images" not in data:
-        raise ValueError(f"'{json_files[0]}' has no 'images' list; is it a Karpathy split file?")
+    json_file = sorted(root.glob("dataset_*.json"))[0]
+    entries = _json_field(read_json_file(json_file), "images", list, json_file)
     candidates = ("Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "Images", "images", ".")
     image_dir = _find_image_dir(root, candidates)
     splits = {split: [] for split in SPLITS}
-    for entry in data["images"]:
+    for index, entry in enumerate(entries):
+        where = f"{json_file.name} images[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str) or not is_utf8(
+                entry["filename"] + str(entry.get("filepath", ""))):
+            report.add("malformed entries (no file name, or one that is not UTF-8)", where)
+            continue
         split = _SPLIT_ALIASES.get(entry.get("split"))
         if split is None:
-            report.add("images with an unknown split", f"{entry.get('filename')} ({entry.get('split')!r})")
+            report.add("images with an unknown split", f"{entry['filename']} ({entry.get('split')!r})")
             continue
+        texts = []
+        for number, sentence in enumerate(entry.get("sentences") or []):
+            text = sentence.get("raw") or " ".join(sentence.get("tokens") or []) if isinstance(sentence, dict) else ""
+            if not is_utf8(text):
+                report.add("captions that are not UTF-8", f"{where} ({entry['filename']}) sentences[{number}]")
+                continue
+            texts.append(text)
         # COCO entries keep their images in subfolders (train2014/, val2014/).
-        path = image_dir / entry.get("filepath", "") / entry["filename"]
-        texts = [s.get("raw") or " ".join(s.get("tokens", [])) for s in entry.get("sentences", [])]
+        path = image_dir / str(entry.get("filepath", "")) / entry["filename"]
         splits[split].append(CaptionedImage(entry["filename"], path, texts))
     return splits
 
@@ -164,14 +233,29 @@ def read_coco(data_dir: str, report: DataReport) -> dict[str, list[CaptionedImag
         if not match:
             continue
         split = "train" if match.group(1) == "train" else "validation"
-        data = json.loads(path.read_text(encoding="utf-8"))
-        files = {image["id"]: image["file_name"] for image in data["images"]}
+        data = read_json_file(path)
+        files = {}
+        for index, image in enumerate(_json_field(data, "images", list, path)):
+            name = image.get("file_name") if isinstance(image, dict) else None
+            if not isinstance(name, str) or not is_utf8(name) or "id" not in image:
+                report.add("malformed entries (no id or file name, or one that is not UTF-8)",
+                           f"{path.name} images[{index}]")
+                continue
+            files[image["id"]] = name
         captions = defaultdict(list)
-        for annotation in data["annotations"]:
+        for index, annotation in enumerate(_json_field(data, "annotations", list, path)):
+            if not isinstance(annotation, dict) or "image_id" not in annotation:
+                report.add("malformed entries (no id or file name, or one that is not UTF-8)",
+                           f"{path.name} annotations[{index}]")
+                continue
             if annotation["image_id"] not in files:
                 report.add("captions naming unknown images", f"image_id {annotation['image_id']} in {path.name}")
                 continue
-            captions[annotation["image_id"]].append(annotation["caption"])
+            caption = annotation.get("caption")
+            if isinstance(caption, str) and not is_utf8(caption):
+                report.add("captions that are not UTF-8", f"{path.name} annotations[{index}]")
+                continue
+            captions[annotation["image_id"]].append(caption)
         image_dir = root / f"{match.group(1)}{match.group(2)}"
         splits[split] = [CaptionedImage(files[i], image_dir / files[i], captions[i]) for i in sorted(captions)]
         for image_id in set(files) - set(captions):
@@ -267,9 +351,17 @@ def _check_image(record: CaptionedImage) -> str | None:
     return None
 
 
-def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport,
-                 num_threads: int = 8) -> dict[str, list[CaptionedImage]]:
-    """Normalise captions and drop, with a count, empty captions and images that are missing or do not decode."""
+def _cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, at the last space before the limit where there is one."""
+    head = text[: limit + 1]
+    space = head.rfind(" ")
+    return (head[:space] if space > 0 else head[:limit]).rstrip()
+
+
+def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport, num_threads: int = 8,
+                 max_caption_chars: int = MAX_CAPTION_CHARS) -> dict[str, list[CaptionedImage]]:
+    """Normalise captions, cut (with a count) those over `max_caption_chars`, and drop, with a count, empty captions
+    and images that are missing or do not decode."""
     cleaned = {}
     for split, images in splits.items():
         candidates = []
@@ -277,6 +369,10 @@ def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport,
             texts = []
             for caption in record.captions:
                 text = normalize_caption(caption) if isinstance(caption, str) else ""
+                if len(text) > max_caption_chars:
+                    report.add(f"captions longer than {max_caption_chars} characters, cut at a word before that",
+                               f"{record.image_id} ({len(text)} characters)", action="Cut")
+                    text = _cut(text, max_caption_chars)
                 if text:
                     texts.append(text)
                 else:

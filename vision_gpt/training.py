@@ -18,6 +18,7 @@ from transformers import (AutoConfig, EarlyStoppingCallback, HfArgumentParser, T
                           TrainingArguments, set_seed)
 
 from . import hardware
+from .checkpoints import resolve_resume
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
 
@@ -476,7 +477,19 @@ def main(argv=None) -> dict:
     except (ValueError, OSError) as error:
         raise SystemExit(f"error: {error}") from None
 
-    from transformers.trainer_utils import get_last_checkpoint
+    # Checked before anything slow runs, so a bad resume fails at once.
+    resume = training_args.resume_from_checkpoint
+    if resume is not None:
+        # DeepSpeed and FSDP keep optimizer state in their own layouts; only the files common to all are checked.
+        sharded = bool(training_args.deepspeed or training_args.fsdp)
+        try:
+            resume, notes = resolve_resume(resume, training_args.output_dir, num_processes=training_args.world_size,
+                                           optimizer_state=not (training_args.save_only_model or sharded))
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        if training_args.process_index == 0:
+            for note in notes:
+                logger.warning("%s", note)
 
     from .data import CaptionCollator, CaptionPairDataset, load_captioning_dataset
     from .export import export_repo
@@ -531,12 +544,6 @@ def main(argv=None) -> dict:
         callbacks=callbacks, later_trainable=later_trainable, caption_images=caption_images, data_args=data_args,
     )
 
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "latest"):
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise SystemExit(f"error: --resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint "
-                             f"in {training_args.output_dir}")
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except NonFiniteLossError as error:
