@@ -19,6 +19,7 @@ Two more things happen inside the matrix product, where they cost least:
 """
 
 import platform
+import threading
 import weakref
 from contextlib import contextmanager
 from functools import lru_cache
@@ -34,6 +35,11 @@ _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 # layer -> (weight key, packed weight). Kept outside the layers so that copying, pickling or saving a model never
 # meets oneDNN's opaque tensors, and dropped with the layer.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Guards the depth count and the layer swap of `packed_linears`. Without it, two threads generating with one model (a
+# server captioning two requests at once) can both see depth 0 and swap: the second finds the GELUs already replaced by
+# `nn.Identity`, records nothing to restore, and the model is left without its activations, captioning wrongly from
+# then on. Held only while swapping, never while the model runs.
+_SWAP_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=None)
@@ -191,41 +197,44 @@ def packed_linears(
     that oneDNN runs its dtype and post-op on this CPU (`packed_linear_available`) and otherwise computes the plain
     layer (and activation): the same results, never an error. Calls with gradients enabled take the plain path too.
     Layers in `float32_layers` whose weights are bfloat16 compute and return float32. Does nothing where the kernels
-    are unavailable or when `enabled` is False. Re-entrant: nested or concurrent blocks on the same model keep the
-    outermost block's settings and restore the plain layers only when the last one ends.
+    are unavailable or when `enabled` is False. Re-entrant and thread-safe: nested or concurrent blocks on the same
+    model (several threads generating with one model) keep the first block's settings and restore the plain layers
+    only when the last one ends.
     """
     if not enabled or not packed_linear_available():
         yield
         return
-    depth = getattr(model, "_vision_gpt_packed_depth", 0)
-    if depth == 0:
-        float32_ids = {id(layer) for layer in float32_layers}
-        fused = {}  # first layer -> its MLP's activation
-        swapped = []
-        for module in model.modules():
-            found = _fusable_mlp(module) if fuse_gelu else None
-            if found is not None:
-                first, name, activation = found
-                fused[first] = activation
-                swapped.append((module, name, activation))
-        for module in model.modules():
-            if _eligible(module):
-                # An instance attribute of a torch or vision-gpt layer: shadows its class's method.
-                module.forward = _packed_forward(module, id(module) in float32_ids, fused.get(module))
-        for module, name, _ in swapped:
-            setattr(module, name, nn.Identity())
-        model._vision_gpt_packed_swapped = swapped
-    model._vision_gpt_packed_depth = depth + 1
+    with _SWAP_LOCK:
+        depth = getattr(model, "_vision_gpt_packed_depth", 0)
+        if depth == 0:
+            float32_ids = {id(layer) for layer in float32_layers}
+            fused = {}  # first layer -> its MLP's activation
+            swapped = []
+            for module in model.modules():
+                found = _fusable_mlp(module) if fuse_gelu else None
+                if found is not None:
+                    first, name, activation = found
+                    fused[first] = activation
+                    swapped.append((module, name, activation))
+            for module in model.modules():
+                if _eligible(module):
+                    # An instance attribute of a torch or vision-gpt layer: shadows its class's method.
+                    module.forward = _packed_forward(module, id(module) in float32_ids, fused.get(module))
+            for module, name, _ in swapped:
+                setattr(module, name, nn.Identity())
+            model._vision_gpt_packed_swapped = swapped
+        model._vision_gpt_packed_depth = depth + 1
     try:
         yield
     finally:
-        model._vision_gpt_packed_depth -= 1
-        if model._vision_gpt_packed_depth == 0:
-            for module, name, activation in model.__dict__.pop("_vision_gpt_packed_swapped", ()):
-                setattr(module, name, activation)
-            for module in model.modules():
-                if getattr(module.__dict__.get("forward"), "is_vision_gpt_packed", False):
-                    del module.forward
+        with _SWAP_LOCK:
+            model._vision_gpt_packed_depth -= 1
+            if model._vision_gpt_packed_depth == 0:
+                for module, name, activation in model.__dict__.pop("_vision_gpt_packed_swapped", ()):
+                    setattr(module, name, activation)
+                for module in model.modules():
+                    if getattr(module.__dict__.get("forward"), "is_vision_gpt_packed", False):
+                        del module.forward
 
 
 def release_packed_weights(model: nn.Module) -> None:

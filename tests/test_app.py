@@ -1,8 +1,10 @@
 """`vision-gpt app`: captions, scores, limits and messages, then the real page in headless Chromium."""
 
 import argparse
+import html
 import http.server
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,16 +14,26 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModel
 
-from vision_gpt.app import EXAMPLES_DIR, Captioner, DecodingSettings, build_app, caption_request, register
+from vision_gpt import app as app_module
+from vision_gpt.app import (
+    DEFAULT_QUEUE_SIZE,
+    EXAMPLES_DIR,
+    Captioner,
+    DecodingSettings,
+    build_app,
+    caption_request,
+    register,
+)
 
 from . import browser
-from .conftest import random_images
+from .conftest import random_images, tiny_model
 
 gradio = pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
 
@@ -227,15 +239,97 @@ def test_urls_are_fetched_within_the_time_and_size_limits(captioner, image_files
 # ----- the page and the command --------------------------------------------------------------------------------------
 
 
-def test_app_subcommand_defaults_are_safe():
+def app_args(*argv):
     parser = argparse.ArgumentParser(prog="vision-gpt")
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["app", "--model", "some/model"])
+    return parser.parse_args(["app", *argv])
+
+
+def test_app_subcommand_defaults_are_safe():
+    args = app_args("--model", "some/model")
     assert (args.host, args.share, args.max_upload_mb, args.max_images, args.dtype) == (
         "127.0.0.1", False, 10, 8, "float32")
+    assert (args.max_queue, args.concurrency) == (DEFAULT_QUEUE_SIZE, 1) and DEFAULT_QUEUE_SIZE >= 64
     assert args.func.__name__ == "run"
-    args = parser.parse_args(["app", "--model", "m", "--max_upload_mb", "2", "--dtype", "bfloat16", "--no-urls"])
+    args = app_args("--model", "m", "--max_upload_mb", "2", "--dtype", "bfloat16", "--no-urls")
     assert (args.max_upload_mb, args.dtype, args.no_urls) == (2, "bfloat16", True)
+
+
+@pytest.mark.parametrize("flags", [["--max-queue", "5", "--concurrency", "2"], ["--max_queue", "5", "--concurrency=2"]])
+def test_app_command_passes_queue_flags_to_the_page(flags, monkeypatch):
+    built = {}
+    monkeypatch.setattr(app_module.logging, "basicConfig", lambda **kwargs: None)  # the server's log set-up
+    monkeypatch.setattr(app_module, "build_app", lambda model, **kwargs: built.update(kwargs, model=model) or "demo")
+    monkeypatch.setattr(app_module, "launch", lambda demo, **kwargs: built.update(launched=demo))
+    args = app_args("--model", "some/model", *flags)
+    assert args.func(args) == 0
+    assert (built["queue_size"], built["concurrency"], built["launched"]) == (5, 2, "demo")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-queue", "0"], "error: --max-queue must be at least 1 (requests that may wait), got 0"),
+    (["--max_queue", "-3"], "error: --max-queue must be at least 1 (requests that may wait), got -3"),
+    (["--concurrency", "0"], "error: --concurrency must be at least 1 (requests captioned at once), got 0"),
+])
+def test_app_command_refuses_bad_queue_flags_before_loading_the_model(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(app_module, "build_app", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    args = app_args("--model", "some/model", *flags)
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_concurrency_reaches_the_caption_event_and_must_agree_with_the_captioner(captioner):
+    def caption_limit(demo):
+        return next(fn.concurrency_limit for fn in demo.fns.values() if fn.api_name == "caption")
+
+    assert caption_limit(build_app(captioner=captioner)) == 1
+    three = Captioner(captioner.model, captioner.processor, concurrency=3)
+    assert caption_limit(build_app(captioner=three)) == 3
+    assert caption_limit(build_app(captioner=three, concurrency=3)) == 3
+    with pytest.raises(ValueError, match="build the Captioner with concurrency=2"):
+        build_app(captioner=three, concurrency=2)
+    with pytest.raises(ValueError, match="queue_size must be at least 1"):
+        build_app(captioner=captioner, queue_size=0)
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        Captioner(captioner.model, captioner.processor, concurrency=0)
+
+
+def test_concurrency_means_that_many_generations_at_once_and_sampling_alone(processor, image_files):
+    model = tiny_model()
+    captioner = Captioner(model, processor, concurrency=3)
+    images = [item.image for item in captioner.load_inputs(image_files, "")[0]]
+    greedy = DecodingSettings(num_beams=1, num_captions=1, max_new_tokens=6)
+    sampled = [DecodingSettings(num_beams=1, num_captions=2, max_new_tokens=6, do_sample=True, temperature=1.5,
+                                seed=seed) for seed in (1, 2, 3)]
+    # (image, settings) for 6 greedy and 3 sampled requests, and what each gets when it is captioned alone.
+    requests = [(images[i % 2], greedy) for i in range(6)] + [(images[0], settings) for settings in sampled]
+    alone = [captioner.caption([image], settings)[0] for image, settings in requests]
+
+    plain_generate, counter = model.generate, threading.Lock()
+    running, peak = {"all": 0, "sampled": 0}, {"all": 0, "sampled": 0}
+
+    def generate(**kwargs):
+        kinds = ("all", "sampled") if kwargs["do_sample"] else ("all",)
+        with counter:
+            for kind in kinds:
+                running[kind] += 1
+                peak[kind] = max(peak[kind], running[kind])
+        try:
+            time.sleep(0.3)  # long enough for every other request to arrive, were it let in
+            return plain_generate(**kwargs)
+        finally:
+            with counter:
+                for kind in kinds:
+                    running[kind] -= 1
+
+    model.generate = generate  # this test's own model: an instance attribute shadows the method
+    with ThreadPoolExecutor(len(requests)) as pool:
+        together = list(pool.map(lambda request: captioner.caption([request[0]], request[1])[0], requests))
+    assert peak == {"all": 3, "sampled": 1}
+    # The same captions as one at a time: each sampled request drew from its own seed while others ran.
+    for got, expected in zip(together, alone):
+        assert [c.text for c in got] == [c.text for c in expected]
+        assert [c.score for c in got] == pytest.approx([c.score for c in expected], abs=1e-5)
 
 
 def test_page_has_a_bounded_queue_and_shipped_examples(captioner):
@@ -378,6 +472,141 @@ def test_uploads_over_the_limit_are_refused_by_the_server(live_app, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(upload, timeout=30)
     assert refused.value.code == 413
+
+
+# ----- many visitors at once: the queue ------------------------------------------------------------------------------
+
+BURST_SETTINGS = dict(num_beams=1, num_captions=1, max_new_tokens=4, do_sample=False, temperature=1.0, top_p=0.9,
+                      seed=0)
+
+
+def gradio_visitors(url, count):
+    """`count` gradio_client clients, each its own visitor (own session); close them with `close()`."""
+    from gradio_client import Client
+
+    def visitor(_):
+        # httpx's default 5 s timeout would count a join answered late by a busy two-core server as a failure; a
+        # browser waits.
+        return Client(url, verbose=False, analytics_enabled=False, download_files=False,
+                      httpx_kwargs={"timeout": 120})
+
+    with ThreadPoolExecutor(8) as pool:  # each client first reads the page's config: start them side by side
+        return list(pool.map(visitor, range(count)))
+
+
+def _upload(path):
+    from gradio_client import handle_file
+
+    return handle_file(str(path))
+
+
+def ask_caption(visitor, path, settings=BURST_SETTINGS):
+    return visitor.predict([_upload(path)], "", *settings.values(), api_name="/caption")
+
+
+def shown_captions(results_html: str) -> dict[str, list[str]]:
+    """{image name: captions} from the results HTML that the page (and the API) receives."""
+    sections = re.findall(r'<section class="vg-result" data-image="([^"]*)">(.*?)</section>', results_html)
+    return {html.unescape(name): [html.unescape(text) for text in re.findall(r'<td class="vg-caption">(.*?)</td>',
+                                                                            body)]
+            for name, body in sections}
+
+
+def test_fifty_visitors_at_once_all_wait_and_get_their_captions(captioner, reference, processor, image_files):
+    count = 50
+    expected = {path.name: processor.batch_decode(reference.generate(**processor(images=[str(path)]), num_beams=1,
+                                                                     max_new_tokens=4))
+                for path in image_files}
+    demo = build_app(captioner=captioner)  # the defaults, as `vision-gpt app` starts
+    with browser.running_app(demo) as url:
+        visitors = gradio_visitors(url, count)
+        together = threading.Barrier(count, timeout=60)
+
+        def visit(i):
+            path = image_files[i % len(image_files)]
+            together.wait()  # every request is sent at once, as a burst of visitors would
+            try:
+                return path, ask_caption(visitors[i], path)
+            except Exception as error:  # QueueError when refused; any failure is counted, not raised
+                return path, error
+
+        try:
+            with ThreadPoolExecutor(count) as pool:
+                answers = list(pool.map(visit, range(count)))
+        finally:
+            for visitor in visitors:
+                visitor.close()
+    failures = [f"{path.name}: {answer!r}" for path, answer in answers if isinstance(answer, Exception)]
+    assert failures == [], f"{len(failures)} of {count} visitors failed: {failures[:3]}"
+    for path, (status, results, _) in answers:
+        assert "Captioned 1 image" in status
+        assert shown_captions(results) == {path.name: expected[path.name]}
+        assert expected[path.name][0].strip(), "a real caption, not an empty string"
+
+
+class HeldCaptioner(Captioner):
+    """Holds every request until `release` is set, so that a test can fill the queue."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def run(self, images, settings):
+        self.started.set()
+        assert self.release.wait(60), "the test never released the held request"
+        return super().run(images, settings)
+
+
+@pytest.fixture
+def full_queue(captioner, image_files):
+    """An app with --max-queue 1: one request captioning (held), one waiting. Yields (url, path); afterwards both
+    must get their captions, since waiting is not refusing."""
+    from gradio_client.utils import Status
+
+    held = HeldCaptioner(captioner.model, captioner.processor)
+    with browser.running_app(build_app(captioner=held, queue_size=1)) as url:
+        first, second = visitors = gradio_visitors(url, 2)
+        try:
+            running = first.submit([_upload(image_files[0])], "", *BURST_SETTINGS.values(), api_name="/caption")
+            assert held.started.wait(30)
+            waiting = second.submit([_upload(image_files[1])], "", *BURST_SETTINGS.values(), api_name="/caption")
+            deadline = time.monotonic() + 30
+            while waiting.status().code != Status.IN_QUEUE:
+                assert time.monotonic() < deadline, f"the second request never queued: {waiting.status()}"
+                time.sleep(0.05)
+            yield url, image_files[0]
+            held.release.set()
+            for job, path in ((running, image_files[0]), (waiting, image_files[1])):
+                assert list(shown_captions(job.result(timeout=60)[1])) == [path.name]
+        finally:
+            held.release.set()
+            for visitor in visitors:
+                visitor.close()
+
+
+def test_a_full_queue_refuses_one_more_api_request_with_try_again(full_queue):
+    from gradio_client.utils import QueueError
+
+    url, path = full_queue
+    (late,) = gradio_visitors(url, 1)
+    try:
+        with pytest.raises(QueueError, match="Please try again"):
+            ask_caption(late, path)
+    finally:
+        late.close()
+
+
+def test_a_full_queue_tells_a_page_visitor_the_app_is_busy_and_to_try_again(live_app, full_queue):
+    _, chromium = live_app  # its browser; the page is the full app's
+    url, path = full_queue
+    page = browser.open_app(chromium, url)
+    assert "up to 1 can wait" in page.locator("body").inner_text()
+    browser.upload(page, path)
+    page.click("#caption-button")
+    # Gradio's own words, shown as an error toast; the page's intro has already said what it means.
+    toast = page.locator(".toast-body.error")
+    toast.wait_for()
+    assert "This application is currently busy. Please try again." in toast.inner_text()
 
 
 def _keep_artifact(screenshot: Path) -> None:

@@ -131,3 +131,16 @@ def test_fusion_benchmark_needs_a_demo_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load("bench_fusions").main(["--workdir", str(tmp_path)])
     assert "run `vision-gpt demo" in capsys.readouterr().err
+
+
+def test_app_burst_benchmark_reports_each_burst_and_the_servers_memory(tiny_model_dir, capsys):
+    pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
+    load("bench_app_burst").main(["--model", str(tiny_model_dir), "--requests", "3", "--bursts", "2", "--pause", "0",
+                                  "--beams", "1", "--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert [[cell.strip() for cell in row[:4]] for row in rows] == [["1", "3/3", "0", "0"], ["2", "3/3", "0", "0"]]
+    p50, p90, slowest = (float(cell) for cell in rows[0][4:7])
+    assert 0 < p50 <= p90 <= slowest
+    if Path("/proc/self/status").exists():  # Linux: the server's memory is read from /proc
+        assert all(float(row[8]) > 100 for row in rows), "the server's resident memory, in MB (torch alone is more)"

@@ -10,7 +10,8 @@ caption and the alternatives with their scores.
 What keeps it safe to leave running: it listens on 127.0.0.1 unless told otherwise; uploads are capped (10 MB a file,
 8 images a request, by default) by Gradio and checked again here; unreadable files get a one-line message, never a
 stack trace; URL fetches time out after a few seconds and never reach this machine's own network; requests wait in a
-bounded queue and the model, loaded once, captions one request at a time.
+bounded queue (128 by default, `--max-queue`) and the model, loaded once, captions `--concurrency` requests at a time
+(one by default).
 
 Gradio is an optional dependency (`pip install "vision-gpt[app]"`): this module imports it, and torch, only when an
 app is built, so the rest of the command line works without it.
@@ -50,6 +51,16 @@ MB = 1024 * 1024  # Gradio's "mb" unit, so our limit and Gradio's agree to the b
 MAX_BEAMS = 8
 MAX_CAPTIONS = 8
 MAX_NEW_TOKENS = 64
+
+# Requests that may wait for the model. Twice the 64-visitor burst the app is sized for, so a class or a shared link
+# opening the page at once waits in line (Gradio shows each visitor their place) instead of being turned away. Still a
+# bound: a waiting request holds little (its upload is already on disk), but beyond a couple of hundred the last in
+# line would wait minutes on a CPU, and "busy, try again" is the better answer then.
+DEFAULT_QUEUE_SIZE = 128
+
+# Greedy and beam search draw no random numbers, but sampling does, from torch's one global generator: a sampled
+# request seeds it and draws alone, so that the same seed gives the same captions while others are being captioned.
+_SAMPLING_LOCK = threading.Lock()
 
 
 # ----- decoding ------------------------------------------------------------------------------------------------------
@@ -155,7 +166,8 @@ class LoadedImage:
 class Captioner:
     """
     A loaded model and processor, and everything between a request and its captions: reading uploads and URLs
-    within limits, decoding settings, scores. Thread-safe: one generation at a time, under a lock.
+    within limits, decoding settings, scores. Thread-safe: up to `concurrency` generations run at once on the one
+    model (sampled ones one at a time, as they share torch's random generator); further callers wait.
 
     Example:
 
@@ -167,7 +179,10 @@ class Captioner:
     ```"""
 
     def __init__(self, model, processor, *, name: str = "model", max_upload_mb: float = 10, max_images: int = 8,
-                 allow_urls: bool = True, allow_private_urls: bool = False, url_timeout: float = 5.0):
+                 allow_urls: bool = True, allow_private_urls: bool = False, url_timeout: float = 5.0,
+                 concurrency: int = 1):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (generations at once), got {concurrency}.")
         self.model = model.eval()
         self.processor = processor
         self.name = name
@@ -177,8 +192,12 @@ class Captioner:
         # Off by default: a public page that fetches any URL would let visitors probe this machine's own network.
         self.allow_private_urls = allow_private_urls
         self.url_timeout = url_timeout
-        # Gradio's queue already runs one caption at a time; the lock keeps that true for any other caller.
-        self._lock = threading.Lock()
+        # Generations share the model's weights and nothing else: `generate` builds each call's cache and generation
+        # config afresh, runs under no_grad, and the one thing it changes on the model, the packed CPU layers, is
+        # swapped under a lock (packed_linear_vision_gpt.py). So several may run at once. Gradio's queue already
+        # starts at most `concurrency` requests; the semaphore keeps that true for any other caller.
+        self.concurrency = concurrency
+        self._slots = threading.BoundedSemaphore(concurrency)
 
     @classmethod
     def from_pretrained(cls, model_path_or_id: str, *, dtype: str = "float32", device: str = "auto", **kwargs):
@@ -274,11 +293,14 @@ class Captioner:
         kwargs, notes = generate_kwargs(settings)
         count = kwargs["num_return_sequences"]
         inputs = self.processor(images=list(images)).to(self.model.device)
-        with self._lock:
+        with self._slots:
             if settings.do_sample:
-                # Same seed, same captions: sampling is reproducible from the page.
-                torch.manual_seed(int(settings.seed))
-            output = self.model.generate(**inputs, **kwargs)
+                with _SAMPLING_LOCK:
+                    # Same seed, same captions: sampling is reproducible from the page.
+                    torch.manual_seed(int(settings.seed))
+                    output = self.model.generate(**inputs, **kwargs)
+            else:
+                output = self.model.generate(**inputs, **kwargs)
         if kwargs["num_beams"] > 1:
             scores = output.sequences_scores
         else:
@@ -476,10 +498,13 @@ def caption_request(captioner: Captioner, files, urls, num_beams, num_captions, 
 
 def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtype: str = "float32",
               device: str = "auto", max_upload_mb: float = 10, max_images: int = 8, allow_urls: bool = True,
-              allow_private_urls: bool = False, url_timeout: float = 5.0, queue_size: int = 16):
+              allow_private_urls: bool = False, url_timeout: float = 5.0, queue_size: int = DEFAULT_QUEUE_SIZE,
+              concurrency: int | None = None):
     """
     Build the captioning page for a model folder or Hub id (loaded once, here), or for a ready `captioner`.
     Returns a `gradio.Blocks` with its queue set up; start it with `launch(demo, ...)`, which applies the upload limit.
+    `concurrency` requests are captioned at once (default: one, or the given captioner's `concurrency`), and up to
+    `queue_size` more wait in line; a request beyond that is refused with Gradio's "busy, try again" message.
 
     Example:
 
@@ -491,17 +516,25 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
+    if queue_size < 1:
+        raise ValueError(f"queue_size must be at least 1 (requests waiting for the model), got {queue_size}.")
     if captioner is None:
         if model_path_or_id is None:
             raise ValueError("build_app needs a model folder or Hub id (or a `captioner`).")
         captioner = Captioner.from_pretrained(model_path_or_id, dtype=dtype, device=device,
                                               max_upload_mb=max_upload_mb, max_images=max_images,
                                               allow_urls=allow_urls, allow_private_urls=allow_private_urls,
-                                              url_timeout=url_timeout)
+                                              url_timeout=url_timeout, concurrency=concurrency or 1)
+    elif concurrency is not None and concurrency != captioner.concurrency:
+        raise ValueError(f"build_app got concurrency={concurrency}, but its captioner runs {captioner.concurrency} "
+                         f"generation(s) at a time: build the Captioner with concurrency={concurrency} instead.")
+    concurrency = captioner.concurrency
     defaults = captioner.default_settings
     model_dtype = str(captioner.model.dtype).removeprefix("torch.")
     limits = (f"Model: `{captioner.name}` ({model_dtype}, {captioner.model.device.type}). Up to "
-              f"{captioner.max_images} images at a time, {_size(captioner.max_upload_bytes)} each.")
+              f"{captioner.max_images} images at a time, {_size(captioner.max_upload_bytes)} each. When others are "
+              f"captioning, your request waits in line (up to {queue_size} can wait); if the line is full, the page "
+              "says the app is busy: try again in a minute.")
 
     with gr.Blocks(title="vision-gpt captioner", analytics_enabled=False,
                    # Uploads are deleted an hour after they arrive, so a long-running server does not fill its disk.
@@ -548,10 +581,11 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
                          outputs=[temperature, top_p, seed], queue=False)
         button.click(lambda *values: caption_request(captioner, *values),
                      inputs=[files, urls, num_beams, num_captions, max_new_tokens, do_sample, temperature, top_p, seed],
-                     outputs=[status, results, gallery], api_name="caption")
+                     outputs=[status, results, gallery], api_name="caption", concurrency_limit=concurrency)
 
-    # One caption at a time (the model is shared), and a bounded line behind it: when it is full, new visitors are
-    # told so instead of the server queueing work without limit.
+    # A bounded line behind the `concurrency` captions in progress. When it is full, Gradio refuses the request with
+    # its own text, which no public setting changes: the page shows "This application is currently busy. Please try
+    # again." and gradio_client raises QueueError("Queue is full! Please try again.").
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
     demo.captioner = captioner
     demo.max_upload_bytes = captioner.max_upload_bytes
@@ -571,6 +605,8 @@ def launch(demo, *, host: str = "127.0.0.1", port: int | None = None, share: boo
         share=share,
         # Gradio refuses bigger uploads before they reach our code; `Captioner.load_inputs` checks again.
         max_file_size=demo.max_upload_bytes,
+        # Gradio runs handlers in a pool of 40 threads unless told otherwise; a larger --concurrency needs as many.
+        max_threads=max(40, demo.captioner.concurrency),
         show_error=False,  # tracebacks stay in the server log
         enable_monitoring=False,
         mcp_server=False,
@@ -615,6 +651,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="most images captioned in one request (default 8)")
     parser.add_argument("--no-urls", "--no_urls", dest="no_urls", action="store_true",
                         help="hide the URL box: the server fetches nothing from the network")
+    parser.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=DEFAULT_QUEUE_SIZE,
+                        metavar="N",
+                        help=f"most requests waiting for the model (default {DEFAULT_QUEUE_SIZE}); while the line is "
+                             "full, new requests are told the app is busy and to try again")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="requests captioned at the same time, each its own generation on the one loaded model "
+                             "(default 1). One generation already runs its matrix products on every CPU core, but a "
+                             "small model spends much of its time between them, so 2-4 can get through a burst "
+                             "sooner, as on a GPU, though each generation then runs slower")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="weights' precision (default float32; bfloat16 is faster on GPUs and on CPUs with "
                              "native bf16, AVX-512 BF16 or AMX on x86, and slower than float32 on others; captions "
@@ -631,8 +676,16 @@ def run(args) -> int:
     except ImportError:
         print("error: the app needs Gradio: pip install 'vision-gpt[app]'  (or: pip install gradio)", file=sys.stderr)
         return 2
-    if args.max_upload_mb <= 0 or args.max_images < 1:
-        print("error: --max-upload-mb must be positive and --max-images at least 1", file=sys.stderr)
+    problems = [message for bad, message in (
+        (args.max_upload_mb <= 0, f"--max-upload-mb must be positive, got {args.max_upload_mb:g}"),
+        (args.max_images < 1, f"--max-images must be at least 1, got {args.max_images}"),
+        (args.max_queue < 1, f"--max-queue must be at least 1 (requests that may wait), got {args.max_queue}"),
+        (args.concurrency < 1, f"--concurrency must be at least 1 (requests captioned at once), got "
+                               f"{args.concurrency}"),
+    ) if bad]
+    if problems:
+        for message in problems:
+            print(f"error: {message}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app", file=sys.stderr)
@@ -642,7 +695,8 @@ def run(args) -> int:
     print(f"loading {args.model} ({args.dtype}) ...", flush=True)
     try:
         demo = build_app(args.model, dtype=args.dtype, device=args.device, max_upload_mb=args.max_upload_mb,
-                         max_images=args.max_images, allow_urls=not args.no_urls)
+                         max_images=args.max_images, allow_urls=not args.no_urls, queue_size=args.max_queue,
+                         concurrency=args.concurrency)
         launch(demo, host=args.host, port=args.port, share=args.share, block=True)
     except OSError as error:
         # transformers raises OSError for a missing folder, an unknown Hub id or no network; Gradio for a busy port.
