@@ -91,6 +91,41 @@ def write_datasets(root: Path, numbered_columns: bool = False, train: int = 6, v
     return root
 
 
+def write_kaggle_flickr8k(root: Path, count: int = 20) -> Path:
+    """Kaggle's Flickr8k copy: Images/ and captions.txt (an image,caption CSV header; captions with commas)."""
+    (root / "Images").mkdir(parents=True)
+    lines = ["image,caption"]
+    for name, colour, captions in samples(count):
+        colour_image(colour).save(root / "Images" / name)
+        lines += [f"{name},{caption}" for caption in captions[:4]]
+        lines.append(f'{name},"a {colour} square, small"')
+    (root / "captions.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def write_imagefolder(root: Path, metadata: str = "jsonl", split_folders: bool = True, train: int = 6,
+                      val: int = 2, test: int = 2) -> Path:
+    """datasets' ImageFolder: images with a metadata.jsonl (a list of captions per image) or metadata.csv
+    (caption_0..caption_4 columns), in train/, validation/ and test/ folders or all in `root` (then one split)."""
+    offset = 0
+    for split, count in (("train", train), ("validation", val), ("test", test)):
+        if not split_folders and split != "train":
+            continue
+        folder = root / split if split_folders else root
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = samples(count if split_folders else train + val + test, offset)
+        offset += count
+        for name, colour, _ in rows:
+            colour_image(colour).save(folder / name)
+        if metadata == "jsonl":
+            text = "".join(json.dumps({"file_name": name, "captions": captions}) + "\n" for name, _, captions in rows)
+        else:
+            text = "file_name," + ",".join(f"caption_{k}" for k in range(5)) + "\n"
+            text += "".join(f"{name}," + ",".join(captions) + "\n" for name, _, captions in rows)
+        (folder / f"metadata.{metadata}").write_text(text)
+    return root
+
+
 def save_tiny_towers(root: Path, tokenizer) -> tuple[str, str]:
     """A tiny ViT (no pooler) and a tiny GPT-2 with GPT-2's tokenizer, saved as pretrained checkpoints."""
     import torch

@@ -8,7 +8,8 @@ from vision_gpt.data import (MAX_CAPTION_CHARS, CaptionCollator, CaptionPairData
 from vision_gpt.feature_cache import FeatureCache
 
 from .conftest import tiny_model
-from .data_fixtures import write_coco, write_datasets, write_flickr8k, write_karpathy
+from .data_fixtures import (write_coco, write_datasets, write_flickr8k, write_imagefolder, write_kaggle_flickr8k,
+                            write_karpathy)
 
 
 def counts(splits):
@@ -135,6 +136,82 @@ def test_a_caption_longer_than_the_limit_is_cut_at_a_word_and_reported(tmp_path)
     long = splits["train"][1].captions[-1]
     assert len(long) <= MAX_CAPTION_CHARS and original.startswith(long) and original[len(long)] == " "
     assert f"img_001.jpg ({len(original)} characters)" in report.summary(splits)
+
+
+def test_flickr8k_text_files_one_folder_below(tmp_path):
+    root = write_flickr8k(tmp_path / "f8k", train=4, val=2, test=2)
+    (root / "Flickr8k_text").mkdir()
+    for path in root.glob("*.txt"):
+        path.rename(root / "Flickr8k_text" / path.name)
+    assert detect_layout(root) == "flickr8k"
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    assert counts(splits) == {"train": (4, 20), "validation": (2, 10), "test": (2, 10)} and not report.counts
+
+
+def test_kaggle_flickr8k_with_a_hash_split_or_the_official_split_files(tmp_path):
+    root = write_kaggle_flickr8k(tmp_path / "kaggle", count=20)
+    assert detect_layout(root) == "kaggle"
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    assert sum(len(images) for images in splits.values()) == 20 and not report.counts
+    assert "split 80/10/10 (train, validation, test) by a hash of their file name" in report.summary(splits)
+    again, _ = load_captioning_dataset("auto", str(root))
+    assert {k: [i.image_id for i in v] for k, v in again.items()} == {
+        k: [i.image_id for i in v] for k, v in splits.items()}
+    by_name = {image.image_id: image for images in splits.values() for image in images}
+    assert by_name["img_000.jpg"].captions[-1] == "a red square, small"  # the quoted caption, comma kept
+
+    for split, names in (("train", range(0, 14)), ("dev", range(14, 17)), ("test", range(17, 19))):
+        (root / f"Flickr_8k.{split}Images.txt").write_text("".join(f"img_{i:03d}.jpg\n" for i in names))
+    splits, report = load_captioning_dataset("flickr8k", str(root))
+    assert counts(splits) == {"train": (14, 70), "validation": (3, 15), "test": (2, 10)}
+    assert report.counts == {"captions naming images in no split": 1}
+
+
+def test_kaggle_captions_without_their_header_stop_naming_the_file_and_the_fix(tmp_path):
+    root = write_kaggle_flickr8k(tmp_path / "kaggle", count=2)
+    path = root / "captions.txt"
+    path.write_text("\n".join(path.read_text().splitlines()[1:]))
+    with pytest.raises(ValueError) as error:
+        load_captioning_dataset("auto", str(root))
+    assert str(error.value) == (f"'{path}' line 1 is 'img_000.jpg,A red square .', not the header 'image,caption' "
+                                "that Kaggle's captions.txt starts with: add that line (or check that this is the right "
+                                "file).")
+
+
+@pytest.mark.parametrize("metadata", ["jsonl", "csv"])
+def test_imagefolder_with_split_folders(tmp_path, metadata):
+    root = write_imagefolder(tmp_path / "if", metadata=metadata)
+    assert detect_layout(root) == "imagefolder"
+    splits, report = load_captioning_dataset("auto", str(root))
+    assert counts(splits) == {"train": (6, 30), "validation": (2, 10), "test": (2, 10)} and not report.counts
+    assert splits["validation"][0].image_id == "validation/img_006.jpg"
+    assert splits["train"][1].captions == ["a green square", "a green picture", "something green",
+                                           "the colour green", "an image that is green"]
+
+
+def test_imagefolder_in_one_folder_is_a_training_split(tmp_path):
+    root = write_imagefolder(tmp_path / "if", split_folders=False)
+    splits, _ = load_captioning_dataset("auto", str(root))
+    assert counts(splits) == {"train": (10, 50)}
+
+
+@pytest.mark.parametrize("metadata, content, message", [
+    ("jsonl", '{"file_name": "img_000.jpg", "captions": ["a"]}\n{"file_name": "img_001.jpg", "capt\n',
+     "line 2 is not JSON (Unterminated string starting at, column 30): each line must be one object like"),
+    ("jsonl", '{"file_name": "img_000.jpg", "captions": ["a"]}\n["img_001.jpg"]\n',
+     'line 2 has no "file_name": each line must be one object like'),
+    ("csv", "img_000.jpg,a red square\n", "line 1 is 'img_000.jpg,a red square', not a header with a file_name "
+     "column: start the file with a header such as 'file_name,caption'."),
+    ("csv", "file_name,colour\nimg_000.jpg,red\n", "No caption column found among ['colour']; pass --caption_column."),
+])
+def test_a_malformed_imagefolder_metadata_file_stops_naming_the_file_line_and_fix(tmp_path, metadata, content,
+                                                                                  message):
+    root = write_imagefolder(tmp_path / "if", metadata=metadata)
+    path = root / "train" / f"metadata.{metadata}"
+    path.write_text(content)
+    with pytest.raises(ValueError) as error:
+        load_captioning_dataset("auto", str(root))
+    assert str(error.value).startswith(f"'{path}'") and message in str(error.value)
 
 
 def test_layout_errors_name_the_folder(tmp_path):

@@ -6,6 +6,8 @@ before training starts: never a crash mid-epoch, never a silent drop.
 """
 
 import codecs
+import csv
+import hashlib
 import io
 import json
 import logging
@@ -50,6 +52,7 @@ class DataReport:
     counts: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=lambda: defaultdict(list))
     actions: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def add(self, reason: str, example: str, action: str = "Skipped") -> None:
         self.counts[reason] += 1
@@ -60,7 +63,7 @@ class DataReport:
     def summary(self, splits: dict[str, list[CaptionedImage]]) -> str:
         kept = ", ".join(f"{name}: {len(images)} images / {sum(len(i.captions) for i in images)} captions"
                          for name, images in splits.items())
-        lines = [f"Data from {self.source}: {kept}."]
+        lines = [f"Data from {self.source}: {kept}.", *self.notes]
         if not self.counts:
             lines.append("No problems found.")
         for reason, count in sorted(self.counts.items()):
@@ -131,22 +134,54 @@ def _json_field(data, key: str, kind: type, path: Path):
 # ----- layouts --------------------------------------------------------------------------------------------------------
 
 
+FLICKR8K_TOKENS = "Flickr8k.token.txt"
+KAGGLE_CAPTIONS = "captions.txt"
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+IMAGEFOLDER_SPLITS = ("train", "validation", "val", "test")
+
+
+def _flickr8k_text_dir(root: Path) -> Path | None:
+    """Where Flickr8k's text files are: `root` itself, or one folder below it (`Flickr8k_text/`, as the two official
+    archives unzip side by side)."""
+    if (root / FLICKR8K_TOKENS).is_file():
+        return root
+    found = sorted(path.parent for path in root.glob(f"*/{FLICKR8K_TOKENS}"))
+    return found[0] if found else None
+
+
+def _metadata_files(root: Path) -> list[Path]:
+    """ImageFolder metadata files: in `root`, or in its split folders (`train/metadata.jsonl`, ...)."""
+    folders = [root] + [root / split for split in IMAGEFOLDER_SPLITS if (root / split).is_dir()]
+    return [folder / name for folder in folders for name in METADATA_FILES if (folder / name).is_file()]
+
+
 def detect_layout(data_dir: str) -> str:
-    """Which layout `data_dir` holds: "flickr8k", "karpathy", "coco" or "datasets" (a `save_to_disk` folder)."""
+    """
+    Which layout `data_dir` holds: "flickr8k" (as distributed, text files in the folder or one below it), "karpathy",
+    "coco", "kaggle" (`Images/` and a `captions.txt` with an `image,caption` header), "imagefolder" (images with a
+    `metadata.jsonl` or `metadata.csv`) or "datasets" (a `save_to_disk` folder).
+    """
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"--data_dir '{data_dir}' is not a folder.")
-    if (root / "Flickr8k.token.txt").is_file():
+    if _flickr8k_text_dir(root) is not None:
         return "flickr8k"
     if list(root.glob("dataset_*.json")):
         return "karpathy"
     if list(root.glob("annotations/captions_*.json")):
         return "coco"
+    if (root / KAGGLE_CAPTIONS).is_file():
+        return "kaggle"
     if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
         return "datasets"
+    if _metadata_files(root):
+        return "imagefolder"
     raise ValueError(
         f"--data_dir '{data_dir}' holds no layout vision-gpt knows: expected Flickr8k.token.txt (Flickr8k as "
-        "distributed), a Karpathy dataset_*.json, annotations/captions_*.json (COCO) or a datasets.save_to_disk folder."
+        "distributed, in the folder or one below it, e.g. Flickr8k_text/), a Karpathy dataset_*.json, "
+        "annotations/captions_*.json (COCO), captions.txt next to Images/ (Kaggle's Flickr8k), a metadata.jsonl or "
+        "metadata.csv next to the images (datasets' ImageFolder, also in train/, validation/ and test/ folders), or a "
+        "datasets.save_to_disk folder."
     )
 
 
@@ -161,8 +196,9 @@ def read_flickr8k(data_dir: str, report: DataReport) -> dict[str, list[Captioned
     """Flickr8k as distributed: `Flicker8k_Dataset/*.jpg`, `Flickr8k.token.txt`, `Flickr_8k.{train,dev,test}Images.txt`."""
     root = Path(data_dir)
     image_dir = _find_image_dir(root)
+    text_dir = _flickr8k_text_dir(root)
     captions = defaultdict(list)
-    for number, line in read_text_lines(root / "Flickr8k.token.txt", report):
+    for number, line in read_text_lines(text_dir / FLICKR8K_TOKENS, report):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -175,7 +211,7 @@ def read_flickr8k(data_dir: str, report: DataReport) -> dict[str, list[Captioned
                    "test": "Flickr_8k.testImages.txt"}
     splits, listed = {}, set()
     for split, filename in split_files.items():
-        path = root / filename
+        path = text_dir / filename
         if not path.is_file():
             raise ValueError(f"Flickr8k split file '{path}' is missing.")
         names = [name.strip() for _, name in read_text_lines(path, report) if name.strip()]
@@ -265,6 +301,109 @@ def read_coco(data_dir: str, report: DataReport) -> dict[str, list[CaptionedImag
     return splits
 
 
+def _hash_split(name: str) -> str:
+    """A split for an image of a layout without split files: 80/10/10 by a hash of its name, the same on every run and
+    machine (Python's own `hash` of a string is salted per process)."""
+    bucket = int.from_bytes(hashlib.sha1(name.encode("utf-8", "surrogateescape")).digest()[:4], "big") % 10
+    return "test" if bucket == 9 else "validation" if bucket == 8 else "train"
+
+
+def read_kaggle(data_dir: str, report: DataReport) -> dict[str, list[CaptionedImage]]:
+    """Kaggle's Flickr8k: `Images/` and `captions.txt`, a CSV with an `image,caption` header and one caption a line.
+    The official split files, where they sit next to it, give the splits; otherwise `_hash_split` does."""
+    root = Path(data_dir)
+    image_dir = _find_image_dir(root)
+    path = root / KAGGLE_CAPTIONS
+    lines = read_text_lines(path, report)
+    header = next((line for _, line in lines if line.strip()), "")
+    if [field.strip().lower() for field in header.split(",")] != ["image", "caption"]:
+        raise ValueError(f"'{path}' line 1 is {header[:80]!r}, not the header 'image,caption' that Kaggle's "
+                         "captions.txt starts with: add that line (or check that this is the right file).")
+    captions = defaultdict(list)
+    for number, line in lines[1:]:
+        if not line.strip():
+            continue
+        # Captions hold unquoted commas ("a dog, wet, runs"); file names never do: split at the first one.
+        name, sep, caption = line.partition(",")
+        caption = caption.strip()
+        if len(caption) > 1 and caption[0] == caption[-1] == '"':
+            caption = next(csv.reader([caption]))[0]
+        if not sep or not name.strip():
+            report.add("malformed caption lines", f"{path.name} line {number}")
+            continue
+        captions[name.strip()].append(caption)
+    split_files = {"train": "Flickr_8k.trainImages.txt", "validation": "Flickr_8k.devImages.txt",
+                   "test": "Flickr_8k.testImages.txt"}
+    listed = {}
+    if all((root / filename).is_file() for filename in split_files.values()):
+        for split, filename in split_files.items():
+            listed.update({name.strip(): split for _, name in read_text_lines(root / filename, report) if name.strip()})
+    else:
+        report.notes.append(f"No Flickr_8k.*Images.txt split files in {root}: images are split 80/10/10 (train, "
+                            "validation, test) by a hash of their file name, the same on every run.")
+    splits = {split: [] for split in SPLITS}
+    for name in sorted(captions):
+        split = listed.get(name) if listed else _hash_split(name)
+        if split is None:
+            report.add("captions naming images in no split", name)
+            continue
+        splits[split].append(CaptionedImage(name, image_dir / name, captions[name]))
+    return splits
+
+
+def _check_metadata(path: Path, caption_column: str | None) -> None:
+    """Stop on a metadata file that datasets' ImageFolder builder would fail on, naming the file, the line and the
+    fix: its own errors name neither."""
+    check = DataReport(str(path))
+    lines = read_text_lines(path, check)
+    if check.counts:
+        raise ValueError(f"'{path}' is not UTF-8 at {check.examples['lines that are not UTF-8'][0].split(' ', 1)[1]}: "
+                         "save it as UTF-8.")
+    rows = []
+    if path.suffix == ".jsonl":
+        for number, line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"'{path}' line {number} is not JSON ({error.msg}, column {error.colno}): each line "
+                                 'must be one object like {"file_name": "a.jpg", "caption": "a dog runs"}.') from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise ValueError(f"'{path}' line {number} has no \"file_name\": each line must be one object like "
+                                 '{"file_name": "a.jpg", "caption": "a dog runs"}.')
+            rows.append(row)
+        columns = {key for row in rows for key in row}
+    else:
+        reader = csv.reader(line for _, line in lines)
+        header = next(reader, [])
+        if "file_name" not in header:
+            raise ValueError(f"'{path}' line 1 is {','.join(header)[:80]!r}, not a header with a file_name column: "
+                             "start the file with a header such as 'file_name,caption'.")
+        columns = set(header)
+    try:
+        _caption_columns(dict.fromkeys(sorted(columns - {"file_name"})), caption_column)
+    except ValueError as error:
+        raise ValueError(f"'{path}': {error}") from None
+
+
+def read_imagefolder(data_dir: str, report: DataReport, caption_column: str | None = None
+                     ) -> dict[str, list[CaptionedImage]]:
+    """datasets' ImageFolder: images next to a `metadata.jsonl` / `metadata.csv` (`file_name` plus caption columns),
+    in `data_dir` or in `train/`, `validation/` and `test/` folders, read through datasets' `imagefolder` builder."""
+    import datasets
+
+    for path in _metadata_files(Path(data_dir)):
+        _check_metadata(path, caption_column)
+    loaded = datasets.load_dataset("imagefolder", data_dir=data_dir)
+    splits = _read_dataset_dict(loaded, report, "image", caption_column)
+    for records in splits.values():
+        for record in records:
+            # Named by their path in the folder: unique across split folders, and what a user recognises.
+            record.image_id = os.path.relpath(record.image["path"], data_dir)
+    return splits
+
+
 def _caption_columns(columns: dict, caption_column: str | None) -> list[str]:
     if caption_column:
         if caption_column not in columns:
@@ -289,6 +428,13 @@ def read_datasets(name_or_path: str, report: DataReport, image_column: str | Non
         loaded = datasets.load_from_disk(name_or_path)
     else:
         loaded = datasets.load_dataset(name_or_path)
+    return _read_dataset_dict(loaded, report, image_column, caption_column)
+
+
+def _read_dataset_dict(loaded, report: DataReport, image_column: str | None,
+                       caption_column: str | None) -> dict[str, list[CaptionedImage]]:
+    import datasets
+
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     splits = {}
@@ -402,9 +548,8 @@ def load_captioning_dataset(dataset: str, data_dir: str | None = None, image_col
     """
     Read a captioning dataset, check it, and report what was skipped.
 
-    `dataset` is "flickr8k", "flickr30k" or "coco" (the layout is detected in `data_dir`: Flickr8k as distributed,
-    Karpathy's JSON, or COCO captions JSON), "auto", or a `datasets` Hub id / `save_to_disk` folder (then `data_dir`
-    may be omitted).
+    `dataset` is "flickr8k", "flickr30k", "coco" or "auto" (the layout is detected in `data_dir`, see `detect_layout`),
+    or a `datasets` Hub id / `save_to_disk` folder (then `data_dir` may be omitted).
 
     Example:
 
@@ -426,6 +571,10 @@ def load_captioning_dataset(dataset: str, data_dir: str | None = None, image_col
         splits = read_karpathy(data_dir, report)
     elif layout == "coco":
         splits = read_coco(data_dir, report)
+    elif layout == "kaggle":
+        splits = read_kaggle(data_dir, report)
+    elif layout == "imagefolder":
+        splits = read_imagefolder(data_dir, report, caption_column)
     else:
         splits = read_datasets(source, report, image_column, caption_column)
     splits = clean_splits(splits, report)
