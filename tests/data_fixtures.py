@@ -138,3 +138,19 @@ def save_tiny_towers(root: Path, tokenizer) -> tuple[str, str]:
     gpt2.save_pretrained(root / "gpt2")
     tokenizer.save_pretrained(root / "gpt2")
     return str(root / "vit"), str(root / "gpt2")
+
+
+def save_tiny_bert(folder: Path, words: list[str], num_layers: int = 3) -> Path:
+    """A tiny random BERT and a word-level WordPiece tokenizer over `words`: a text encoder for BERTScore tests."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=128).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    return folder

@@ -173,9 +173,9 @@ def test_kaggle_captions_without_their_header_stop_naming_the_file_and_the_fix(t
     path.write_text("\n".join(path.read_text().splitlines()[1:]))
     with pytest.raises(ValueError) as error:
         load_captioning_dataset("auto", str(root))
-    assert str(error.value) == (f"'{path}' line 1 is 'img_000.jpg,A red square .', not the header 'image,caption' "
-                                "that Kaggle's captions.txt starts with: add that line (or check that this is the right "
-                                "file).")
+    assert str(error.value) == (
+        f"'{path}' line 1 is 'img_000.jpg,A red square .', not the header 'image,caption' that Kaggle's captions.txt "
+        "starts with: add that line (or check that this is the right file).")
 
 
 @pytest.mark.parametrize("metadata", ["jsonl", "csv"])

@@ -3,9 +3,10 @@ import json
 import pytest
 
 from vision_gpt import cli
+from vision_gpt.bertscore import BERTScorer, BERTScoreSettings
 
 from .conftest import tiny_model
-from .data_fixtures import write_flickr8k
+from .data_fixtures import save_tiny_bert, write_flickr8k
 
 pytestmark = pytest.mark.skipif(__import__("shutil").which("java") is None,
                                 reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
@@ -50,3 +51,36 @@ def test_evaluate_command_names_a_model_it_cannot_load(tmp_path, capsys):
                      "--output-dir", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "Could not load --model" in err and "no-such-model" in err
+
+
+def test_evaluate_command_adds_bertscore_with_the_model_and_layer_it_used(tmp_path, processor, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=2)
+    words = [word for line in (data / "Flickr8k.token.txt").read_text().splitlines() for word in line.split()[1:]]
+    bert = str(save_tiny_bert(tmp_path / "bert", [w.lower() for w in words]))
+    output = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(model_dir), "--data-dir", str(data), "--output-dir", str(output),
+                     "--num-beams", "1", "--max-new-tokens", "4", "--bertscore-model", bert,
+                     "--bertscore-layer", "2"]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+    expected = BERTScorer(BERTScoreSettings(model=bert, layer=2))([row["prediction"] for row in rows],
+                                                                  [row["references"] for row in rows])
+    assert metrics["bertscore_f1"] == pytest.approx(expected["bertscore_f1"], abs=1e-4)
+    assert metrics["bertscore_model"] == f"BERTScore: {bert}, layer 2 (as given); scores from other models or " \
+        "layers are not comparable"
+    assert "bertscore_f1" in (output / "metrics.md").read_text()
+
+
+def test_evaluate_command_refuses_a_bertscore_model_before_captioning(tmp_path, processor, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_flickr8k(tmp_path / "f8k", train=1, val=1, test=1)
+    assert cli.main(["evaluate", "--model", str(model_dir), "--data-dir", str(data), "--output-dir",
+                     str(tmp_path / "e"), "--bertscore-model", str(model_dir)]) == 2
+    assert f"error: --bertscore-model '{model_dir}' is a vision_gpt model, not a text encoder such as BERT or " \
+        "RoBERTa that BERTScore needs." in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()

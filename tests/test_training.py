@@ -16,7 +16,7 @@ from vision_gpt.training import (ModelArguments, StagedUnfreezingCallback, main,
                                  stage_for_epoch)
 
 from .conftest import tiny_model
-from .data_fixtures import save_tiny_towers, write_flickr8k
+from .data_fixtures import save_tiny_bert, save_tiny_towers, write_flickr8k
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,6 +141,11 @@ def test_config_files_give_the_same_arguments_as_flags(setup, tmp_path):
     (["--freeze_text_layers", "9"], "freeze_text_layers"),
     (["--metric_for_best_model", "accuracy"], "accuracy"),
     (["--unfreeze_text_epoch", "-1"], "unfreeze_text_epoch"),
+    (["--metric_for_best_model", "bertscore_f1", "--caption_metrics", "true"],
+     "--metric_for_best_model bertscore_f1 needs --bertscore_model"),
+    (["--bertscore_model", "/no/such/bert"], "--bertscore_model scores the captions of --caption_metrics"),
+    (["--bertscore_model", "/no/such/bert", "--caption_metrics", "true"],
+     "--bertscore_model '/no/such/bert' could not be loaded"),
 ])
 def test_bad_arguments_fail_at_start_naming_them(setup, tmp_path, capsys, extra, message):
     broken = tmp_path / "broken"
@@ -190,6 +195,31 @@ def test_staged_run_trains_gpt2_after_its_epoch(setup, tmp_path):
     log = (output / "train.log").read_text()
     assert "Epoch 1: trainable parameters" in log
     assert "Feature cache" in log or "Computing vision features" in log
+
+
+def test_bertscore_is_a_training_metric_that_selects_the_best_checkpoint(setup, tmp_path):
+    words = [w.lower() for line in (Path(setup["data"]) / "Flickr8k.token.txt").read_text().splitlines()
+             for w in line.split()[1:]]
+    bert = str(save_tiny_bert(tmp_path / "bert", words))
+    output = tmp_path / "out"
+    main(base_args(setup, output, "--max_steps", "3", "--eval_strategy", "steps", "--eval_steps", "1",
+                   "--save_strategy", "steps", "--save_steps", "1", "--caption_metrics", "true",
+                   "--caption_metrics_images", "2", "--generation_num_beams", "1", "--generation_max_new_tokens", "4",
+                   "--freeze_text", "false", "--learning_rate", "0.05", "--bertscore_model", bert,
+                   "--metric_for_best_model", "bertscore_f1", "--greater_is_better", "true",
+                   "--save_total_limit", "5"))
+    state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
+    scores = {entry["step"]: entry["eval_bertscore_f1"] for entry in state["log_history"]
+              if "eval_bertscore_f1" in entry}
+    assert sorted(scores) == [1, 2, 3]
+    best_step = max(scores, key=lambda step: (scores[step], -step))
+    assert state["best_metric"] == pytest.approx(scores[best_step])
+    assert state["best_model_checkpoint"] == str(output / f"checkpoint-{best_step}")
+    final, best = load_file(output / "model.safetensors"), load_file(output / f"checkpoint-{best_step}" /
+                                                                    "model.safetensors")
+    for name in best:
+        torch.testing.assert_close(final[name], best[name], rtol=0, atol=0, msg=name)
+    assert "BERTScore: " in (output / "train.log").read_text()
 
 
 def test_non_finite_loss_stops_without_writing_a_model(setup, tmp_path, processor):

@@ -139,7 +139,8 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     from .datasets import generate_shapes_corpus
     from .evaluation import caption_statistics, compute_caption_metrics, format_metrics_table
     from .modeling import VisionGPTForConditionalGeneration, VisionGPTProcessor
-    from .training import generate_captions, main as train
+    from .generation import generate_captions
+    from .training import main as train
 
     if isinstance(show, bool) or not isinstance(show, int) or show < 1:
         raise ValueError(f"run_demo(show={show!r}): must be a positive integer, the number of test images that the FP16 "

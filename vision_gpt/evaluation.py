@@ -527,22 +527,26 @@ __all__ = [
 # ----- `vision-gpt evaluate` -----------------------------------------------------------------------------------------
 
 
-def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_length: int = 64,
+def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_length: int = 64, bertscorer=None,
                    **generate_kwargs) -> dict:
     """
-    Caption `images` (`CaptionedImage` records) and score them: caption metrics against all references, caption
-    statistics, and perplexity of the references. Returns `{"metrics", "statistics", "perplexity", "predictions"}`.
+    Caption `images` (`CaptionedImage` records) and score them: caption metrics against all references (and BERTScore
+    with a `vision_gpt.bertscore.BERTScorer`), caption statistics, and perplexity of the references. Returns
+    `{"metrics", "statistics", "perplexity", "predictions"}`.
     """
     from torch.utils.data import DataLoader
 
     from .data import CaptionCollator, CaptionPairDataset
-    from .training import generate_captions
+    from .generation import generate_captions
 
     predictions, references = generate_captions(model, processor, images, batch_size=batch_size, **generate_kwargs)
     loader = DataLoader(CaptionPairDataset(images, processor.image_processor), batch_size=batch_size,
                         collate_fn=CaptionCollator(processor, max_caption_length))
+    metrics = compute_caption_metrics(predictions, references)
+    if bertscorer is not None:
+        metrics.update(bertscorer(list(predictions.values()), list(references.values())))
     return {
-        "metrics": compute_caption_metrics(predictions, references),
+        "metrics": metrics,
         "statistics": caption_statistics(list(predictions.values())),
         "perplexity": perplexity(model, loader),
         "predictions": [{"image_id": i, "prediction": predictions[i], "references": references[i]}
@@ -574,6 +578,17 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--image-column")
     parser.add_argument("--caption-column")
+    bertscore = parser.add_argument_group("BERTScore (needs the bert-score package: pip install 'vision-gpt[metrics]')")
+    bertscore.add_argument("--bertscore", action="store_true",
+                           help="also report BERTScore precision, recall and F1 (0-100), with --bertscore-model")
+    bertscore.add_argument("--bertscore-model", metavar="MODEL",
+                           help="text encoder, folder or Hub id (implies --bertscore; default roberta-large, "
+                                "bert-score's default for English)")
+    bertscore.add_argument("--bertscore-layer", type=int, metavar="N",
+                           help="its layer (default: bert-score's tuned layer for a model it knows, else the last)")
+    bertscore.add_argument("--bertscore-idf", action="store_true", help="weight tokens by idf over the references")
+    bertscore.add_argument("--bertscore-rescale", action="store_true",
+                           help="rescale with bert-score's baseline for the model (shipped for the models it knows)")
     parser.set_defaults(func=run)
 
 
@@ -586,6 +601,18 @@ def run(args) -> int:
 
     from .data import load_captioning_dataset
 
+    bertscorer = None
+    if args.bertscore or args.bertscore_model:
+        from .bertscore import DEFAULT_MODEL, BERTScorer, BERTScoreSettings
+
+        # Loaded before captioning, so that a bad model fails in seconds, not after the whole split.
+        try:
+            bertscorer = BERTScorer(BERTScoreSettings(model=args.bertscore_model or DEFAULT_MODEL,
+                                                      layer=args.bertscore_layer, idf=args.bertscore_idf,
+                                                      rescale_with_baseline=args.bertscore_rescale))
+        except ImportError as error:
+            raise ValueError(str(error)) from None
+        print(bertscorer.description)
     torch.manual_seed(args.seed)
     splits, report = load_captioning_dataset(args.dataset, args.data_dir, args.image_column, args.caption_column)
     images = splits.get(args.split)
@@ -603,7 +630,7 @@ def run(args) -> int:
     settings = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     settings = {key: value for key, value in settings.items() if value not in (None, False)}
-    result = evaluate_model(model, processor, images, batch_size=args.batch_size, **settings)
+    result = evaluate_model(model, processor, images, batch_size=args.batch_size, bertscorer=bertscorer, **settings)
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)

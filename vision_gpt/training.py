@@ -19,6 +19,7 @@ from transformers import (AutoConfig, EarlyStoppingCallback, HfArgumentParser, T
 
 from . import hardware
 from .checkpoints import resolve_resume
+from .generation import generate_captions
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
 
@@ -26,6 +27,7 @@ logger = logging.getLogger("vision_gpt.training")
 
 CAPTION_METRIC_KEYS = {"BLEU-1": "bleu_1", "BLEU-2": "bleu_2", "BLEU-3": "bleu_3", "BLEU-4": "bleu_4",
                        "METEOR": "meteor", "ROUGE-L": "rouge_l", "CIDEr-D": "cider_d", "SPICE": "spice"}
+BERTSCORE_KEYS = ("bertscore_precision", "bertscore_recall", "bertscore_f1")
 
 
 @dataclass
@@ -71,6 +73,12 @@ class DataArguments:
     caption_metrics_images: int = field(default=100, metadata={"help": "How many validation images to caption."})
     generation_num_beams: int = field(default=3)
     generation_max_new_tokens: int = field(default=32)
+    bertscore_model: str | None = field(default=None, metadata={
+        "help": "Also score the captioned validation images by BERTScore with this text encoder (folder or Hub id, "
+                "e.g. roberta-large): eval_bertscore_precision/recall/f1, usable as --metric_for_best_model."})
+    bertscore_layer: int | None = field(default=None, metadata={
+        "help": "Its layer (default: bert-score's tuned layer for a model it knows, else the last)."})
+    bertscore_idf: bool = field(default=False, metadata={"help": "Weight BERTScore tokens by idf over the references."})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop when metric_for_best_model has not improved for this many evaluations."})
 
@@ -170,11 +178,15 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     caption_metrics = set(CAPTION_METRIC_KEYS.values())
     if best is not None:
         key = best.removeprefix("eval_")
-        if key not in {"loss", "perplexity"} | caption_metrics:
+        if key not in {"loss", "perplexity", *caption_metrics, *BERTSCORE_KEYS}:
             raise ValueError(f"--metric_for_best_model {best!r} is not computed; use loss, perplexity or one of "
-                             f"{sorted(caption_metrics)}")
-        if key in caption_metrics and not data_args.caption_metrics:
+                             f"{sorted(caption_metrics | set(BERTSCORE_KEYS))}")
+        if (key in caption_metrics or key in BERTSCORE_KEYS) and not data_args.caption_metrics:
             raise ValueError(f"--metric_for_best_model {best} needs --caption_metrics true")
+        if key in BERTSCORE_KEYS and not data_args.bertscore_model:
+            raise ValueError(f"--metric_for_best_model {best} needs --bertscore_model (e.g. roberta-large)")
+    if data_args.bertscore_model and not data_args.caption_metrics:
+        raise ValueError("--bertscore_model scores the captions of --caption_metrics: add --caption_metrics true")
     if data_args.early_stopping_patience is not None and data_args.early_stopping_patience < 1:
         raise ValueError("--early_stopping_patience must be at least 1")
     # Model fields are checked by VisionGPTConfig itself, against the real tower sizes, in build_model_config.
@@ -274,7 +286,7 @@ def plot_history(history: list[dict], output_dir: Path) -> list[Path]:
     losses = {"train loss": [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h],
               "validation loss": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
     metrics = {key: [(h["step"], h[f"eval_{key}"]) for h in history if f"eval_{key}" in h]
-               for key in CAPTION_METRIC_KEYS.values()}
+               for key in (*CAPTION_METRIC_KEYS.values(), *BERTSCORE_KEYS)}
     written = []
     for series, ylabel, name in ((losses, "cross-entropy per caption token", "loss.png"),
                                  (metrics, "score (0-100)", "caption_metrics.png")):
@@ -307,12 +319,13 @@ class CaptionTrainer(Trainer):
     """`Trainer` plus: an optimizer that covers parameters unfrozen later, a stop on non-finite losses, and
     perplexity and caption metrics at each evaluation."""
 
-    def __init__(self, *args, later_trainable=(), caption_images=None, data_args=None, **kwargs):
+    def __init__(self, *args, later_trainable=(), caption_images=None, data_args=None, bertscorer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.later_trainable = list(later_trainable)
         self.caption_images = caption_images
         self.data_args = data_args
         self._metrics_unavailable = None
+        self.bertscorer = bertscorer
 
     def create_optimizer(self, model=None):
         # Parameters that a later stage unfreezes must be in the optimizer from the start (AdamW skips them while
@@ -394,28 +407,11 @@ class CaptionTrainer(Trainer):
             self._metrics_unavailable = str(error)
             logger.warning("Caption metrics failed (%s); evaluating loss and perplexity only.", error)
             return {}
-        return {CAPTION_METRIC_KEYS[name]: value for name, value in scores.items() if name in CAPTION_METRIC_KEYS}
-
-
-@torch.no_grad()
-def generate_captions(model, processor, images, batch_size: int = 16, **generate_kwargs):
-    """Captions for `CaptionedImage` records: `({image_id: caption}, {image_id: references})`."""
-    from .data import pixel_values_for
-
-    was_training = model.training
-    model.eval()
-    predictions, references = {}, {}
-    try:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = torch.cat([pixel_values_for(r.image, processor.image_processor) for r in chunk])
-            sequences = model.generate(pixel_values=pixels.to(model.device, model.dtype), **generate_kwargs)
-            for record, caption in zip(chunk, processor.batch_decode(sequences)):
-                predictions[record.image_id] = caption
-                references[record.image_id] = record.captions
-    finally:
-        model.train(was_training)
-    return predictions, references
+        scores = {CAPTION_METRIC_KEYS[name]: value for name, value in scores.items() if name in CAPTION_METRIC_KEYS}
+        if self.bertscorer is not None:
+            bertscore = self.bertscorer(list(predictions.values()), list(references.values()))
+            scores.update({key: bertscore[key] for key in BERTSCORE_KEYS})
+        return scores
 
 
 # ----- main ----------------------------------------------------------------------------------------------------------
@@ -491,6 +487,20 @@ def main(argv=None) -> dict:
             for note in notes:
                 logger.warning("%s", note)
 
+    bertscorer = None
+    if data_args.bertscore_model and data_args.caption_metrics:
+        from .bertscore import BERTScorer, BERTScoreSettings
+
+        # Loaded once, here, so that a bad model stops the run at start-up, and not at every evaluation.
+        try:
+            bertscorer = BERTScorer(BERTScoreSettings(model=data_args.bertscore_model, layer=data_args.bertscore_layer,
+                                                      idf=data_args.bertscore_idf, flag="--bertscore_model"),
+                                    device=str(training_args.device))
+        except (ValueError, ImportError) as error:
+            raise SystemExit(f"error: {error}") from None
+        if training_args.process_index == 0:
+            logger.info("%s", bertscorer.description)
+
     from .data import CaptionCollator, CaptionPairDataset, load_captioning_dataset
     from .export import export_repo
     from .feature_cache import FeatureCache
@@ -542,6 +552,7 @@ def main(argv=None) -> dict:
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=CaptionCollator(processor, data_args.max_caption_length), processing_class=processor,
         callbacks=callbacks, later_trainable=later_trainable, caption_images=caption_images, data_args=data_args,
+        bertscorer=bertscorer,
     )
 
     try:
@@ -556,7 +567,8 @@ def main(argv=None) -> dict:
     if trainer.is_world_process_zero():
         final = trainer.accelerator.unwrap_model(trainer.model)
         card_metrics = {name.removeprefix("eval_"): value for name, value in metrics.items()
-                        if name.removeprefix("eval_") in set(CAPTION_METRIC_KEYS.values()) | {"loss", "perplexity"}}
+                        if name.removeprefix("eval_") in {*CAPTION_METRIC_KEYS.values(), *BERTSCORE_KEYS, "loss",
+                                                           "perplexity"}}
         repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
         folders = export_repo(
             final.to(torch.float32), processor, training_args.output_dir, repo_id=repo_id,
