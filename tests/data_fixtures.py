@@ -154,3 +154,25 @@ def save_tiny_bert(folder: Path, words: list[str], num_layers: int = 3) -> Path:
                         intermediate_size=37, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+def save_tiny_clip(folder: Path, words: list[str]) -> Path:
+    """A tiny random CLIP with a word-level tokenizer over `words` and CLIP's PIL image processor: a CLIPScore model."""
+    import torch
+    from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w.lower() for w in words})]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), model_max_length=32).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),  # [SEP] ends each text, where CLIP pools it
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=30, patch_size=6),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    return folder

@@ -16,9 +16,11 @@ from PIL import Image
 
 from vision_gpt import VisionGPTForConditionalGeneration
 from vision_gpt.cli import main
+from vision_gpt.clipscore import CLIPScorer, CLIPScoreSettings
 from vision_gpt.output_lock import OutputLock, OutputLockedError, lock_path
 
 from .conftest import random_images, tiny_model
+from .data_fixtures import save_tiny_clip
 
 # The module `accelerate launch -m` runs; `vision_gpt.cli` once cli.py registers the `caption` subcommand.
 ENTRY_MODULE = "vision_gpt.cli"
@@ -381,3 +383,30 @@ def test_the_lock_excludes_a_second_holder_until_released(tmp_path):
     assert not lock_path(output).exists()
     assert second.acquire() == []
     second.release()
+
+
+# ----- reference-free scores -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_score_clip_adds_each_first_captions_clipscore(model_dir, photos, tmp_path, suffix):
+    # The random captioner's captions are mostly [UNK] to this word-level vocabulary: CLIPScore scores them all the same.
+    clip = str(save_tiny_clip(tmp_path / "clip", "a photo depicts dog red square".split()))
+    output = tmp_path / f"captions{suffix}"
+    paths = sorted(photos.iterdir())[:3]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    assert caption(*paths, bad, "--model", model_dir, "--output", output, "--score", "clip", "--clipscore-model", clip,
+                   "--num-workers", "1", *SHORT) == 1
+    rows = {row["image"]: row for row in read_output(output)}
+    scorer = CLIPScorer(CLIPScoreSettings(model=clip))
+    images = [Image.open(path).convert("RGB") for path in paths]
+    expected = scorer.per_image(images, [rows[str(path)]["caption"] for path in paths])
+    for path, want in zip(paths, expected):
+        assert float(rows[str(path)]["clipscore"]) == pytest.approx(want["clipscore"], abs=0.01)
+    assert rows[str(bad)]["clipscore"] in (None, "") and rows[str(bad)]["error"]
+
+
+def test_clipscore_model_without_score_is_refused(model_dir, photos, capsys):
+    assert caption(photos, "--model", model_dir, "--clipscore-model", "x") == 2
+    assert "--clipscore-model is the model of --score clip: add --score clip." in capsys.readouterr().err

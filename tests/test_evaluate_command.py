@@ -1,12 +1,14 @@
 import json
 
 import pytest
+from PIL import Image
 
 from vision_gpt import cli
 from vision_gpt.bertscore import BERTScorer, BERTScoreSettings
+from vision_gpt.clipscore import CLIPScorer, CLIPScoreSettings
 
 from .conftest import tiny_model
-from .data_fixtures import save_tiny_bert, write_flickr8k
+from .data_fixtures import save_tiny_bert, save_tiny_clip, write_flickr8k
 
 pytestmark = pytest.mark.skipif(__import__("shutil").which("java") is None,
                                 reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
@@ -84,3 +86,23 @@ def test_evaluate_command_refuses_a_bertscore_model_before_captioning(tmp_path, 
     assert f"error: --bertscore-model '{model_dir}' is a vision_gpt model, not a text encoder such as BERT or " \
         "RoBERTa that BERTScore needs." in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_evaluate_command_adds_clipscore_and_refclipscore(tmp_path, processor):
+    model_dir = tmp_path / "model"
+    tiny_model().save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=2)
+    words = [word for line in (data / "Flickr8k.token.txt").read_text().splitlines() for word in line.split()[1:]]
+    clip = str(save_tiny_clip(tmp_path / "clip", words + "a photo depicts".split()))
+    output = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(model_dir), "--data-dir", str(data), "--output-dir", str(output),
+                     "--num-beams", "1", "--max-new-tokens", "4", "--clipscore-model", clip]) == 0
+    metrics = json.loads((output / "metrics.json").read_text())["metrics"]
+    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+    images = [Image.open(data / "Flicker8k_Dataset" / row["image_id"]).convert("RGB") for row in rows]
+    expected = CLIPScorer(CLIPScoreSettings(model=clip))(images, [row["prediction"] for row in rows],
+                                                         [row["references"] for row in rows])
+    assert metrics["clipscore"] == pytest.approx(expected["clipscore"], abs=1e-4)
+    assert metrics["refclipscore"] == pytest.approx(expected["refclipscore"], abs=1e-4)
+    assert metrics["clipscore_model"].startswith(f"CLIPScore: {clip}, w = 2.5")

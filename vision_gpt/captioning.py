@@ -182,13 +182,17 @@ def load_dataset_split(name_or_path: str, split: str | None, image_column: str |
 
 class ImageDecoder(torch.utils.data.Dataset):
     """Loads and preprocesses one image per item: `(key, pixel_values (C, H, W), None)`, or `(key, None, reason)` for
-    an image that cannot be read, so that one bad file never stops the run."""
+    an image that cannot be read, so that one bad file never stops the run. With a `score_processor` (CLIP's, for
+    `--score clip`), the pixel values are a pair: the captioner's and CLIP's."""
 
-    def __init__(self, refs: list[ImageRef], image_processor, dataset=None, max_image_pixels: int | None = None):
+    def __init__(self, refs: list[ImageRef], image_processor, dataset=None, max_image_pixels: int | None = None,
+                 score_processor=None):
         self.refs = refs
         self.image_processor = image_processor
         self.dataset = dataset
         self.max_image_pixels = max_image_pixels
+        # Only the image processor travels to the workers, not the CLIP model.
+        self.score_processor = score_processor
 
     def __len__(self):
         return len(self.refs)
@@ -203,6 +207,9 @@ class ImageDecoder(torch.utils.data.Dataset):
                 image = load_image(ref.source)
             self._check_size(ref, image.size)
             pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+            if self.score_processor is not None:
+                clip_pixels = self.score_processor(images=image, return_tensors="pt")["pixel_values"][0]
+                pixel_values = (pixel_values, clip_pixels)
         except _TooLarge as error:
             return ref.key, None, (f"Image '{ref.key}' is too large: {error} (the limit is --max-image-pixels "
                                    f"{self.max_image_pixels}; raise it or downscale the image).")
@@ -255,9 +262,9 @@ def output_format(path: str) -> str:
     return fmt
 
 
-def csv_columns(num_captions: int) -> list[str]:
+def csv_columns(num_captions: int, clipscore: bool = False) -> list[str]:
     extra = [f"caption_{i}" for i in range(2, num_captions + 1)]
-    return ["image", "caption", *extra, "error", *SETTINGS]
+    return ["image", "caption", *extra, *(["clipscore"] if clipscore else []), "error", *SETTINGS]
 
 
 def part_path(output: str, rank: int) -> Path:
@@ -481,20 +488,30 @@ def decoding_settings(args, generation_config) -> tuple[dict, dict]:
     return generate_kwargs, settings
 
 
-def caption_batches(loader, model, processor, generate_kwargs: dict, settings: dict, fmt: str | None):
+def caption_batches(loader, model, processor, generate_kwargs: dict, settings: dict, fmt: str | None,
+                    scorer=None):
     """Yield the rows of each batch of `loader` (an `ImageDecoder`'s): readable images are captioned in one `generate`
-    call, the others become error rows."""
+    call, the others become error rows. With a `scorer` (a `CLIPScorer`), each row also gets the CLIPScore of its
+    first caption."""
     num_captions = settings["num_captions"]
     for items in loader:
         good = [(key, pixels) for key, pixels, error in items if error is None]
-        captions = {}
+        captions, scores = {}, {}
         if good:
-            pixel_values = torch.stack([pixels for _, pixels in good])  # (B, C, H, W)
-            pixel_values = pixel_values.to(device=model.device, dtype=model.dtype)
+            own = [pixels[0] if scorer is not None else pixels for _, pixels in good]
+            pixel_values = torch.stack(own).to(device=model.device, dtype=model.dtype)  # (B, C, H, W)
             sequences = model.generate(pixel_values=pixel_values, **generate_kwargs)  # (B * N, L), by image
             texts = [_one_line(text) for text in processor.batch_decode(sequences)]
             captions = {key: texts[i * num_captions:(i + 1) * num_captions] for i, (key, _) in enumerate(good)}
-        yield [make_row(key, captions.get(key), error, settings, fmt) for key, _, error in items]
+            if scorer is not None:
+                values = scorer.score_pixels(torch.stack([pixels[1] for _, pixels in good]),
+                                             [captions[key][0] for key, _ in good])
+                scores = {key: round(value, 2) for (key, _), value in zip(good, values)}
+        rows = [make_row(key, captions.get(key), error, settings, fmt) for key, _, error in items]
+        if scorer is not None:
+            for row in rows:
+                row["clipscore"] = scores.get(row["image"])
+        yield rows
 
 
 def _dtype_name(text: str) -> str:
@@ -567,6 +584,8 @@ def run(args) -> int:
                          "--dataset NAME_OR_FOLDER.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.clipscore_model and not args.score:
+        raise ValueError("--clipscore-model is the model of --score clip: add --score clip.")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     # Under torchrun without accelerators, PartialState() would make every process a separate single-process run;
     # cpu=True makes them one gloo group that splits the images.
@@ -621,7 +640,13 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
     model.to(device).eval()
     generate_kwargs, settings = decoding_settings(args, model.generation_config)
     settings = {"model": args.model, **settings, "dtype": dtype_name, "seed": args.seed}
-    columns = csv_columns(settings["num_captions"])
+    scorer = None
+    if args.score:
+        from .clipscore import DEFAULT_MODEL as CLIP_MODEL, CLIPScorer, CLIPScoreSettings
+
+        scorer = CLIPScorer(CLIPScoreSettings(model=args.clipscore_model or CLIP_MODEL), device=str(device))
+        say(scorer.description)
+    columns = csv_columns(settings["num_captions"], clipscore=scorer is not None)
     if args.seed is not None:
         set_seed(args.seed)
 
@@ -646,7 +671,8 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         sink = RowWriter(part_path(args.output, state.process_index) if state.num_processes > 1 else output,
                          fmt, columns)
     num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
-    decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels)
+    decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels,
+                           scorer.image_processor if scorer is not None else None)
     loader = torch.utils.data.DataLoader(
         decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
         pin_memory=device.type == "cuda")
@@ -659,7 +685,7 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
     progress = tqdm(total=len(share), unit=" images", disable=not state.is_main_process or not share,
                     desc="captioning" + (f" (process 0 of {state.num_processes})" if processes else ""))
     try:
-        for batch in caption_batches(loader, model, processor, generate_kwargs, settings, fmt):
+        for batch in caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer):
             failed += sum(1 for row in batch if row["error"])
             captioned += sum(1 for row in batch if not row["error"])
             if sink is not None:
@@ -775,6 +801,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     decoding.add_argument("--num-captions", type=int, metavar="N",
                           help="captions per image (needs --num-beams >= N, or --do-sample)")
     decoding.add_argument("--seed", type=int, help="random seed, for repeatable --do-sample captions")
+    scoring = parser.add_argument_group("scoring (no references needed)")
+    scoring.add_argument("--score", choices=["clip"],
+                         help="add a clipscore column: the CLIPScore (Hessel et al., 2021; 0-100) of each image's "
+                              "first caption, how well it fits the image in CLIP's embedding space")
+    scoring.add_argument("--clipscore-model", metavar="MODEL",
+                         help="CLIP model for --score clip, folder or Hub id (default openai/clip-vit-base-patch32)")
 
     running = parser.add_argument_group("running")
     running.add_argument("--output", metavar="FILE.jsonl|FILE.csv",

@@ -528,11 +528,12 @@ __all__ = [
 
 
 def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_length: int = 64, bertscorer=None,
-                   **generate_kwargs) -> dict:
+                   clipscorer=None, **generate_kwargs) -> dict:
     """
     Caption `images` (`CaptionedImage` records) and score them: caption metrics against all references (and BERTScore
-    with a `vision_gpt.bertscore.BERTScorer`), caption statistics, and perplexity of the references. Returns
-    `{"metrics", "statistics", "perplexity", "predictions"}`.
+    with a `vision_gpt.bertscore.BERTScorer`, CLIPScore and RefCLIPScore with a `vision_gpt.clipscore.CLIPScorer`),
+    caption statistics, and perplexity of the references. Returns `{"metrics", "statistics", "perplexity",
+    "predictions"}`.
     """
     from torch.utils.data import DataLoader
 
@@ -545,6 +546,11 @@ def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_l
     metrics = compute_caption_metrics(predictions, references)
     if bertscorer is not None:
         metrics.update(bertscorer(list(predictions.values()), list(references.values())))
+    if clipscorer is not None:
+        from .data import open_stored_image
+
+        pictures = [open_stored_image(record.image, record.image_id) for record in images]
+        metrics.update(clipscorer(pictures, list(predictions.values()), list(references.values())))
     return {
         "metrics": metrics,
         "statistics": caption_statistics(list(predictions.values())),
@@ -589,6 +595,12 @@ def register(subparsers) -> None:
     bertscore.add_argument("--bertscore-idf", action="store_true", help="weight tokens by idf over the references")
     bertscore.add_argument("--bertscore-rescale", action="store_true",
                            help="rescale with bert-score's baseline for the model (shipped for the models it knows)")
+    clipscore = parser.add_argument_group("CLIPScore and RefCLIPScore (Hessel et al., 2021)")
+    clipscore.add_argument("--clipscore", action="store_true",
+                           help="also report CLIPScore (no references needed) and RefCLIPScore, 0-100")
+    clipscore.add_argument("--clipscore-model", metavar="MODEL",
+                           help="CLIP model, folder or Hub id (implies --clipscore; default "
+                                "openai/clip-vit-base-patch32, the paper's)")
     parser.set_defaults(func=run)
 
 
@@ -613,6 +625,12 @@ def run(args) -> int:
         except ImportError as error:
             raise ValueError(str(error)) from None
         print(bertscorer.description)
+    clipscorer = None
+    if args.clipscore or args.clipscore_model:
+        from .clipscore import DEFAULT_MODEL as CLIP_MODEL, CLIPScorer, CLIPScoreSettings
+
+        clipscorer = CLIPScorer(CLIPScoreSettings(model=args.clipscore_model or CLIP_MODEL))
+        print(clipscorer.description)
     torch.manual_seed(args.seed)
     splits, report = load_captioning_dataset(args.dataset, args.data_dir, args.image_column, args.caption_column)
     images = splits.get(args.split)
@@ -630,7 +648,8 @@ def run(args) -> int:
     settings = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     settings = {key: value for key, value in settings.items() if value not in (None, False)}
-    result = evaluate_model(model, processor, images, batch_size=args.batch_size, bertscorer=bertscorer, **settings)
+    result = evaluate_model(model, processor, images, batch_size=args.batch_size, bertscorer=bertscorer,
+                            clipscorer=clipscorer, **settings)
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
