@@ -2,6 +2,7 @@
 image, empty captions, clear errors for models that cannot score."""
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import bert_score
@@ -94,3 +95,16 @@ def test_all_minilm_l6_v2_scores_as_the_reference_implementation_and_prefers_the
     right = scorer(["a dog runs on the grass"], [REFERENCES[0]])["bertscore_f1"]
     wrong = scorer(["two cats sleep on a sofa"], [REFERENCES[0]])["bertscore_f1"]
     assert right > wrong + 10
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
+def test_the_evaluate_module_adds_bertscore_as_an_option(tiny_bert):
+    import evaluate
+
+    from vision_gpt.evaluation import CAPTION_METRICS_PATH
+
+    results = evaluate.load(CAPTION_METRICS_PATH).compute(predictions=PREDICTIONS, references=REFERENCES, spice=False,
+                                                          bertscore_model=tiny_bert, bertscore_layer=2)
+    expected = BERTScorer(BERTScoreSettings(model=tiny_bert, layer=2))(PREDICTIONS, REFERENCES)
+    assert ours(results) == pytest.approx(ours(expected), abs=1e-4)
+    assert "CIDEr-D" in results and results["bertscore_model"] == expected["bertscore_model"]

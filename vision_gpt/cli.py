@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     # These modules import their heavy dependencies (gradio, datasets, pycocoevalcap) only when a command runs.
-    from . import app, captioning, evaluation
+    from . import app, captioning, evaluate_command
 
-    for module in (evaluation, captioning, app):
+    for module in (evaluate_command, captioning, app):
         module.register(commands)
     return parser
 

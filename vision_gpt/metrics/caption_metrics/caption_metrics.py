@@ -1,6 +1,9 @@
-"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE) as an `evaluate` metric.
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE), and optionally BERTScore, as an `evaluate`
+metric.
 
-A thin wrapper: the numbers come from `vision_gpt.evaluation.compute_caption_metrics`, so both routes agree.
+A thin wrapper: the numbers come from `vision_gpt.evaluation.compute_caption_metrics` and `vision_gpt.bertscore`, so
+both routes agree. (CLIPScore needs the images, which an `evaluate` text metric does not take: see
+`vision_gpt.clipscore`.)
 Load it with `evaluate.load(vision_gpt.evaluation.CAPTION_METRICS_PATH)`.
 """
 
@@ -37,9 +40,15 @@ Args:
     references (`list` of `list` of `str`): the reference captions of each image, at least one per image.
     spice (`bool` or `None`, defaults to `None`): `None` adds SPICE when its CoreNLP jars are installed and otherwise
         says why under "SPICE_skipped"; `True` requires it; `False` never runs it.
+    bertscore_model (`str`, *optional*): a text encoder (folder or Hub id, e.g. "roberta-large") to add BERTScore,
+        computed by the bert-score package (`pip install bert-score`).
+    bertscore_layer (`int`, *optional*): its layer (default: bert-score's tuned layer for a model it knows, else the
+        last).
+    bertscore_idf (`bool`, defaults to `False`): weight BERTScore tokens by idf over the references.
 Returns:
     "BLEU-1" ... "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D" (0-100; CIDEr-D up to 1000), "num_images", "num_references",
-    and "SPICE" or "SPICE_skipped".
+    and "SPICE" or "SPICE_skipped"; with `bertscore_model`, "bertscore_precision", "bertscore_recall", "bertscore_f1"
+    (0-100) and "bertscore_model" (the model, layer and settings used).
 Examples:
     >>> import evaluate
     >>> from vision_gpt.evaluation import CAPTION_METRICS_PATH
@@ -71,5 +80,14 @@ class CaptionMetrics(evaluate.Metric):
             reference_urls=["https://arxiv.org/abs/1504.00325", "https://arxiv.org/abs/1411.5726"],
         )
 
-    def _compute(self, predictions, references, spice=None):
-        return compute_caption_metrics(list(predictions), [list(refs) for refs in references], spice=spice)
+    def _compute(self, predictions, references, spice=None, bertscore_model=None, bertscore_layer=None,
+                 bertscore_idf=False):
+        predictions, references = list(predictions), [list(refs) for refs in references]
+        results = compute_caption_metrics(predictions, references, spice=spice)
+        if bertscore_model:
+            from vision_gpt.bertscore import BERTScoreSettings, compute_bertscore
+
+            settings = BERTScoreSettings(model=bertscore_model, layer=bertscore_layer, idf=bertscore_idf,
+                                         flag="bertscore_model")
+            results.update(compute_bertscore(predictions, references, settings))
+        return results
