@@ -6,6 +6,8 @@ import pytest
 from vision_gpt import cli
 from vision_gpt.demo import run_demo
 
+from .data_fixtures import save_tiny_clip
+
 pytestmark = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
 
@@ -13,8 +15,9 @@ pytestmark = pytest.mark.skipif(shutil.which("java") is None,
 @pytest.fixture(scope="module")
 def short_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
+    clip = save_tiny_clip(workdir / "clip", "a photo depicts red blue green square circle triangle".split())
     result = run_demo(workdir, num_train=40, num_val=8, num_test=8, max_steps=3, batch_size=8,
-                      require_improvement=False, show=4)
+                      require_improvement=False, show=4, clipscore_model=str(clip))
     return workdir, result
 
 
@@ -27,6 +30,10 @@ def test_short_demo_produces_every_artifact(short_demo):
     assert saved["model"]["num_images"] == saved["baseline"]["num_images"] == 8
     assert saved["baseline_caption"] == result["baseline_caption"]
     assert len(result["fp16_captions"]) == 4
+    # The test extras hold the metrics extra: BERTScore by all-MiniLM-L6-v2, near duplicates, and CLIPScore here.
+    for row in (saved["model"], saved["baseline"]):
+        assert 0 < row["BERTScore-F1"] <= 100 and 0 <= row["CLIPScore"] <= 250
+    assert 0 <= saved["statistics"]["near_duplicate_captions_pct"] <= 100
 
 
 def test_baseline_is_the_most_frequent_training_caption(short_demo):

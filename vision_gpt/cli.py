@@ -71,7 +71,8 @@ def cmd_demo(args) -> int:
     try:
         run_demo(args.workdir, overwrite=args.overwrite, num_train=args.train_images, num_val=args.val_images,
                  num_test=args.test_images, epochs=args.epochs, max_steps=args.max_steps,
-                 batch_size=args.batch_size, seed=args.seed, require_improvement=not args.no_check)
+                 batch_size=args.batch_size, seed=args.seed, require_improvement=not args.no_check,
+                 clipscore_model=args.clipscore_model)
     except DemoFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-check", action="store_true", help="do not fail when the baseline is not beaten")
+    demo.add_argument("--clipscore-model", metavar="MODEL",
+                      help="also report CLIPScore with this CLIP model (folder or Hub id, e.g. "
+                           "openai/clip-vit-base-patch32)")
     demo.set_defaults(func=cmd_demo)
 
     convert = commands.add_parser(

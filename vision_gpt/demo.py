@@ -130,11 +130,46 @@ def contact_sheet(records, captions: list[str], path: Path, cell: int = 224) -> 
     return path
 
 
+def _semantic_scores(test, scores, captions, references, clipscore_model):
+    """Add BERTScore (all-MiniLM-L6-v2) and, with a CLIP model, CLIPScore to each row of `scores` (one per caption set
+    in `captions`); returns notes for the user and the sentence embedder for near duplicates (None without it)."""
+    from .sentence_embeddings import SentenceEmbedder, default_sentence_model
+
+    notes, embedder, scorer = [], None, None
+    minilm = default_sentence_model()
+    if minilm is not None:
+        from .bertscore import BERTScorer, BERTScoreSettings
+
+        try:
+            scorer = BERTScorer(BERTScoreSettings(model=minilm))
+        except ImportError:  # bert-score is in the metrics extra, MiniLM too; one may be there without the other
+            pass
+    if scorer is None:
+        notes.append("BERTScore and near-duplicate captions: pip install 'vision-gpt[metrics]' to add them")
+    else:
+        for row, caption_set in zip(scores.values(), captions):
+            row["BERTScore-F1"] = scorer(list(caption_set.values()), list(references.values()))["bertscore_f1"]
+        notes.append(scorer.description.replace(minilm, "all-MiniLM-L6-v2") + " (nor with the seed's, which came "
+                     "from another model)")
+        embedder = SentenceEmbedder(minilm)
+    if clipscore_model:
+        from .clipscore import CLIPScorer, CLIPScoreSettings
+        from .data import open_stored_image
+
+        clip = CLIPScorer(CLIPScoreSettings(model=clipscore_model, flag="--clipscore-model"))
+        images = [open_stored_image(record.image, record.image_id) for record in test]
+        for row, caption_set in zip(scores.values(), captions):
+            row["CLIPScore"] = clip(images, list(caption_set.values()))["clipscore"]
+        notes.append(clip.description)
+    return notes, embedder
+
+
 def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int = 2000, num_val: int = 200,
              num_test: int = 200, epochs: float = 2.0, max_steps: int = 0, batch_size: int = 32, seed: int = 0,
-             require_improvement: bool = True, show: int = 8) -> dict:
+             require_improvement: bool = True, show: int = 8, clipscore_model: str | None = None) -> dict:
     """Run the demo in `workdir`; returns the measured metrics. Raises `DemoFailed` if the trained model does not
-    clearly beat the baseline (when `require_improvement`)."""
+    clearly beat the baseline (when `require_improvement`). BERTScore (all-MiniLM-L6-v2) and near-duplicate captions
+    are measured where the `metrics` extra is installed, and CLIPScore with a `clipscore_model`."""
     from .data import load_captioning_dataset
     from .datasets import generate_shapes_corpus
     from .evaluation import caption_statistics, compute_caption_metrics, format_metrics_table
@@ -182,8 +217,16 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     baseline = {image_id: baseline_caption for image_id in references}
     scores = {"vision-gpt (3 beams)": compute_caption_metrics(predictions, references),
               f'baseline: "{baseline_caption}"': compute_caption_metrics(baseline, references)}
+    semantic, embedder = _semantic_scores(test, scores, [predictions, baseline], references, clipscore_model)
     print(format_metrics_table(scores))
+    for note in semantic:
+        print(f"      {note}")
     statistics = caption_statistics(list(predictions.values()))
+    if embedder is not None:
+        from .sentence_embeddings import near_duplicate_statistics
+
+        statistics.update(near_duplicate_statistics(list(predictions.values()), embedder))
+        statistics.pop("near_duplicates_by")
     print("caption statistics: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in statistics.items()))
 
