@@ -1,5 +1,7 @@
 """CLIPScore and RefCLIPScore as Hessel et al. (2021) define them, on a tiny random CLIP built here."""
 
+import shutil
+
 import pytest
 import torch
 from transformers import CLIPModel
@@ -68,3 +70,20 @@ def test_bad_models_and_inputs_get_errors_naming_them(scorer, tmp_path):
         scorer.per_image(random_images(1), ["a", "b"])
     with pytest.raises(ValueError, match="Image 0 has no non-empty reference caption"):
         scorer.per_image(random_images(1), ["a dog"], [[" "]])
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
+def test_the_evaluate_module_adds_clipscore_given_the_images(scorer):
+    import evaluate
+
+    from vision_gpt.evaluation import CAPTION_METRICS_PATH
+
+    metric = evaluate.load(CAPTION_METRICS_PATH)
+    images = random_images(3, seed=4)
+    results = metric.compute(predictions=CAPTIONS, references=REFERENCES, spice=False,
+                             clipscore_model=scorer.settings.model, images=images)
+    expected = scorer(images, CAPTIONS, REFERENCES)
+    assert results["clipscore"] == pytest.approx(expected["clipscore"], abs=1e-4)
+    assert results["refclipscore"] == pytest.approx(expected["refclipscore"], abs=1e-4)
+    with pytest.raises(ValueError, match=r"clipscore_model needs `images`, one per prediction \(3\), got none"):
+        metric.compute(predictions=CAPTIONS, references=REFERENCES, spice=False, clipscore_model=scorer.settings.model)

@@ -1,9 +1,8 @@
 """COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE), and optionally BERTScore, as an `evaluate`
 metric.
 
-A thin wrapper: the numbers come from `vision_gpt.evaluation.compute_caption_metrics` and `vision_gpt.bertscore`, so
-both routes agree. (CLIPScore needs the images, which an `evaluate` text metric does not take: see
-`vision_gpt.clipscore`.)
+A thin wrapper: the numbers come from `vision_gpt.evaluation.compute_caption_metrics`, `vision_gpt.bertscore` and
+`vision_gpt.clipscore`, so every route agrees.
 Load it with `evaluate.load(vision_gpt.evaluation.CAPTION_METRICS_PATH)`.
 """
 
@@ -45,10 +44,14 @@ Args:
     bertscore_layer (`int`, *optional*): its layer (default: bert-score's tuned layer for a model it knows, else the
         last).
     bertscore_idf (`bool`, defaults to `False`): weight BERTScore tokens by idf over the references.
+    clipscore_model (`str`, *optional*): a CLIP model (folder or Hub id, e.g. "openai/clip-vit-base-patch32") to add
+        CLIPScore and RefCLIPScore; needs `images`.
+    images (`list`, *optional*): the image of each caption (PIL images or file paths), for `clipscore_model`.
 Returns:
     "BLEU-1" ... "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D" (0-100; CIDEr-D up to 1000), "num_images", "num_references",
     and "SPICE" or "SPICE_skipped"; with `bertscore_model`, "bertscore_precision", "bertscore_recall", "bertscore_f1"
-    (0-100) and "bertscore_model" (the model, layer and settings used).
+    (0-100) and "bertscore_model" (the model, layer and settings used); with `clipscore_model`, "clipscore",
+    "refclipscore" (0-100) and "clipscore_model".
 Examples:
     >>> import evaluate
     >>> from vision_gpt.evaluation import CAPTION_METRICS_PATH
@@ -81,7 +84,7 @@ class CaptionMetrics(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, spice=None, bertscore_model=None, bertscore_layer=None,
-                 bertscore_idf=False):
+                 bertscore_idf=False, clipscore_model=None, images=None):
         predictions, references = list(predictions), [list(refs) for refs in references]
         results = compute_caption_metrics(predictions, references, spice=spice)
         if bertscore_model:
@@ -90,4 +93,13 @@ class CaptionMetrics(evaluate.Metric):
             settings = BERTScoreSettings(model=bertscore_model, layer=bertscore_layer, idf=bertscore_idf,
                                          flag="bertscore_model")
             results.update(compute_bertscore(predictions, references, settings))
+        if clipscore_model:
+            from vision_gpt.clipscore import CLIPScorer, CLIPScoreSettings
+            from vision_gpt.modeling.processing_vision_gpt import load_image
+
+            if images is None or len(images) != len(predictions):
+                raise ValueError(f"clipscore_model needs `images`, one per prediction ({len(predictions)}), got "
+                                 f"{'none' if images is None else len(images)}.")
+            scorer = CLIPScorer(CLIPScoreSettings(model=clipscore_model, flag="clipscore_model"))
+            results.update(scorer([load_image(image) for image in images], predictions, references))
         return results
