@@ -29,7 +29,7 @@ def forward_cosines(scorer, images, texts):
     pixels = scorer.image_processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         output = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
-    return (output.logits_per_image / model.logit_scale.exp()).diag()
+        return (output.logits_per_image / model.logit_scale.exp()).diag()
 
 
 def test_clipscore_is_w_times_the_clipped_cosine_of_caption_and_image(scorer):

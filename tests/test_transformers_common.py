@@ -212,7 +212,9 @@ BEAM_DEFAULT = (
     "VisionGPT's caption default is 3-beam search (its generation_config when none is saved), so this test, which "
     "passes no num_beams, continues a beam search from its returned cache: a beam cache has a row per beam, and "
     "generate expands the continued prompt again (with num_beams=1 the continuation equals one call: "
-    "tests/test_generation.py)"
+    "tests/test_generation.py). Not strict: the captions and scores agree, and the caches, compared row by row, "
+    "agree only when the final beams happen to come out in the same order: alone this test fails, and in one full "
+    "CI run (commit ad2ffab) it passed"
 )
 NO_BASE_MODEL = "VisionGPT defect: base_model_prefix='vision_gpt' names no submodule (LLaVA has a base model at .model)"
 TEXT_MODEL_NOT_PRETRAINED = (
@@ -257,12 +259,13 @@ PROCESSOR_DEFECTS = {
 
 
 def expected_failures(defects: dict[str, str]):
-    """Mark the named inherited tests as strict expected failures with their reasons."""
+    """Mark the named inherited tests as expected failures with their reasons: strict, but for the reasons that say
+    why the outcome depends on the order beams come out in."""
 
     def mark(cls):
         for name, reason in defects.items():
             test = getattr(cls, name)  # raises if a mixin renames the test: keep the list true
-            setattr(cls, name, pytest.mark.xfail(reason=reason, strict=True)(test))
+            setattr(cls, name, pytest.mark.xfail(reason=reason, strict=reason is not BEAM_DEFAULT)(test))
         return cls
 
     return mark
