@@ -7,9 +7,9 @@ shared by all of its beams (see `VisionGPTCache`). Reaching into `GPT2Attention`
 transformers release that changed its arguments (5.24 renamed `past_key_values` to `cache`). These modules depend only
 on torch and on `Cache.update` / `Cache.get_seq_length`, and read the same `GPT2Config`.
 
-Parameter names and shapes are those of `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, ..., Conv1D weights
-stored `(in, out)`), so GPT-2 checkpoints load with an identity key map that `load_gpt2_state_dict` asserts, as
-nanoGPT's `from_pretrained` does, and vision-gpt checkpoints saved before this file existed load unchanged.
+Parameter names and shapes below the body are those of `GPT2Model` (`h.0.attn.c_attn.weight`, ..., Conv1D weights
+stored `(in, out)`), so GPT-2 checkpoints load through a key map that only moves `GPT2LMHeadModel`'s `transformer.`
+prefix, and that `load_gpt2_state_dict` asserts key by key, as nanoGPT's `from_pretrained` does.
 """
 
 import math
@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GPT2Config, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
@@ -192,17 +193,49 @@ class VisionGPTBlock(GradientCheckpointingLayer):
         return hidden_states, self_weights, cross_weights
 
 
-class VisionGPTTextModel(nn.Module):
-    """GPT-2's body: token and position embeddings, the blocks, the final layer norm."""
+class VisionGPTTextPreTrainedModel(PreTrainedModel):
+    """
+    A `PreTrainedModel` for vision-gpt's GPT-2, so that it carries its own config and attention implementation
+    (transformers sets `attn_implementation` on each sub-model of a composite model) and initialises its own weights.
+    """
 
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
+    config: GPT2Config
+    config_class = GPT2Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["VisionGPTBlock"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from this file's source, which has attention modules that do not call its
+        # `ALL_ATTENTION_FUNCTIONS`. Ours read `config._attn_implementation` at every call (`VisionGPTAttention._eager`),
+        # so switching between eager and SDPA at any time is supported.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if not init_gpt2_weights(module, self.config):
+            super()._init_weights(module)
+
+
+class VisionGPTTextModel(VisionGPTTextPreTrainedModel):
+    """GPT-2's body: token and position embeddings, the blocks, the final layer norm (`GPT2Model`'s names)."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(VisionGPTBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.wte = value
 
     def cross_keys_values(self, image_embeds: torch.Tensor, dtype: torch.dtype | None = None):
         """Every block's cross-attention keys and values over `image_embeds` `(B, L, D)`, optionally cast to `dtype`."""
@@ -275,28 +308,6 @@ def _self_attention_mask(attention_mask, past_len: int, seq_len: int, device) ->
     return mask[:, None]  # (B, 1, T, S)
 
 
-class VisionGPTLanguageModel(nn.Module):
-    """GPT-2 with its LM head (`transformer`, `lm_head`), the names and shapes of `GPT2LMHeadModel`."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.transformer = VisionGPTTextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.wte
-
-    def set_input_embeddings(self, value: nn.Embedding):
-        self.transformer.wte = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear):
-        self.lm_head = value
-
-
 def init_gpt2_weights(module: nn.Module, config) -> bool:
     """GPT-2's initialisation for our modules (True if `module` was one): normal(0, initializer_range), and the residual
     projections scaled by 1 / sqrt(2 x n_layer) as in the GPT-2 paper. transformers' `initialization` functions leave
@@ -312,25 +323,30 @@ def init_gpt2_weights(module: nn.Module, config) -> bool:
     return False
 
 
-def load_gpt2_state_dict(language_model: VisionGPTLanguageModel, state_dict: dict[str, torch.Tensor]) -> None:
+def load_gpt2_state_dict(text_model: VisionGPTTextModel, lm_head: nn.Linear, state_dict: dict[str, torch.Tensor]):
     """
-    Load a `GPT2LMHeadModel` state dict. The key map is the identity: every key and shape is asserted, as nanoGPT
-    asserts its port, so that a GPT-2 variant with other weights fails here rather than loading half a model. GPT-2's
-    old causal-mask buffers (`attn.bias`, `attn.masked_bias`) are not weights and are dropped.
+    Load a `GPT2LMHeadModel` state dict into our GPT-2 body and LM head. The key map moves the `transformer.` prefix
+    and nothing else: every key and shape is asserted, as nanoGPT asserts its port, so that a GPT-2 variant with other
+    weights fails here rather than loading half a model. GPT-2's old causal-mask buffers (`attn.bias`,
+    `attn.masked_bias`) are not weights and are dropped; a checkpoint without `lm_head.weight` ties it to `wte`.
     """
-    ours = language_model.state_dict()
-    theirs = {k: v for k, v in state_dict.items() if not k.endswith((".attn.bias", ".attn.masked_bias",
-                                                                      ".crossattention.bias",
-                                                                      ".crossattention.masked_bias"))}
-    if "lm_head.weight" not in theirs and language_model.config.tie_word_embeddings:
-        theirs["lm_head.weight"] = theirs.get("transformer.wte.weight")
-    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
-    if missing or unexpected:
+    buffers = (".attn.bias", ".attn.masked_bias", ".crossattention.bias", ".crossattention.masked_bias")
+    theirs = {k: v for k, v in state_dict.items() if not k.endswith(buffers)}
+    head = theirs.pop("lm_head.weight", theirs.get("transformer.wte.weight"))
+    body = {k.removeprefix("transformer."): v for k, v in theirs.items() if k.startswith("transformer.")}
+    ours = text_model.state_dict()
+    missing = sorted(set(ours) - set(body))
+    unexpected = sorted({k for k in theirs if not k.startswith("transformer.")} | (set(body) - set(ours)))
+    if missing or unexpected or head is None:
         raise ValueError(f"Not a GPT-2 state dict for this config: missing {missing[:8]}, unexpected {unexpected[:8]}.")
-    for name, tensor in theirs.items():
-        if tensor.shape != ours[name].shape:
-            raise ValueError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, expected {tuple(ours[name].shape)}.")
-    language_model.load_state_dict(theirs)
+    for name, tensor in [*body.items(), ("lm_head.weight", head)]:
+        expected = lm_head.weight if name == "lm_head.weight" else ours[name]
+        if tensor.shape != expected.shape:
+            raise ValueError(f"GPT-2 weight {name} has shape {tuple(tensor.shape)}, expected {tuple(expected.shape)}.")
+    text_model.load_state_dict(body)
+    if lm_head.weight is not text_model.wte.weight:  # untied: the head has its own weights
+        with torch.no_grad():
+            lm_head.weight.copy_(head)
 
 
 __all__ = [
@@ -338,8 +354,8 @@ __all__ = [
     "VisionGPTBlock",
     "VisionGPTCache",
     "VisionGPTConv1D",
-    "VisionGPTLanguageModel",
     "VisionGPTTextModel",
+    "VisionGPTTextPreTrainedModel",
     "init_gpt2_weights",
     "load_gpt2_state_dict",
 ]

@@ -18,7 +18,8 @@ from .compat_vision_gpt import CACHE_NAME, resolve_cache_argument
 from .configuration_vision_gpt import VisionGPTConfig
 from .gpt2_vision_gpt import (
     VisionGPTCache,
-    VisionGPTLanguageModel,
+    VisionGPTTextModel,
+    VisionGPTTextPreTrainedModel,
     init_gpt2_weights,
     load_gpt2_state_dict,
 )
@@ -56,22 +57,41 @@ _OUTPUT_DOC = r"""
         and attentions with `output_hidden_states` / `output_attentions`) and, as `pooler_output`, `image_embeds`.
 """
 
-# The cache field takes the name the installed transformers gives it (`compat_vision_gpt.py`): GenerationMixin reads it
-# from the output by that name.
-VisionGPTOutput = make_dataclass(
-    "VisionGPTOutput",
-    [
-        ("loss", torch.FloatTensor | None, field(default=None)),
-        ("logits", torch.FloatTensor | None, field(default=None)),
-        (CACHE_NAME, Cache | None, field(default=None)),
-        ("hidden_states", tuple[torch.FloatTensor, ...] | None, field(default=None)),
-        ("attentions", tuple[torch.FloatTensor, ...] | None, field(default=None)),
-        ("image_embeds", torch.FloatTensor | None, field(default=None)),
-        ("cross_attentions", tuple[torch.FloatTensor, ...] | None, field(default=None)),
-        ("image_outputs", BaseModelOutputWithPooling | None, field(default=None)),
-    ],
-    bases=(ModelOutput,),
-    namespace={"__doc__": _OUTPUT_DOC, "__module__": __name__},
+_MODEL_OUTPUT_DOC = r"""
+    The output of [`VisionGPTModel`]: GPT-2's last hidden states, before the LM head.
+
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, positions, hidden_size)`):
+        GPT-2's final-layer states at every position it read in this call (with `fusion="prefix"` on the first pass,
+        the visual prefix first, then the text).
+    cache, hidden_states, attentions, image_embeds, cross_attentions, image_outputs:
+        As in [`VisionGPTOutput`].
+"""
+
+
+def _output_class(name: str, fields: list[tuple[str, type]], doc: str):
+    """A `ModelOutput` dataclass whose cache field takes the name the installed transformers gives it
+    (`compat_vision_gpt.py`): GenerationMixin reads it from the output by that name."""
+    return make_dataclass(
+        name,
+        [(field_name, field_type | None, field(default=None)) for field_name, field_type in fields],
+        bases=(ModelOutput,),
+        namespace={"__doc__": doc, "__module__": __name__},
+    )
+
+
+_SHARED_FIELDS = [
+    (CACHE_NAME, Cache),
+    ("hidden_states", tuple[torch.FloatTensor, ...]),
+    ("attentions", tuple[torch.FloatTensor, ...]),
+    ("image_embeds", torch.FloatTensor),
+    ("cross_attentions", tuple[torch.FloatTensor, ...]),
+    ("image_outputs", BaseModelOutputWithPooling),
+]
+VisionGPTModelOutput = _output_class(
+    "VisionGPTModelOutput", [("last_hidden_state", torch.FloatTensor), *_SHARED_FIELDS], _MODEL_OUTPUT_DOC
+)
+VisionGPTOutput = _output_class(
+    "VisionGPTOutput", [("loss", torch.FloatTensor), ("logits", torch.FloatTensor), *_SHARED_FIELDS], _OUTPUT_DOC
 )
 
 
@@ -179,7 +199,7 @@ class VisionGPTProjector(nn.Module):
 class VisionGPTPreTrainedModel(PreTrainedModel):
     config: VisionGPTConfig
     config_class = VisionGPTConfig
-    base_model_prefix = "vision_gpt"
+    base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["VisionGPTBlock", "ViTLayer", "CLIPEncoderLayer", "SiglipEncoderLayer", "Dinov2Layer"]
@@ -187,12 +207,10 @@ class VisionGPTPreTrainedModel(PreTrainedModel):
     # GPT-2 here is ours (`gpt2_vision_gpt.py`) and runs eager or SDPA attention; the towers take what they support.
     _supports_sdpa = True
 
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers guesses from this file's source, sees the resampler's `VisionGPTQueryAttention` and refuses
-        # (with a warning, yet sets the towers). The towers hold all the attention an implementation applies to; the
-        # resampler always runs SDPA and returns no weights, so switching is supported.
-        return True
+    # transformers guesses from this file's source, sees the resampler's `VisionGPTQueryAttention` and refuses (with a
+    # warning, yet sets the towers). The towers and our GPT-2 hold all the attention an implementation applies to (the
+    # resampler always runs SDPA and returns no weights), so switching is supported, as for our GPT-2 alone.
+    _can_set_attn_implementation = VisionGPTTextPreTrainedModel._can_set_attn_implementation
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -203,103 +221,25 @@ class VisionGPTPreTrainedModel(PreTrainedModel):
             init.normal_(module.queries, mean=0.0, std=self.config.text_config.initializer_range)
 
 
-class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixin):
+class VisionGPTModel(VisionGPTPreTrainedModel):
     r"""
-    An image captioner: a vision tower, a [`VisionGPTProjector`] and GPT-2 (`GPT2LMHeadModel`), fused either as a visual
-    prefix or through cross-attention (see [`VisionGPTConfig`]). Captions are generated with `generate(pixel_values)`,
-    which encodes each image once per call and supports every decoding strategy of `GenerationMixin`.
-
-    Example:
-
-    ```python
-    >>> from transformers import AutoModel, AutoProcessor
-    >>> model = AutoModel.from_pretrained("user/vision-gpt-flickr8k", trust_remote_code=True)
-    >>> processor = AutoProcessor.from_pretrained("user/vision-gpt-flickr8k", trust_remote_code=True)
-    >>> inputs = processor(images="photo.jpg")
-    >>> processor.batch_decode(model.generate(**inputs))
-    ['a dog runs through the grass']
-    ```"""
-
-    _tied_weights_keys = {"language_model.lm_head.weight": "language_model.transformer.wte.weight"}
-    # Set here rather than by registration, so that every save writes the remote code next to the weights.
-    _auto_class = "AutoModel"
+    The base model, as LLaVA's `LlavaModel`: the vision tower (`vision_model`), the [`VisionGPTProjector`]
+    (`projector`) and GPT-2's body (`language_model`, a [`VisionGPTTextModel`]), without the LM head. Returns GPT-2's
+    last hidden states; [`VisionGPTForConditionalGeneration`] holds it as `model` and adds the head.
+    """
 
     def __init__(self, config: VisionGPTConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config, **_vision_model_kwargs(config))
         self.projector = VisionGPTProjector(config)
-        self.language_model = VisionGPTLanguageModel(config.text_config)
+        self.language_model = VisionGPTTextModel(config.text_config)
         self.post_init()
-        self.apply_freezing()
-        # Caption defaults for a model that has no saved generation_config.json yet.
-        self.generation_config.max_new_tokens = self.generation_config.max_new_tokens or 32
-        if self.generation_config.num_beams in (None, 1):
-            self.generation_config.num_beams = 3
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        # Loading replaces the parameters, and with them their `requires_grad`.
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
-        model.apply_freezing()
-        return loaded
-
-    # ----- parameters --------------------------------------------------------------------------------------------
 
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    def apply_freezing(self):
-        """Set `requires_grad` from the config's `freeze_vision`, `freeze_text` and `freeze_text_layers`."""
-        config = self.config
-        self.vision_model.requires_grad_(not config.freeze_vision)
-        self.projector.requires_grad_(True)
-        self.language_model.requires_grad_(not config.freeze_text)
-        blocks = self.language_model.transformer.h
-        for block in blocks[: config.freeze_text_layers]:
-            block.requires_grad_(False)
-        for block in blocks:
-            # Cross-attention layers are new: they are trained whatever is frozen around them.
-            for name in ("crossattention", "ln_cross_attn"):
-                if hasattr(block, name):
-                    getattr(block, name).requires_grad_(True)
-
-    def set_frozen(self, vision: bool | None = None, text: bool | None = None, text_layers: int | None = None):
-        """Change what is frozen (e.g. at a stage boundary of staged unfreezing); validated like the config."""
-        updates = {"freeze_vision": vision, "freeze_text": text, "freeze_text_layers": text_layers}
-        previous = {name: getattr(self.config, name) for name in updates}
-        for name, value in updates.items():
-            if value is not None:
-                setattr(self.config, name, value)
-        try:
-            self.config._validate()
-        except ValueError:
-            for name, value in previous.items():
-                setattr(self.config, name, value)
-            raise
-        self.apply_freezing()
-
-    def parameter_summary(self) -> dict[str, dict[str, int]]:
-        """Trainable and total parameter counts per part (`vision_model`, `projector`, `language_model`, `total`)."""
-        summary = {}
-        for name in ("vision_model", "projector", "language_model"):
-            # Count the tied embedding once, as `num_parameters` does.
-            params = {id(p): p for p in getattr(self, name).parameters()}.values()
-            summary[name] = {
-                "trainable": sum(p.numel() for p in params if p.requires_grad),
-                "total": sum(p.numel() for p in params),
-            }
-        summary["total"] = {key: sum(part[key] for part in summary.values()) for key in ("trainable", "total")}
-        return summary
 
     # ----- images --------------------------------------------------------------------------------------------------
 
@@ -378,44 +318,27 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
         cache: Cache | None = None,
         vision_features: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
+        require_image: bool = False,
         **kwargs,
-    ) -> VisionGPTOutput:
+    ) -> VisionGPTModelOutput:
         r"""
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token. Or `inputs_embeds`, their
-            embeddings.
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
-            Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
-            tower's cached output) or `image_embeds` (already mapped visual tokens).
-        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
-            1 for text tokens, 0 for padding. Visual positions are always attended and are not part of this mask.
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-            Targets aligned with `input_ids` (the model shifts them); `-100` is ignored. Padding must be `-100`.
-        cache (`Cache`, *optional*):
-            GPT-2's key/value cache from an earlier call (`past_key_values` before transformers 5.24). A
-            [`VisionGPTCache`] (what this model creates) also keeps the cross-attention keys and values, so that later
-            calls need no image; any other `Cache` gets them recomputed from the image at every call.
-
-        Without any image (no `pixel_values`, `vision_features`, `image_embeds`, nor a cache that holds the image),
-        GPT-2 alone reads the text.
+        The arguments of [`VisionGPTForConditionalGeneration.forward`] but `labels` and `logits_to_keep`;
+        `require_image=True` raises where the call has no image to read (training on captions needs one).
         """
-        cache = resolve_cache_argument(cache, past_key_values, "VisionGPTForConditionalGeneration.forward")
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        cache = resolve_cache_argument(cache, past_key_values, f"{type(self).__name__}.forward")
         # GenerationMixin before 5.24 passes the new tokens' `cache_position`; positions come from the cache here.
         kwargs.pop("cache_position", None)
         if kwargs:
-            raise TypeError(f"VisionGPTForConditionalGeneration.forward() got unexpected arguments {sorted(kwargs)}.")
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected arguments {sorted(kwargs)}.")
         config = self.config
         return_dict = return_dict if return_dict is not None else getattr(config, "return_dict", True)
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
@@ -429,13 +352,11 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
-        batch_size, seq_len = inputs_embeds.shape[:2]
-        if labels is not None and labels.shape != (batch_size, seq_len):
-            raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the text has {(batch_size, seq_len)}.")
+        batch_size = inputs_embeds.shape[0]
         if use_cache is None:
             # Training keeps no cache unless asked (nothing would read it).
             use_cache = cache is not None or (config.text_config.use_cache and not self.training)
-        checkpointing = any(block.gradient_checkpointing for block in self.language_model.transformer.h)
+        checkpointing = any(block.gradient_checkpointing for block in self.language_model.h)
         if use_cache and checkpointing and self.training:
             # Recomputing a block in the backward pass would append its keys and values to the cache a second time.
             use_cache, cache = False, None
@@ -447,7 +368,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         cached_cross = getattr(cache, "cross_keys_values", None) if not is_prefix else None
         needs_image = (is_prefix and past_len == 0) or (not is_prefix and cached_cross is None)
         has_image = image_embeds is not None or pixel_values is not None or vision_features is not None
-        if needs_image and not has_image and labels is not None:
+        if needs_image and not has_image and require_image:
             raise ValueError(
                 "`labels` were given without an image: training the captioner needs `pixel_values` (or "
                 "`vision_features` / `image_embeds`) with every caption."
@@ -488,32 +409,22 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         if not is_prefix and cached_cross is None:
             if image_embeds is not None:
                 embeds = image_embeds.to(inputs_embeds.dtype)
-                cross_keys_values = self.language_model.transformer.cross_keys_values(embeds)
+                cross_keys_values = self.language_model.cross_keys_values(embeds)
             if isinstance(cache, VisionGPTCache) and not (self.training and torch.is_grad_enabled()):
                 cache.cross_keys_values = cross_keys_values or []  # one copy per sequence here
 
         # `output_hidden_states` may name layers, as transformers 5's models take it: a list of indices into the
         # hidden states (negative ones count from the end); the others come back as None.
         selected = output_hidden_states if isinstance(output_hidden_states, (list, tuple)) else None
-        output_hidden_states = bool(output_hidden_states)
-        hidden, all_hidden, all_attentions, all_cross = self.language_model.transformer(
-            inputs_embeds, position_ids, full_mask, cache, cross_keys_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        hidden, all_hidden, all_attentions, all_cross = self.language_model(
+            inputs_embeds, position_ids, full_mask, cache, cross_keys_values, output_attentions=output_attentions,
+            output_hidden_states=bool(output_hidden_states),
         )
         if selected is not None and all_hidden is not None:
             kept = {index % len(all_hidden) for index in selected}
             all_hidden = tuple(states if i in kept else None for i, states in enumerate(all_hidden))
-        # Only text positions get logits: the visual prefix is never predicted, and GPT-2's LM head is the costliest
-        # layer per position.
-        keep = logits_to_keep if not _is_zero(logits_to_keep) else seq_len
-        kept = hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep]
-        logits = self.get_output_embeddings()(kept)  # (B, T, V)
-
-        loss = None
-        if labels is not None:
-            loss = _caption_loss(logits, labels, num_items_in_batch)
-        output = VisionGPTOutput(
-            loss=loss,
-            logits=logits,
+        output = VisionGPTModelOutput(
+            last_hidden_state=hidden,
             hidden_states=all_hidden,
             attentions=all_attentions,
             image_embeds=image_embeds,
@@ -540,6 +451,229 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             return attention_mask
         visual = attention_mask.new_ones(batch_size, num_visual)
         return torch.cat([visual, attention_mask], dim=1)
+
+
+class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixin):
+    r"""
+    An image captioner: a [`VisionGPTModel`] (a vision tower, a [`VisionGPTProjector`] and GPT-2's body, fused either
+    as a visual prefix or through cross-attention; see [`VisionGPTConfig`]) and GPT-2's LM head. Captions are generated
+    with `generate(pixel_values)`, which encodes each image once per call and supports every decoding strategy of
+    `GenerationMixin`.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("user/vision-gpt-flickr8k", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("user/vision-gpt-flickr8k", trust_remote_code=True)
+    >>> inputs = processor(images="photo.jpg")
+    >>> processor.batch_decode(model.generate(**inputs))
+    ['a dog runs through the grass']
+    ```"""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.wte.weight"}
+    # Set here rather than by registration, so that every save writes the remote code next to the weights.
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: VisionGPTConfig):
+        super().__init__(config)
+        self.model = VisionGPTModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        self.apply_freezing()
+        # Caption defaults for a model that has no saved generation_config.json yet.
+        self.generation_config.max_new_tokens = self.generation_config.max_new_tokens or 32
+        if self.generation_config.num_beams in (None, 1):
+            self.generation_config.num_beams = 3
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Checkpoints saved before the base model existed (vision-gpt 0.x) name the parts at the top level.
+        kwargs["key_mapping"] = {**LEGACY_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters, and with them their `requires_grad`.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info=True
+        model.apply_freezing()
+        return loaded
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """
+        `nn.Module.load_state_dict`, that also takes a checkpoint file's weights as `save_pretrained` wrote them. Their
+        names can differ from the model's: transformers renames some weights back on save (ViT's attention since 5.24,
+        ...), and checkpoints saved before `VisionGPTModel` existed name the parts at the top level. Trainer's resume
+        and `load_best_model_at_end` read such a file with this method, not with `from_pretrained`, so names this model
+        does not have are converted by `from_pretrained`'s own conversions; weights it finds no source for stay missing.
+        """
+        if set(state_dict) - set(self.state_dict()):
+            converted, info = type(self).from_pretrained(
+                None, config=self.config, state_dict=dict(state_dict), output_loading_info=True
+            )
+            missing = set(info["missing_keys"])
+            state_dict = {key: value for key, value in converted.state_dict().items() if key not in missing}
+        return super().load_state_dict(state_dict, strict, assign)
+
+    # The parts, by the names they had before the base model existed (as LLaVA keeps `language_model` on its head).
+    @property
+    def vision_model(self) -> nn.Module:
+        return self.model.vision_model
+
+    @property
+    def projector(self) -> VisionGPTProjector:
+        return self.model.projector
+
+    @property
+    def language_model(self) -> VisionGPTTextModel:
+        return self.model.language_model
+
+    # ----- parameters --------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def apply_freezing(self):
+        """Set `requires_grad` from the config's `freeze_vision`, `freeze_text` and `freeze_text_layers`."""
+        config = self.config
+        self.vision_model.requires_grad_(not config.freeze_vision)
+        self.projector.requires_grad_(True)
+        self.language_model.requires_grad_(not config.freeze_text)
+        self.lm_head.requires_grad_(not config.freeze_text)
+        blocks = self.language_model.h
+        for block in blocks[: config.freeze_text_layers]:
+            block.requires_grad_(False)
+        for block in blocks:
+            # Cross-attention layers are new: they are trained whatever is frozen around them.
+            for name in ("crossattention", "ln_cross_attn"):
+                if hasattr(block, name):
+                    getattr(block, name).requires_grad_(True)
+
+    def set_frozen(self, vision: bool | None = None, text: bool | None = None, text_layers: int | None = None):
+        """Change what is frozen (e.g. at a stage boundary of staged unfreezing); validated like the config."""
+        updates = {"freeze_vision": vision, "freeze_text": text, "freeze_text_layers": text_layers}
+        previous = {name: getattr(self.config, name) for name in updates}
+        for name, value in updates.items():
+            if value is not None:
+                setattr(self.config, name, value)
+        try:
+            self.config._validate()
+        except ValueError:
+            for name, value in previous.items():
+                setattr(self.config, name, value)
+            raise
+        self.apply_freezing()
+
+    def parameter_summary(self) -> dict[str, dict[str, int]]:
+        """Trainable and total parameter counts per part (`vision_model`, `projector`, `language_model` with its LM
+        head, `total`)."""
+        parts = {
+            "vision_model": [self.vision_model],
+            "projector": [self.projector],
+            "language_model": [self.language_model, self.lm_head],
+        }
+        summary = {}
+        for name, modules in parts.items():
+            # Count the tied embedding once, as `num_parameters` does.
+            params = {id(p): p for module in modules for p in module.parameters()}.values()
+            summary[name] = {
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "total": sum(p.numel() for p in params),
+            }
+        summary["total"] = {key: sum(part[key] for part in summary.values()) for key in ("trainable", "total")}
+        return summary
+
+    # ----- images --------------------------------------------------------------------------------------------------
+
+    def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """The vision tower's output that the projector reads (see [`VisionGPTModel.get_vision_features`])."""
+        return self.model.get_vision_features(pixel_values)
+
+    def get_image_features(self, pixel_values=None, vision_features=None, output_hidden_states=None,
+                           output_attentions=None, return_dict=None) -> BaseModelOutputWithPooling | tuple:
+        """The images encoded, visual tokens in `pooler_output` (see [`VisionGPTModel.get_image_features`])."""
+        return self.model.get_image_features(pixel_values, vision_features, output_hidden_states, output_attentions,
+                                             return_dict)
+
+    def _image_embeds(self, pixel_values=None, vision_features=None) -> torch.FloatTensor:
+        return self.model._image_embeds(pixel_values, vision_features)
+
+    # ----- forward ---------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> VisionGPTOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token. Or `inputs_embeds`, their
+            embeddings.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
+            tower's cached output) or `image_embeds` (already mapped visual tokens).
+        attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
+            1 for text tokens, 0 for padding. Visual positions are always attended and are not part of this mask.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Targets aligned with `input_ids` (the model shifts them); `-100` is ignored. Padding must be `-100`.
+        cache (`Cache`, *optional*):
+            GPT-2's key/value cache from an earlier call (`past_key_values` before transformers 5.24). A
+            [`VisionGPTCache`] (what this model creates) also keeps the cross-attention keys and values, so that later
+            calls need no image; any other `Cache` gets them recomputed from the image at every call.
+
+        Without any image (no `pixel_values`, `vision_features`, `image_embeds`, nor a cache that holds the image),
+        GPT-2 alone reads the text.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        text = input_ids if input_ids is not None else inputs_embeds
+        if labels is not None and text is not None and labels.shape != text.shape[:2]:
+            raise ValueError(f"`labels` has shape {tuple(labels.shape)} but the text has {tuple(text.shape[:2])}.")
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache,
+            vision_features=vision_features, image_embeds=image_embeds, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True, past_key_values=past_key_values, require_image=labels is not None, **kwargs,
+        )
+        # Only text positions get logits: the visual prefix is never predicted, and GPT-2's LM head is the costliest
+        # layer per position.
+        keep = logits_to_keep if not _is_zero(logits_to_keep) else text.shape[1]
+        hidden = outputs.last_hidden_state
+        logits = self.lm_head(hidden[:, -keep:] if isinstance(keep, int) else hidden[:, keep])  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = _caption_loss(logits, labels, num_items_in_batch)
+        output = VisionGPTOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_embeds=outputs.image_embeds,
+            cross_attentions=outputs.cross_attentions,
+            image_outputs=outputs.image_outputs,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
 
     # ----- generation ------------------------------------------------------------------------------------------------
 
@@ -649,7 +783,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         # On CPU half-precision keys and values are kept in float32 (exact upcast): see VisionGPTCache.
         dtype = torch.float32 if embeds.device.type == "cpu" else None
         cache = VisionGPTCache(config=self.config.text_config)
-        cache.cross_keys_values = self.language_model.transformer.cross_keys_values(embeds, dtype)
+        cache.cross_keys_values = self.language_model.cross_keys_values(embeds, dtype)
         return cache
 
     def _prefill_visual_prefix(self, image_embeds, input_ids, attention_mask, generate_kwargs):
@@ -673,7 +807,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         cache = DynamicCache(config=self.config.text_config)
         positions = torch.arange(num_visual, device=image_embeds.device).expand(batch_size, -1)
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
-        self.language_model.transformer(embeds, positions, cache=cache)
+        self.language_model(embeds, positions, cache=cache)
         # The same expansion GenerationMixin applies to input_ids and the mask (repeat_interleave, same order).
         expand = self._num_copies(generate_kwargs)
         if expand > 1:
@@ -724,7 +858,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         )
         model.vision_model.load_state_dict(vision.state_dict())
         text = AutoModelForCausalLM.from_pretrained(text_model, config=config.text_config, dtype=torch.float32)
-        load_gpt2_state_dict(model.language_model, text.state_dict())
+        load_gpt2_state_dict(model.language_model, model.lm_head, text.state_dict())
         model.apply_freezing()
         return model
 
@@ -743,6 +877,16 @@ class _without_log_message:
 
     def __exit__(self, *exc):
         self.logger.removeFilter(self)
+
+
+# Key names of checkpoints saved before `VisionGPTModel` existed -> today's (`from_pretrained`'s `key_mapping`, regular
+# expressions). Keys saved today match none of them.
+LEGACY_KEY_MAPPING = {
+    r"^vision_model\.": "model.vision_model.",
+    r"^projector\.": "model.projector.",
+    r"^language_model\.transformer\.": "model.language_model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
 
 
 def _vision_model_kwargs(config: VisionGPTConfig) -> dict:
@@ -768,6 +912,8 @@ def _caption_loss(logits, labels, num_items_in_batch=None):
 
 __all__ = [
     "VisionGPTForConditionalGeneration",
+    "VisionGPTModel",
+    "VisionGPTModelOutput",
     "VisionGPTOutput",
     "VisionGPTPreTrainedModel",
     "VisionGPTProjector",

@@ -6,12 +6,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from transformers import AutoTokenizer, BatchFeature, ViTImageProcessorPil
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 
 from .compat_vision_gpt import load_image_processor
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+# The text kwargs that caption encoding honours. The tokenizer's others (pairs, offsets, overflow, special tokens)
+# have no meaning for the `<|endoftext|> caption <|endoftext|>` rows the processor builds itself.
+CAPTION_TEXT_KWARGS = ("max_length", "padding", "truncation", "pad_to_multiple_of", "padding_side", "verbose")
 
 
 class ImageLoadError(ValueError):
@@ -140,6 +143,15 @@ def load_image(image) -> Image.Image:
         raise ImageLoadError(f"Image {description} could not be converted to RGB: {error}.") from None
 
 
+class VisionGPTProcessorKwargs(ProcessingKwargs, total=False):
+    # `_defaults` rather than 5.24's class-variable spelling: every supported release (from 5.12.1) reads `_defaults`.
+    _defaults = {
+        # A caption row is cut to 64 tokens, start and end included, and padded to the longest row in the batch.
+        "text_kwargs": {"max_length": 64, "padding": "longest", "truncation": True},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
 class VisionGPTProcessor(ProcessorMixin):
     r"""
     Prepares inputs for [`VisionGPTForConditionalGeneration`]: loads and converts images (paths, PIL, numpy, tensors)
@@ -150,6 +162,11 @@ class VisionGPTProcessor(ProcessorMixin):
     the start token are `-100`; GPT-2 has no pad token, so padding reuses `<|endoftext|>` and is marked by the mask,
     never by its id). `processor(images=..., prompt=...)` prepares a left-padded prompt for `generate`.
 
+    Options follow transformers' processors: tokenizer options (`max_length`, default 64, start and end tokens
+    included; `padding`, default `"longest"`; `truncation`; `pad_to_multiple_of`; `padding_side`) and image processor
+    options (e.g. `do_resize`, `size`) are passed flat or as `text_kwargs={...}` / `images_kwargs={...}`; defaults come
+    from `VisionGPTProcessorKwargs`, then from the tokenizer's init kwargs.
+
     Example:
 
     ```python
@@ -157,17 +174,31 @@ class VisionGPTProcessor(ProcessorMixin):
     >>> batch = processor(images=["dog.jpg", "cat.png"], text=["a dog runs", "a cat sleeps"])
     >>> sorted(batch.keys())
     ['attention_mask', 'input_ids', 'labels', 'pixel_values']
+    >>> batch = processor(images="dog.jpg", text="a dog runs", text_kwargs={"padding": "max_length", "max_length": 16})
+    >>> batch["input_ids"].shape
+    torch.Size([1, 16])
     ```"""
 
     # Set here rather than by registration, so that every save writes the remote code next to the processor files.
     _auto_class = "AutoProcessor"
+    valid_processor_kwargs = VisionGPTProcessorKwargs
 
-    def __init__(self, image_processor=None, tokenizer=None, max_length: int = 64, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+        if "max_length" in kwargs:
+            raise TypeError(
+                "VisionGPTProcessor takes `max_length` when called, not when built: `processor(..., max_length=32)` "
+                "or `text_kwargs={'max_length': 32}`."
+            )
         super().__init__(image_processor, tokenizer, **kwargs)
-        self.max_length = max_length
         if self.tokenizer.pad_token is None:
             # GPT-2 has no pad token; padding reuses eos and labels/attention masks say what is padding.
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self._auto_class is not None:
+            # save_pretrained writes `auto_map` into the processor (pointing AutoProcessor at this file) and
+            # from_pretrained drops it on load; holding it from the start makes built, saved and reloaded processors
+            # equal. The value is the one transformers' `custom_object_save` writes.
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            self.auto_map = {self._auto_class: f"{module}.{type(self).__name__}"}
 
     @classmethod
     def from_vision_text_pretrained(cls, vision_model: str, text_model: str, **kwargs) -> "VisionGPTProcessor":
@@ -188,25 +219,35 @@ class VisionGPTProcessor(ProcessorMixin):
     def start_token_id(self) -> int:
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
 
+    @property
+    def max_length(self) -> int:
+        """Longest caption in tokens, start and end included, when a call gives no `max_length` (default 64)."""
+        return self._route_kwargs({})["text_kwargs"]["max_length"]
+
     def __call__(
         self,
         images=None,
         text: str | list[str] | None = None,
         prompt: str | list[str] | None = None,
-        max_length: int | None = None,
-        return_tensors: str = "pt",
-        **kwargs,
+        **kwargs: Unpack[VisionGPTProcessorKwargs],
     ) -> BatchFeature:
         r"""
-        images: one image or a list (PIL, path, numpy array, tensor).
-        text: target caption(s) for training: gives `input_ids`, `attention_mask` and `labels`, right-padded.
-        prompt: text the caption should start with, for `generate`: left-padded, no end token, no labels.
-        max_length: longest caption in tokens (start and end included); longer ones are truncated (default 64).
+        Args:
+            images: one image or a list (PIL, path, numpy array, tensor).
+            text: target caption(s) for training: gives `input_ids`, `attention_mask` and `labels`, right-padded.
+            prompt: text the caption should start with, for `generate`: left-padded, no end token, no labels, never
+                truncated.
+            kwargs: tokenizer options (`max_length`: longest caption in tokens, start and end included, longer ones
+                are truncated, default 64; `padding`, default `"longest"`; `truncation`; `pad_to_multiple_of`;
+                `padding_side`), image processor options, and `return_tensors` (default `"pt"`), flat or in
+                `text_kwargs`, `images_kwargs` or `common_kwargs`.
         """
         if text is not None and prompt is not None:
             raise ValueError("Pass either `text` (training captions) or `prompt` (generation prompts), not both.")
         if images is None and text is None and prompt is None:
             raise ValueError("The processor needs `images`, `text` or `prompt`.")
+        routed = self._route_kwargs(kwargs)
+        text_kwargs, images_kwargs = routed["text_kwargs"], routed["images_kwargs"]
         data = {}
         num_images = None
         if images is not None:
@@ -214,8 +255,9 @@ class VisionGPTProcessor(ProcessorMixin):
             if len(image_list) == 0:
                 raise ValueError("`images` is an empty list.")
             rgb = [load_image(image) for image in image_list]
-            data.update(self.image_processor(images=rgb, return_tensors=return_tensors, **kwargs))
+            data.update(self.image_processor(images=rgb, **images_kwargs))
             num_images = len(rgb)
+        return_tensors = images_kwargs.get("return_tensors")
         if text is not None or prompt is not None:
             captions = text if text is not None else prompt
             captions = [captions] if isinstance(captions, str) else list(captions)
@@ -224,34 +266,103 @@ class VisionGPTProcessor(ProcessorMixin):
                     raise ValueError(f"Captions must be strings, got {type(caption).__name__}: {caption!r}.")
             if num_images is not None and len(captions) != num_images:
                 raise ValueError(f"Got {num_images} images but {len(captions)} captions; pass one caption per image.")
-            data.update(self.encode_captions(captions, is_prompt=prompt is not None, max_length=max_length))
+            return_tensors = text_kwargs.get("return_tensors")
+            caption_kwargs = {key: text_kwargs[key] for key in CAPTION_TEXT_KWARGS if key in text_kwargs}
+            data.update(self.encode_captions(captions, is_prompt=prompt is not None, **caption_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def encode_captions(self, captions: list[str], is_prompt: bool = False, max_length: int | None = None) -> dict:
-        """Token lists (not tensors) for `captions`: training targets with labels, or left-padded prompts."""
-        max_length = max_length or self.max_length
+    def _route_kwargs(self, kwargs: dict) -> dict[str, dict]:
+        """
+        `text_kwargs` and `images_kwargs` for one call, in the precedence transformers' processors document (lowest
+        first): `VisionGPTProcessorKwargs._defaults`, the tokenizer's init kwargs, `common_kwargs`, the call's own
+        (flat or in `text_kwargs`/`images_kwargs`; the same key both ways is an error).
+        """
+        kwargs = dict(kwargs)
+        annotations = self.valid_processor_kwargs.__annotations__
+        # Image processors may accept more than the generic ImagesKwargs; they list theirs in `valid_kwargs`.
+        image_processor_kwargs = getattr(getattr(self.image_processor, "valid_kwargs", None), "__annotations__", {})
+        valid = {
+            "text_kwargs": set(annotations["text_kwargs"].__annotations__),
+            "images_kwargs": set(annotations["images_kwargs"].__annotations__) | set(image_processor_kwargs),
+        }
+        defaults = self.valid_processor_kwargs._defaults
+        routed = {modality: dict(defaults.get(modality, {})) for modality in valid}
+        for modality, keys in valid.items():
+            # Not `padding_side`: right for captions and left for prompts is what `text` and `prompt` mean, and many
+            # tokenizers are saved with the side their generation needs.
+            for key in keys & set(self.tokenizer.init_kwargs) - {"padding_side"}:
+                routed[modality][key] = self.tokenizer.init_kwargs[key]
+        common = {**defaults.get("common_kwargs", {}), **kwargs.pop("common_kwargs", {})}
+        for modality in routed:
+            routed[modality].update(common)
+
+        given_text = set()
+        for modality in valid:
+            for key, value in kwargs.pop(modality, {}).items():
+                if key in kwargs and key in valid[modality]:
+                    raise ValueError(
+                        f"Keyword argument {key} was passed two times: in `{modality}` and as a keyword argument; "
+                        "pass it once."
+                    )
+                routed[modality][key] = value
+                if modality == "text_kwargs":
+                    given_text.add(key)
+        for key, value in kwargs.items():
+            modalities = [modality for modality in valid if key in valid[modality]]
+            if not modalities:
+                raise TypeError(
+                    f"VisionGPTProcessor got an unexpected keyword argument `{key}`. It takes `images`, `text` or "
+                    "`prompt`, tokenizer options and image processor options (flat or in `text_kwargs` / "
+                    "`images_kwargs`), and `return_tensors`."
+                )
+            for modality in modalities:
+                routed[modality][key] = value
+            if modalities == ["text_kwargs"]:
+                given_text.add(key)
+        unsupported = sorted(given_text - set(CAPTION_TEXT_KWARGS) - {"return_tensors"})
+        if unsupported:
+            raise ValueError(
+                f"VisionGPTProcessor builds caption tokens itself and does not take the tokenizer options {unsupported}"
+                f"; it takes {', '.join(CAPTION_TEXT_KWARGS)} and return_tensors."
+            )
+        return routed
+
+    def encode_captions(self, captions: list[str], is_prompt: bool = False, **kwargs: Unpack[TextKwargs]) -> dict:
+        """
+        Token lists (not tensors) for `captions`: training targets `<|endoftext|> caption <|endoftext|>` with labels,
+        or, with `is_prompt`, left-padded `<|endoftext|> prompt` rows. Takes the caption options of `__call__`
+        (`max_length`, `padding`, `truncation`, `pad_to_multiple_of`, `padding_side`); a missing or `None` one takes
+        the processor's default.
+        """
+        unsupported = sorted(set(kwargs) - set(CAPTION_TEXT_KWARGS))
+        if unsupported:
+            raise ValueError(f"`encode_captions` takes {', '.join(CAPTION_TEXT_KWARGS)}; got {unsupported}.")
+        defaults = self._route_kwargs({})["text_kwargs"]
+        options = {key: defaults[key] for key in CAPTION_TEXT_KWARGS if key in defaults}
+        options.update({key: value for key, value in kwargs.items() if value is not None})
+        max_length = options.pop("max_length")
+        truncation = options.pop("truncation", False)
+        options.setdefault("padding_side", "left" if is_prompt else "right")
+
         start, end = self.start_token_id, self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id
         ids = self.tokenizer([c.strip() for c in captions], add_special_tokens=False)["input_ids"]
         if is_prompt:
             rows = [[start] + row for row in ids]
-        else:
+        elif truncation not in (False, "do_not_truncate"):
+            if max_length < 2:
+                raise ValueError(f"`max_length` must leave room for the start and end tokens (>= 2), got {max_length}.")
             rows = [[start] + row[: max_length - 2] + [end] for row in ids]
-        width = max(len(row) for row in rows)
-        input_ids, attention_mask, labels = [], [], []
-        for row in rows:
-            padding = width - len(row)
-            if is_prompt:
-                # Left padding: the next token is predicted from the last position of every row.
-                input_ids.append([pad] * padding + row)
-                attention_mask.append([0] * padding + [1] * len(row))
-            else:
-                input_ids.append(row + [pad] * padding)
-                attention_mask.append([1] * len(row) + [0] * padding)
-                # The start token is given, never predicted; padding is ignored by the mask, not by its id.
-                labels.append([-100] + row[1:] + [-100] * padding)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        else:
+            rows = [[start] + row + [end] for row in ids]
+        padded = self.tokenizer.pad({"input_ids": rows}, max_length=max_length, return_attention_mask=True, **options)
+        data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
         if not is_prompt:
+            # The start token is given, never predicted; padding is ignored by the mask, not by its id (whichever side
+            # it is on).
+            labels = []
+            for row, mask in zip(data["input_ids"], data["attention_mask"]):
+                start_at = mask.index(1)
+                labels.append([t if m and k != start_at else -100 for k, (t, m) in enumerate(zip(row, mask))])
             data["labels"] = labels
         return data
 
@@ -266,7 +377,8 @@ class VisionGPTProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return ["pixel_values", "input_ids", "attention_mask"]
+        # `labels` too: `processor(images=..., text=...)` returns training batches.
+        return ["pixel_values", "input_ids", "attention_mask", "labels"]
 
 
-__all__ = ["ImageLoadError", "VisionGPTProcessor", "load_image", "to_rgb"]
+__all__ = ["ImageLoadError", "VisionGPTProcessor", "VisionGPTProcessorKwargs", "load_image", "to_rgb"]

@@ -136,7 +136,7 @@ def test_untied_lm_head_stays_untied():
         head = ved.decoder.lm_head
         head.weight = torch.nn.Parameter(head.weight + 0.1 * torch.randn_like(head.weight))
     model, _ = convert_vision_encoder_decoder(ved)
-    assert model.language_model.lm_head.weight is not model.language_model.transformer.wte.weight
+    assert model.lm_head.weight is not model.language_model.wte.weight
     input_ids = torch.full((2, 3), EOS)
     with torch.no_grad():
         torch.testing.assert_close(

@@ -167,7 +167,7 @@ def test_gradients_and_the_plain_layers_come_back():
 def test_generate_uses_the_packed_layers_and_restores_them(inputs):
     model = tiny_model()
     model.generate(**inputs, **GREEDY)
-    assert has_packed_weight(model.language_model.lm_head)
+    assert has_packed_weight(model.lm_head)
     vision_linears = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.Linear)]
     assert vision_linears and all(has_packed_weight(m) for m in vision_linears)
     assert not any("forward" in module.__dict__ for module in model.modules())
@@ -256,7 +256,7 @@ def test_a_cpu_without_bf16_kernels_gets_the_plain_layers_and_the_same_captions(
     assert torch.equal(fast, plain_generate(model, inputs, **GREEDY))
     float32_model = tiny_model(fusion=fusion)
     float32_model.generate(**inputs, **GREEDY)
-    assert has_packed_weight(float32_model.language_model.lm_head) == packed_linear_available()  # fp32 still packed
+    assert has_packed_weight(float32_model.lm_head) == packed_linear_available()  # fp32 still packed
 
 
 def _refuse_bf16(reorder):
@@ -290,7 +290,7 @@ def test_generate_in_training_mode_keeps_cross_attention_dropout(inputs):
     for module in model.modules():  # no dropout but the cross-attention's, at a rate that changes captions
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    for block in model.language_model.transformer.h:
+    for block in model.language_model.h:
         block.crossattention.attn_dropout = 0.5
     model.train()
     settings = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)

@@ -139,7 +139,7 @@ def test_shared_prefix_prefill_matches_plain_generation(kwargs, processor, image
 def test_visual_prefix_goes_through_gpt2_once_per_image(processor, images):
     model = tiny_model()
     rows = []
-    model.language_model.transformer.register_forward_pre_hook(
+    model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: rows.append(tuple(args[0].shape[:2])), with_kwargs=True)  # inputs_embeds
     model.generate(**processor(images=images[:2]), num_beams=3, max_new_tokens=3, min_new_tokens=3)
     assert rows[0] == (2, 4)  # two images x four visual tokens, not six beams

@@ -8,7 +8,7 @@ from transformers.utils import logging as transformers_logging
 
 from vision_gpt import VisionGPTForConditionalGeneration
 from vision_gpt.modeling.compat_vision_gpt import CACHE_NAME
-from vision_gpt.modeling.gpt2_vision_gpt import VisionGPTLanguageModel, load_gpt2_state_dict
+from vision_gpt.modeling.gpt2_vision_gpt import VisionGPTTextModel, load_gpt2_state_dict
 
 from .conftest import ALL_MODES, IMAGE_SIZE, tiny_model, tiny_text_config, tiny_vision_config
 
@@ -195,7 +195,7 @@ def trainable_names(model):
 
 def test_default_freezing_trains_only_the_projector():
     model = tiny_model()
-    assert trainable_names(model) and all(name.startswith("projector.") for name in trainable_names(model))
+    assert trainable_names(model) and all(name.startswith("model.projector.") for name in trainable_names(model))
     summary = model.parameter_summary()
     assert summary["vision_model"]["trainable"] == summary["language_model"]["trainable"] == 0
     assert summary["projector"]["trainable"] == summary["projector"]["total"] > 0
@@ -207,7 +207,7 @@ def test_cross_attention_layers_stay_trainable_with_gpt2_frozen():
     names = trainable_names(tiny_model(fusion="cross_attention"))
     assert any(".crossattention." in name for name in names)
     assert any(".ln_cross_attn." in name for name in names)
-    gpt2_names = {name for name in names if name.startswith("language_model.")}
+    gpt2_names = {name for name in names if name.startswith("model.language_model.")}
     assert gpt2_names and all(".crossattention." in name or ".ln_cross_attn." in name for name in gpt2_names)
 
 
@@ -215,7 +215,7 @@ def test_first_n_gpt2_layers_can_be_frozen():
     names = trainable_names(tiny_model(freeze_text=False, freeze_text_layers=1))
     assert not any(".h.0." in name for name in names)
     assert any(".h.1." in name for name in names)
-    assert any("transformer.wte" in name for name in names)
+    assert any("language_model.wte" in name for name in names)
 
 
 def test_set_frozen_changes_what_trains_and_refuses_bad_values():
@@ -263,26 +263,29 @@ def test_our_gpt2_computes_transformers_gpt2():
     # vision-gpt's own GPT-2 (gpt2_vision_gpt.py) with GPT-2's weights gives GPT-2's logits, with a left-padded batch.
     torch.manual_seed(2)
     gpt2 = GPT2LMHeadModel(GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})).eval()
-    ours = VisionGPTLanguageModel(gpt2.config).eval()
-    load_gpt2_state_dict(ours, gpt2.state_dict())
+    ours = VisionGPTTextModel(gpt2.config).eval()
+    head = torch.nn.Linear(gpt2.config.n_embd, gpt2.config.vocab_size, bias=False)
+    load_gpt2_state_dict(ours, head, gpt2.state_dict())
     input_ids = torch.randint(0, 500, (2, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         expected = gpt2(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits
-        hidden = ours.transformer(ours.get_input_embeddings()(input_ids), positions, mask)[0]
-        logits = ours.lm_head(hidden)
+        hidden = ours(ours.get_input_embeddings()(input_ids), positions, mask)[0]
+        logits = head(hidden)
     torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
 def test_the_gpt2_key_map_refuses_a_state_dict_that_does_not_fit():
     config = GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})
-    ours = VisionGPTLanguageModel(config)
+    ours, head = VisionGPTTextModel(config), torch.nn.Linear(config.n_embd, config.vocab_size, bias=False)
     weights = GPT2LMHeadModel(config).state_dict()
-    with pytest.raises(ValueError, match="missing.*transformer.h.1.mlp.c_fc.weight"):
-        load_gpt2_state_dict(ours, {k: v for k, v in weights.items() if k != "transformer.h.1.mlp.c_fc.weight"})
+    with pytest.raises(ValueError, match="missing.*h.1.mlp.c_fc.weight"):
+        load_gpt2_state_dict(ours, head, {k: v for k, v in weights.items() if k != "transformer.h.1.mlp.c_fc.weight"})
+    with pytest.raises(ValueError, match="unexpected.*score.weight"):
+        load_gpt2_state_dict(ours, head, {**weights, "score.weight": weights["lm_head.weight"]})
     with pytest.raises(ValueError, match="has shape"):
-        load_gpt2_state_dict(ours, {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][:10]})
+        load_gpt2_state_dict(ours, head, {**weights, "transformer.wpe.weight": weights["transformer.wpe.weight"][:10]})
 
 
 def test_from_vision_text_pretrained_loads_both_towers(tmp_path):
@@ -297,11 +300,12 @@ def test_from_vision_text_pretrained_loads_both_towers(tmp_path):
     assert model.config.num_visual_tokens == 5 and model.config.fusion == "cross_attention"
     for name, tensor in vit.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[name], tensor), name
-    for name, tensor in gpt2.state_dict().items():
+    for name, tensor in gpt2.transformer.state_dict().items():
         assert torch.equal(model.language_model.state_dict()[name], tensor), name
-    assert model.language_model.lm_head.weight is model.language_model.transformer.wte.weight
-    assert hasattr(model.language_model.transformer.h[0], "crossattention")
-    assert all(name.startswith("projector.") or ".crossattention." in name or ".ln_cross_attn." in name
+    assert torch.equal(model.lm_head.weight, gpt2.lm_head.weight)
+    assert model.lm_head.weight is model.language_model.wte.weight
+    assert hasattr(model.language_model.h[0], "crossattention")
+    assert all(name.startswith("model.projector.") or ".crossattention." in name or ".ln_cross_attn." in name
                for name in trainable_names(model))
 
 

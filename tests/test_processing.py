@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -158,6 +160,74 @@ def test_long_captions_are_truncated_but_keep_their_end_token(processor):
     batch = processor(text=["word " * 100], max_length=10)
     assert batch["input_ids"].shape == (1, 10)
     assert batch["input_ids"][0, -1].item() == START and batch["labels"][0, -1].item() == START
+
+
+def test_text_kwargs_pad_captions_to_max_length(processor):
+    assert processor.max_length == 64
+    batch = processor(text=["a dog", "hi"], text_kwargs={"padding": "max_length", "max_length": 12})
+    assert batch["input_ids"].shape == (2, 12)
+    dog = processor.tokenizer("a dog")["input_ids"]
+    assert batch["labels"][0].tolist() == [-100] + dog + [START] + [-100] * (12 - len(dog) - 2)
+
+
+def test_flat_text_options_equal_nested_ones(processor):
+    options = {"max_length": 8, "padding": "max_length", "pad_to_multiple_of": 5}
+    flat = processor(text=["word " * 30], **options)
+    nested = processor(text=["word " * 30], text_kwargs=options)
+    assert flat["input_ids"].shape == (1, 10)  # truncated to 8, padded to a multiple of 5
+    assert flat["input_ids"][0, 7].item() == START and flat["attention_mask"][0].tolist() == [1] * 8 + [0] * 2
+    for key in flat:
+        assert torch.equal(flat[key], nested[key]), key
+
+
+def test_prompts_take_padding_options_and_stay_left_padded(processor):
+    photo = processor.tokenizer("a photo of")["input_ids"]
+    batch = processor(prompt=["a", "a photo of"], padding="max_length", max_length=8)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["attention_mask"][1].tolist() == [0] * (7 - len(photo)) + [1] * (1 + len(photo))
+
+
+def test_return_tensors_none_gives_lists(processor):
+    hi = processor.tokenizer("hi")["input_ids"]
+    assert processor(text="hi", return_tensors=None)["input_ids"] == [[START] + hi + [START]]
+
+
+def test_images_kwargs_reach_the_image_processor(processor):
+    white = Image.new("RGB", (50, 70), (255, 255, 255))
+    unnormalised = processor(images=[white], images_kwargs={"do_normalize": False})["pixel_values"]
+    assert torch.all(unnormalised == 1.0)
+    assert processor(images=[white], size={"height": 16, "width": 16})["pixel_values"].shape == (1, 3, 16, 16)
+
+
+def test_an_option_given_flat_and_nested_is_refused(processor):
+    with pytest.raises(ValueError, match="max_length was passed two times"):
+        processor(text="a", max_length=8, text_kwargs={"max_length": 9})
+
+
+def test_unknown_and_unsupported_options_are_refused(processor):
+    with pytest.raises(TypeError, match="unexpected keyword argument `max_lenght`"):
+        processor(text="a", max_lenght=8)
+    with pytest.raises(ValueError, match="does not take the tokenizer options \\['return_offsets_mapping'\\]"):
+        processor(text="a", return_offsets_mapping=True)
+    with pytest.raises(TypeError, match="when called, not when built"):
+        VisionGPTProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, max_length=32)
+
+
+def test_tokenizer_init_kwargs_set_the_caption_default_but_not_the_padding_side(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    # from_pretrained hands these to the tokenizer, as transformers' processors do.
+    loaded = VisionGPTProcessor.from_pretrained(tmp_path, max_length=12, padding_side="left")
+    assert loaded.max_length == 12
+    batch = loaded(text=["word " * 30, "hi"])
+    assert batch["input_ids"].shape == (2, 12)
+    assert batch["attention_mask"][1].tolist() == [1] * 3 + [0] * 9  # captions stay right-padded
+
+
+def test_saved_processor_keeps_auto_map_and_reloads_equal(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["auto_map"] == {"AutoProcessor": "processing_vision_gpt.VisionGPTProcessor"}
+    assert VisionGPTProcessor.from_pretrained(tmp_path).to_dict() == processor.to_dict()
 
 
 def test_prompts_are_left_padded_without_end_token_or_labels(processor):

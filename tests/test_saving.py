@@ -68,9 +68,9 @@ def test_tied_embeddings_are_stored_once_and_tied_again(saved):
     folder, _, _, _ = saved
     with safe_open(folder / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
-    assert "language_model.transformer.wte.weight" in keys and "language_model.lm_head.weight" not in keys
+    assert "model.language_model.wte.weight" in keys and "lm_head.weight" not in keys
     reloaded = VisionGPTForConditionalGeneration.from_pretrained(folder)
-    assert reloaded.language_model.lm_head.weight is reloaded.language_model.transformer.wte.weight
+    assert reloaded.lm_head.weight is reloaded.language_model.wte.weight
 
 
 def test_reload_gives_the_same_logits_captions_and_freezing(saved, processor):
@@ -171,3 +171,48 @@ def test_remote_code_loads_from_an_offline_hub_cache_snapshot(saved, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     run_without_package("user/vision-gpt-flickr8k", paths, expected, tmp_path,
                         HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"))
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_a_checkpoint_saved_before_the_base_model_existed_loads_and_computes_the_same(fusion):
+    # Saved by commit 162886c (tests/fixtures/make_legacy_checkpoints.py), with the parts at the top level
+    # (`vision_model.`, `projector.`, `language_model.transformer.`); today's keys are under `model.` and `lm_head.`.
+    from tests.fixtures.make_legacy_checkpoints import legacy_inputs
+
+    folder = Path(__file__).parent / "fixtures" / f"legacy_{fusion}"
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        assert "language_model.transformer.wte.weight" in set(weights.keys())
+    model, info = VisionGPTForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    assert model.lm_head.weight is model.language_model.wte.weight
+    with safe_open(folder / "expected.safetensors", "pt") as expected:
+        logits, greedy = expected.get_tensor("logits"), expected.get_tensor("greedy")
+    pixel_values, input_ids, attention_mask = legacy_inputs()
+    with torch.no_grad():
+        ours = model.eval()(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+        ids = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6, min_new_tokens=6)
+    torch.testing.assert_close(ours, logits, rtol=0, atol=1e-6)
+    assert torch.equal(ids, greedy)
+
+
+def test_load_state_dict_takes_checkpoint_files_as_saved(tmp_path):
+    # Trainer resumes (and loads the best model at the end) with `model.load_state_dict(the checkpoint's file)`, whose
+    # names differ from the model's: transformers 5.24 saves ViT's attention under its old names, and files saved before
+    # the base model existed put the parts at the top level. Every weight must load, or a tuned tower is silently lost.
+    from safetensors.torch import load_file
+
+    model = tiny_model(freeze_vision=False)
+    model.save_pretrained(tmp_path / "today")
+    legacy_folder = Path(__file__).parent / "fixtures" / "legacy_prefix"
+    legacy_model = VisionGPTForConditionalGeneration.from_pretrained(legacy_folder)
+    for source, file in ((model, tmp_path / "today" / "model.safetensors"),
+                         (legacy_model, legacy_folder / "model.safetensors")):
+        target = VisionGPTForConditionalGeneration(source.config)
+        result = target.load_state_dict(load_file(file), strict=False)
+        assert not result.unexpected_keys and not result.missing_keys, result
+        for name, tensor in source.state_dict().items():
+            assert torch.equal(target.state_dict()[name], tensor), name
+    broken = load_file(tmp_path / "today" / "model.safetensors")
+    broken.pop("model.projector.queries")
+    result = VisionGPTForConditionalGeneration(model.config).load_state_dict(broken, strict=False)
+    assert result.missing_keys == ["model.projector.queries"]

@@ -191,7 +191,7 @@ def test_staged_run_trains_gpt2_after_its_epoch(setup, tmp_path):
                    "--load_best_model_at_end", "false"))
     trained = load_file(output / "model.safetensors")
     initial = load_file(Path(setup["text"]) / "model.safetensors")
-    assert not torch.equal(trained["language_model.transformer.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
+    assert not torch.equal(trained["model.language_model.h.0.mlp.c_fc.weight"], initial["transformer.h.0.mlp.c_fc.weight"])
     log = (output / "train.log").read_text()
     assert "Epoch 1: trainable parameters" in log
     assert "Feature cache" in log or "Computing vision features" in log

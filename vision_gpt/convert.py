@@ -32,9 +32,10 @@ DECODER_TYPES = ("gpt2",)
 # Source prefix -> target prefix. Both towers are built by transformers from the same configs on both sides, so
 # below these prefixes the module trees (and key names) are identical.
 KEY_PREFIXES = (
-    ("encoder.", "vision_model."),  # ViTModel
-    ("enc_to_dec_proj.", "projector.proj."),  # nn.Linear(encoder hidden, decoder hidden), only when they differ
-    ("decoder.", "language_model."),  # GPT2LMHeadModel, cross-attention layers included
+    ("encoder.", "model.vision_model."),  # ViTModel
+    ("enc_to_dec_proj.", "model.projector.proj."),  # nn.Linear(encoder hidden, decoder hidden), only when they differ
+    ("decoder.transformer.", "model.language_model."),  # GPT2LMHeadModel's body, cross-attention layers included
+    ("decoder.lm_head.", "lm_head."),
 )
 # ViT's pooler (dense + tanh over CLS) is never read by a VisionEncoderDecoder, which feeds the decoder
 # `last_hidden_state`; VisionGPT builds ViT without it for visual_tokens="patches".
