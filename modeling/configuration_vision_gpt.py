@@ -54,6 +54,11 @@ class VisionGPTConfig(PretrainedConfig):
             Freeze GPT-2's pretrained weights. Cross-attention layers are new and always stay trainable.
         freeze_text_layers (`int`, defaults to 0):
             Freeze the pretrained weights of the first N GPT-2 blocks (used when `freeze_text=False`).
+        image_token_id (`int`, *optional*):
+            With `fusion="prefix"`, the id that marks the image's places in `input_ids`, as transformers' LLaVA marks
+            them: each sequence holds `num_image_tokens` of them, and the model writes the image's visual tokens over
+            their embeddings. Defaults to GPT-2's vocabulary size, one past its last token, which no text tokenizes to
+            and the LM head never predicts.
 
     Example:
 
@@ -88,6 +93,7 @@ class VisionGPTConfig(PretrainedConfig):
     freeze_vision: bool = True
     freeze_text: bool = True
     freeze_text_layers: int = 0
+    image_token_id: int | None = None
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
@@ -95,6 +101,8 @@ class VisionGPTConfig(PretrainedConfig):
             build_sub_configs(self, self._sub_config_types)
         super().__post_init__(**kwargs)
         self._validate()
+        if self.image_token_id is None:
+            self.image_token_id = self.text_config.vocab_size
         # GPT-2 builds its cross-attention layers (and generate its EncoderDecoderCache) from this flag.
         self.text_config.add_cross_attention = self.fusion == "cross_attention"
         # Generation reads the special tokens from the top-level config.

@@ -39,6 +39,22 @@ class VisionGPTConv1D(nn.Module):
         return out.view(*hidden_states.shape[:-1], self.out_features)
 
 
+class VisionGPTTokenEmbedding(nn.Embedding):
+    """
+    GPT-2's token embedding, which also reads the id one past the vocabulary (`num_embeddings`), vision-gpt's image
+    placeholder (`VisionGPTConfig.image_token_id`), as a zero vector: the model writes the image's visual tokens over
+    those positions, so that `get_input_embeddings()(input_ids)` works on ids that hold them, as transformers' VLMs
+    allow. Every other id outside the vocabulary raises as usual.
+    """
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        placeholders = input_ids == self.num_embeddings
+        if not placeholders.any():
+            return super().forward(input_ids)
+        embeds = super().forward(input_ids.masked_fill(placeholders, 0))
+        return embeds.masked_fill(placeholders[..., None], 0.0)
+
+
 class VisionGPTCache(DynamicCache):
     """
     GPT-2's self-attention cache (a `DynamicCache`) that, with `fusion="cross_attention"`, also keeps each block's
@@ -224,7 +240,7 @@ class VisionGPTTextModel(VisionGPTTextPreTrainedModel):
 
     def __init__(self, config: GPT2Config):
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VisionGPTTokenEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(VisionGPTBlock(config, i) for i in range(config.num_hidden_layers))
@@ -356,6 +372,7 @@ __all__ = [
     "VisionGPTConv1D",
     "VisionGPTTextModel",
     "VisionGPTTextPreTrainedModel",
+    "VisionGPTTokenEmbedding",
     "init_gpt2_weights",
     "load_gpt2_state_dict",
 ]

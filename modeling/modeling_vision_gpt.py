@@ -350,8 +350,13 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
                 "VisionGPT needs exactly one of `input_ids` (at least the start token) and `inputs_embeds`. Use the "
                 "processor, or `generate(pixel_values)`."
             )
+        is_prefix = config.fusion == "prefix"
+        image_positions = self._image_token_positions(input_ids, inputs_embeds) if is_prefix else None  # (B, T)
+        has_image_tokens = image_positions is not None and bool(image_positions.any())
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+            # Image tokens get the image's visual tokens below; whatever their id embeds to is overwritten.
+            token_ids = input_ids.masked_fill(image_positions, 0) if has_image_tokens else input_ids
+            inputs_embeds = self.get_input_embeddings()(token_ids)  # (B, T, D)
         batch_size = inputs_embeds.shape[0]
         if use_cache is None:
             # Training keeps no cache unless asked (nothing would read it).
@@ -363,11 +368,17 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
         if use_cache and cache is None:
             cache = VisionGPTCache(config=config.text_config)
         past_len = int(cache.get_seq_length()) if cache is not None else 0
-        is_prefix = config.fusion == "prefix"
 
         cached_cross = getattr(cache, "cross_keys_values", None) if not is_prefix else None
-        needs_image = (is_prefix and past_len == 0) or (not is_prefix and cached_cross is None)
+        # With a prefix, the image goes where `input_ids` holds its image tokens (LLaVA's convention) or, in text
+        # without them (the convention before image tokens, which training batches still use), before the text.
+        needs_image = has_image_tokens or (is_prefix and past_len == 0) or (not is_prefix and cached_cross is None)
         has_image = image_embeds is not None or pixel_values is not None or vision_features is not None
+        if has_image_tokens and not has_image:
+            raise ValueError(
+                f"`input_ids` hold image tokens ({config.image_token_id}) but no image was given: pass `pixel_values` "
+                "(or `vision_features` / `image_embeds`)."
+            )
         if needs_image and not has_image and require_image:
             raise ValueError(
                 "`labels` were given without an image: training the captioner needs `pixel_values` (or "
@@ -385,11 +396,23 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
                 output_hidden_states=bool(output_hidden_states), output_attentions=output_attentions,
             )
             image_embeds = image_outputs.pooler_output
-        if image_embeds is not None and needs_image and image_embeds.shape[0] != batch_size:
+        if image_embeds is not None and needs_image and not has_image_tokens and image_embeds.shape[0] != batch_size:
             raise ValueError(f"Got {image_embeds.shape[0]} images for {batch_size} token sequences.")
 
-        prefill_prefix = is_prefix and past_len == 0 and image_embeds is not None
-        if prefill_prefix:
+        prefill_prefix = is_prefix and past_len == 0 and image_embeds is not None and not has_image_tokens
+        if has_image_tokens:
+            # As in LLaVA, the images fill the image tokens in order, row by row: each image's visual tokens go to the
+            # next num_image_tokens places (a sequence without image tokens reads text alone).
+            visual = image_embeds.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])  # (images x K, D)
+            num_placeholders = int(image_positions.sum())
+            if num_placeholders != visual.shape[0]:
+                raise ValueError(
+                    f"`input_ids` hold {num_placeholders} image tokens ({config.image_token_id}), but the "
+                    f"{image_embeds.shape[0]} images give {visual.shape[0]} visual tokens "
+                    f"({config.num_prefix_tokens} each): each image needs that many image tokens."
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(image_positions[..., None], visual)  # (B, T, D)
+        elif prefill_prefix:
             inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
         if attention_mask is not None and attention_mask.dim() == 4:
             # The `(B, 1, T, kv_len)` mask GenerationMixin prepares for a static (compileable) cache, which already
@@ -433,6 +456,19 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
             **{CACHE_NAME: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
+
+    def _image_token_positions(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """Where the image tokens are, `(B, T)`: by id, or in embeddings by the placeholder's embedding (zeros for the
+        default id, one past the vocabulary: see `VisionGPTTokenEmbedding`), as LLaVA finds them in `inputs_embeds`."""
+        image_token_id = self.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_token_id
+        embedding = self.get_input_embeddings()
+        if image_token_id < embedding.num_embeddings:
+            placeholder = embedding.weight[image_token_id].to(inputs_embeds.dtype)
+        else:
+            placeholder = inputs_embeds.new_zeros(inputs_embeds.shape[-1])
+        return (inputs_embeds == placeholder).all(-1)
 
     @staticmethod
     def _full_attention_mask(attention_mask, inputs_embeds, past_len):
@@ -706,10 +742,15 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
         user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
-        if image_embeds is None and (pixel_values is not None or vision_features is not None):
+        is_prefix = self.config.fusion == "prefix"
+        has_image = pixel_values is not None or vision_features is not None
+        # A visual prefix in a returned cache needs no image again.
+        if image_embeds is None and has_image and not (is_prefix and user_cache is not None):
             image_embeds = self._image_embeds(pixel_values=pixel_values, vision_features=vision_features)
         if image_embeds is not None:
             batch_size = image_embeds.shape[0]
+        elif has_image:
+            batch_size = (pixel_values if pixel_values is not None else vision_features).shape[0]
         else:
             batch_size = input_ids.shape[0] if input_ids is not None else 1
         if input_ids is None:
@@ -724,38 +765,72 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", config.use_cache) is not False
         cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
-        if image_embeds is None and not (self.config.fusion == "prefix" and user_cache is not None):
+        if is_prefix:
+            return self._generate_with_prefix(input_ids, attention_mask, image_embeds, user_cache, kwargs)
+        if image_embeds is None:
             # No image: continuing from a cache that holds it (a VisionGPTCache), or GPT-2 alone continuing the text.
             if user_cache is None and use_cache and cache_implementation in (None, "dynamic"):
                 user_cache = VisionGPTCache(config=self.config.text_config)  # remembers that there is no image
             if user_cache is not None:
                 kwargs[CACHE_NAME] = user_cache
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if self.config.fusion == "prefix" and user_cache is not None:
-            # Continuing from a returned cache, which holds the visual prefix first: the mask covers it too.
-            visual = attention_mask.new_ones(batch_size, self.config.num_prefix_tokens)
-            attention_mask = torch.cat([visual, attention_mask], dim=1)
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask, **{CACHE_NAME: user_cache},
-                                    **kwargs)
-        if self.config.fusion == "prefix" and use_cache:
-            cache, attention_mask = self._prefill_visual_prefix(image_embeds, input_ids, attention_mask, kwargs)
-            # The mask now also covers the cached prefix, so generate's right-padding check falls back to "is the
-            # last token the pad token?", which GPT-2's start token (= pad) always is: a false alarm, dropped here.
-            with _without_log_message(transformers_logging.get_logger("transformers.generation.utils"),
-                                      "right-padding was detected"):
-                return super().generate(
-                    input_ids=input_ids, attention_mask=attention_mask, **{CACHE_NAME: cache}, **kwargs
-                )
         if user_cache is not None:
             kwargs[CACHE_NAME] = user_cache
-        elif self.config.fusion == "cross_attention" and use_cache and not self.training and cache_implementation in (
-            None, "dynamic"
-        ):
+        elif use_cache and not self.training and cache_implementation in (None, "dynamic"):
             # Cross-attention keys and values once per image, shared by its beams. In training mode every sequence
             # attends its own copy, as in training, with attention dropout drawn per sequence.
             kwargs[CACHE_NAME] = self.get_cross_attention_cache(image_embeds)
         # image_embeds too: the cross-attention of an assistant model, or of a cache without the image, reads them.
         return super().generate(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds, **kwargs)
+
+    def _generate_with_prefix(self, input_ids, attention_mask, image_embeds, user_cache, kwargs):
+        """
+        `fusion="prefix"`: the image's tokens are in `input_ids` (LLaVA's convention), so GenerationMixin's lengths,
+        masks, caches and outputs all cover the visual prefix. A prompt without them (`generate(pixel_values)`, the
+        processor's prompts) gets them in front, and they are dropped from the returned ids again. Where every
+        sequence starts with its image tokens, the prefix runs through GPT-2 once per image and its cache is repeated
+        for the image's beams and returned sequences (GenerationMixin would run it once for each of them); decoding
+        that reads every prompt position (hidden states, attentions, an assistant model) takes GenerationMixin's own
+        path.
+        """
+        config = kwargs.get("generation_config") or self.generation_config
+        num_image_tokens, image_token_id = self.config.num_prefix_tokens, self.config.image_token_id
+        holds_image_tokens = bool((input_ids == image_token_id).any())
+        # A returned cache holds a prefix when it covers more positions than the text before the last token.
+        cached_prefix = user_cache is not None and int(user_cache.get_seq_length()) >= input_ids.shape[1]
+        added = 0
+        if not holds_image_tokens and (image_embeds is not None or cached_prefix):
+            image_tokens = input_ids.new_full((input_ids.shape[0], num_image_tokens), image_token_id)
+            input_ids = torch.cat([image_tokens, input_ids], dim=1)  # (B, K + T)
+            attention_mask = torch.cat([attention_mask.new_ones(image_tokens.shape), attention_mask], dim=1)
+            added = num_image_tokens
+        image_first = bool((input_ids[:, :num_image_tokens] == image_token_id).all()) and not bool(
+            (input_ids[:, num_image_tokens:] == image_token_id).any()
+        )
+        reads_every_position = any(
+            kwargs.get(name, getattr(config, name, None))
+            for name in ("output_hidden_states", "output_attentions", "assistant_model", "prompt_lookup_num_tokens")
+        )
+        use_cache = kwargs.get("use_cache", config.use_cache) is not False
+        cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        if user_cache is not None:
+            kwargs[CACHE_NAME] = user_cache
+        elif (image_embeds is not None and image_first and use_cache and not reads_every_position
+              and cache_implementation in (None, "dynamic", "static")):
+            kwargs[CACHE_NAME] = self._prefill_visual_prefix(image_embeds, input_ids, kwargs)
+            image_embeds = None  # in the cache now
+        # GPT-2's start token is its pad token, so a prompt that is only the start token ends in "padding" for
+        # generate's right-padding check: a false alarm, dropped here.
+        with _without_log_message(transformers_logging.get_logger("transformers.generation.utils"),
+                                  "right-padding was detected"):
+            output = super().generate(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
+                                      **kwargs)
+        if not added:
+            return output
+        if isinstance(output, torch.Tensor):
+            return output[:, added:]
+        output.sequences = output.sequences[:, added:]
+        return output
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
@@ -786,21 +861,15 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         cache.cross_keys_values = self.language_model.cross_keys_values(embeds, dtype)
         return cache
 
-    def _prefill_visual_prefix(self, image_embeds, input_ids, attention_mask, generate_kwargs):
+    def _prefill_visual_prefix(self, image_embeds, input_ids, generate_kwargs):
         """
-        Run the visual prefix through GPT-2 once per image and repeat its key/value cache for every beam or returned
-        sequence; `GenerationMixin` would otherwise repeat the prefix and recompute it for each of them. Returns the cache
-        and the attention mask extended over the cached prefix (generate then sees only the text). With
-        `cache_implementation="static"` the cache is a `StaticCache` sized for the prompt and the new tokens, which
-        `generate` compiles for (on CUDA by default; see `CompileConfig`).
+        Run the visual prefix (the first `num_prefix_tokens` positions of every sequence) through GPT-2 once per image
+        and repeat its key/value cache for every beam or returned sequence. With `cache_implementation="static"` the
+        cache is a `StaticCache` sized for the prompt and the new tokens, which `generate` compiles for (on CUDA by
+        default; see `CompileConfig`).
         """
         config = generate_kwargs.get("generation_config") or self.generation_config
         cache_implementation = generate_kwargs.pop("cache_implementation", config.cache_implementation)
-        if cache_implementation not in (None, "dynamic", "static"):
-            raise ValueError(
-                f"cache_implementation={cache_implementation!r} is not supported with fusion='prefix'; use 'dynamic' "
-                "(the default) or 'static'."
-            )
         # generate must not build a second cache next to the one handed to it.
         generate_kwargs["cache_implementation"] = None
         batch_size, num_visual = image_embeds.shape[:2]
@@ -813,9 +882,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         if expand > 1:
             cache.batch_repeat_interleave(expand)
         if cache_implementation == "static":
-            cache = self._to_static_cache(cache, num_visual + input_ids.shape[1], generate_kwargs, config)
-        visual = attention_mask.new_ones(batch_size, num_visual)
-        return cache, torch.cat([visual, attention_mask], dim=1)  # (B, K + T)
+            cache = self._to_static_cache(cache, input_ids.shape[1], generate_kwargs, config)
+        return cache
 
     def _to_static_cache(self, cache: DynamicCache, prompt_length: int, generate_kwargs, config) -> StaticCache:
         max_new_tokens = generate_kwargs.get("max_new_tokens") or config.max_new_tokens

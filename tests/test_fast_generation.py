@@ -75,10 +75,13 @@ def test_compiled_static_cache_path_runs_and_matches(fusion, inputs):
     assert torch.equal(compiled, plain_generate(model, inputs, **GREEDY))
 
 
-def test_an_unsupported_cache_implementation_is_refused(inputs):
+def test_a_static_cache_that_generate_builds_itself_gives_the_plain_captions(inputs):
+    # Hidden states of every prompt position: the prefix is not prefilled apart, so GenerationMixin builds the static
+    # cache over image tokens and text, and hands the model its 4D mask.
     model = tiny_model()
-    with pytest.raises(ValueError, match="cache_implementation='offloaded'"):
-        model.generate(**inputs, cache_implementation="offloaded", **GREEDY)
+    out = model.generate(**inputs, cache_implementation="static", output_hidden_states=True,
+                         return_dict_in_generate=True, **GREEDY)
+    assert torch.equal(out.sequences, plain_generate(model, inputs, **GREEDY))
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

@@ -181,3 +181,78 @@ def test_without_an_image_gpt2_alone_continues_the_text(fusion, processor):
         logits = model(input_ids=expected, use_cache=False).logits[:, -1]
         expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
+
+
+# ----- image tokens in input_ids (fusion="prefix", LLaVA's convention) --------------------------------------------
+
+def _with_image_tokens(model, input_ids, attention_mask):
+    """The same text with the image's tokens in front, as `generate` and transformers' VLMs place them."""
+    tokens = input_ids.new_full((input_ids.shape[0], model.config.num_prefix_tokens), model.config.image_token_id)
+    return torch.cat([tokens, input_ids], 1), torch.cat([torch.ones_like(tokens), attention_mask], 1)
+
+
+def test_image_tokens_in_input_ids_compute_what_the_prefix_before_the_text_computes(processor, images):
+    model = tiny_model()
+    inputs = processor(images=images[:2], text=["a dog runs", "two cats"])
+    legacy = model(**inputs, output_hidden_states=True)
+    ids, mask = _with_image_tokens(model, inputs["input_ids"], inputs["attention_mask"])
+    ours = model(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    k = model.config.num_prefix_tokens
+    assert model.config.image_token_id == model.config.text_config.vocab_size  # outside GPT-2's vocabulary
+    assert ours.logits.shape[1] == ids.shape[1] == legacy.hidden_states[-1].shape[1]  # every position of the input
+    torch.testing.assert_close(ours.logits[:, k:], legacy.logits, rtol=1e-5, atol=1e-5)
+    # inputs_embeds from the model's own embedding, placeholders included, find the same places.
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model(pixel_values=inputs["pixel_values"], inputs_embeds=embeds, attention_mask=mask)
+    torch.testing.assert_close(from_embeds.logits, ours.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_returns_the_image_tokens_it_was_given_and_drops_those_it_added(processor, images):
+    model = tiny_model()
+    inputs = processor(images=images[:2], prompt=["a", "two red"])
+    settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3)
+    added = model.generate(**inputs, **settings)
+    ids, mask = _with_image_tokens(model, inputs["input_ids"], inputs["attention_mask"])
+    given = model.generate(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=mask, **settings)
+    assert torch.equal(given[:, model.config.num_prefix_tokens:], added)
+    assert (given[:, : model.config.num_prefix_tokens] == model.config.image_token_id).all()
+    assert processor.batch_decode(added)[1].startswith("two red")
+
+
+@pytest.mark.parametrize("settings", [
+    dict(output_hidden_states=True, return_dict_in_generate=True),  # reads every prompt position: GenerationMixin's path
+    dict(output_attentions=True, return_dict_in_generate=True),
+])
+def test_decoding_that_reads_every_position_gives_the_same_captions(settings, processor, images):
+    model = tiny_model()
+    model.set_attn_implementation("eager")  # the implementation that returns attention weights
+    inputs = processor(images=images[:3])
+    greedy = dict(max_new_tokens=5, min_new_tokens=5, num_beams=1)
+    fast = model.generate(**inputs, **greedy)
+    out = model.generate(**inputs, **greedy, **settings)
+    assert torch.equal(out.sequences, fast)
+    states = out.hidden_states or out.attentions
+    assert states[0][-1].shape[-2] == model.config.num_prefix_tokens + 1  # the first step saw image + start token
+
+
+def test_prefix_generation_continues_from_the_returned_cache_without_the_image(processor, images):
+    model = tiny_model()
+    inputs = processor(images=images[:2], prompt=["a", "two red"])
+    settings = dict(num_beams=1, return_dict_in_generate=True)
+    whole = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, **settings)
+    first = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, **settings)
+    mask = torch.nn.functional.pad(inputs["attention_mask"], (0, 3), value=1)
+    rest = model.generate(input_ids=first.sequences, attention_mask=mask, cache=first[CACHE_NAME], max_new_tokens=2,
+                          min_new_tokens=2, **settings)  # the cache holds the visual prefix
+    assert torch.equal(rest.sequences, whole.sequences)
+
+
+def test_image_tokens_that_do_not_fit_the_image_are_refused(processor, images):
+    model = tiny_model()
+    inputs = processor(images=images[:2], text=["a dog", "a cat"])
+    ids, mask = _with_image_tokens(model, inputs["input_ids"], inputs["attention_mask"])
+    with pytest.raises(ValueError, match="hold image tokens .* but no image"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match=r"hold 7 image tokens .* 2 images give 8 visual tokens \(4 each\)"):
+        model(pixel_values=inputs["pixel_values"], input_ids=torch.cat([ids[:1, 1:], ids[1:, :-1]]),
+              attention_mask=mask[:, 1:])
