@@ -37,8 +37,8 @@ _OUTPUT_DOC = r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is provided):
         Cross-entropy over the caption tokens (labels of `-100` are ignored).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        Next-token scores at each text position: `logits[:, i]` predicts `input_ids[:, i + 1]`. Visual positions of the
-        prefix are never returned.
+        Next-token scores at each position of `input_ids` (image tokens included): `logits[:, i]` predicts
+        `input_ids[:, i + 1]`. A visual prefix put before text without image tokens gets none.
     cache (`Cache`, *optional*; named `past_key_values` on transformers releases before 5.24):
         GPT-2's self-attention key/value cache; with `fusion="prefix"` it holds the visual prefix too.
     hidden_states (`tuple[torch.FloatTensor]`, *optional*, returned with `output_hidden_states=True`):
@@ -663,12 +663,14 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Caption tokens, starting with GPT-2's `<|endoftext|>` as the start token. Or `inputs_embeds`, their
-            embeddings.
+            embeddings. With `fusion="prefix"` they may hold each image's `num_image_tokens` image tokens
+            (`config.image_token_id`) before its text, as LLaVA's do; text without them gets the image before it.
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
             Images from [`VisionGPTProcessor`]. Needed on the first pass; alternatively `vision_features` (the frozen
             tower's cached output) or `image_embeds` (already mapped visual tokens).
         attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`):
-            1 for text tokens, 0 for padding. Visual positions are always attended and are not part of this mask.
+            1 for tokens (image tokens included), 0 for padding. A visual prefix put before text without image tokens
+            is always attended and is not part of this mask.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
             Targets aligned with `input_ids` (the model shifts them); `-100` is ignored. Padding must be `-100`.
         cache (`Cache`, *optional*):
