@@ -11,6 +11,10 @@ its code does:
 - before transformers 5.18, without torchvision, `AutoImageProcessor` is a placeholder that raises ImportError, or
   resolves a saved `ViTImageProcessorPil` to the torchvision-backed `ViTImageProcessor` (`load_image_processor` then
   takes the PIL class that the saved config names).
+- before transformers 5.24, `RepetitionPenaltyLogitsProcessor` indexes the scores by every id in the sequence, so an
+  image token outside the vocabulary (`VisionGPTConfig.image_token_id`) makes it fail; 5.24 skips such ids
+  (`penalties_skip_ids_outside_vocabulary`). Generation hands GenerationMixin the text alone wherever the image's
+  positions are in the cache, and refuses, with a message, the few cases left.
 - transformers 5.24 renamed the key/value cache from `past_key_values` to `cache`: in `generate`, in
   `prepare_inputs_for_generation`, in models' `forward` and in the output classes (whose `__init__` now turns a
   `past_key_values=` argument into `cache`). `CACHE_NAME` is the name the installed release uses. Our forward takes both
@@ -18,6 +22,7 @@ its code does:
   (`FutureWarning`), as transformers' own models do. Our output's cache field is named `CACHE_NAME`.
 """
 
+import functools
 import inspect
 import warnings
 
@@ -60,6 +65,20 @@ def pipeline_generate_kwargs(pipeline, generate_kwargs: dict) -> dict:
     if "generation_config" in generate_kwargs:
         return generate_kwargs
     return {**generate_kwargs, "generation_config": pipeline.generation_config}
+
+
+@functools.cache
+def penalties_skip_ids_outside_vocabulary() -> bool:
+    """Whether `RepetitionPenaltyLogitsProcessor` skips ids that have no score (an image token outside the vocabulary)
+    rather than indexing past the scores, as it does before 5.24 (found by calling it, not by the version)."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    try:
+        RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([[0, 2]]), torch.zeros(1, 2))
+    except (IndexError, RuntimeError):
+        return False
+    return True
 
 
 # GenerationMixin hands the cache to `forward` under the name its own `prepare_inputs_for_generation` takes.

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
-from .compat_vision_gpt import CACHE_NAME, resolve_cache_argument
+from .compat_vision_gpt import CACHE_NAME, penalties_skip_ids_outside_vocabulary, resolve_cache_argument
 from .configuration_vision_gpt import VisionGPTConfig
 from .gpt2_vision_gpt import (
     VisionGPTCache,
@@ -815,23 +815,44 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         )
         use_cache = kwargs.get("use_cache", config.use_cache) is not False
         cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        prefix_cached = False
         if user_cache is not None:
-            kwargs[CACHE_NAME] = user_cache
+            kwargs[CACHE_NAME] = user_cache  # GenerationMixin continues the whole sequence it holds
         elif (image_embeds is not None and image_first and use_cache and not reads_every_position
               and cache_implementation in (None, "dynamic", "static")):
             kwargs[CACHE_NAME] = self._prefill_visual_prefix(image_embeds, input_ids, kwargs)
-            image_embeds = None  # in the cache now
+            image_embeds, prefix_cached = None, True
+        # Where the prefilled cache holds the image's positions, GenerationMixin gets the text alone (the mask covers
+        # both): its logits processors index scores by token id, and image tokens, outside the vocabulary, have no
+        # score (repetition_penalty fails on them in transformers releases that do not skip such ids).
+        text_ids = input_ids[:, num_image_tokens:] if prefix_cached else input_ids
+        repetition_penalty = kwargs.get("repetition_penalty", getattr(config, "repetition_penalty", None))
+        if not prefix_cached and (holds_image_tokens or added) and repetition_penalty not in (None, 1.0) and (
+            not penalties_skip_ids_outside_vocabulary()
+        ):
+            raise ValueError(
+                "repetition_penalty with image tokens that generate must read (output_hidden_states, "
+                "output_attentions, an assistant model, continuing from a returned cache, or image tokens after the "
+                "start of a sequence) needs a "
+                "transformers release whose repetition penalty skips ids outside the vocabulary, as 5.24's does; "
+                "this one does not. Drop one of them, or put the image tokens first."
+            )
         # GPT-2's start token is its pad token, so a prompt that is only the start token ends in "padding" for
         # generate's right-padding check: a false alarm, dropped here.
         with _without_log_message(transformers_logging.get_logger("transformers.generation.utils"),
                                   "right-padding was detected"):
-            output = super().generate(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
+            output = super().generate(input_ids=text_ids, attention_mask=attention_mask, image_embeds=image_embeds,
                                       **kwargs)
-        if not added:
-            return output
+        # The ids come back as the caller gave them: with image tokens if theirs held them, without if added here.
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        if prefix_cached and not added:
+            image_tokens = sequences.new_full((sequences.shape[0], num_image_tokens), image_token_id)
+            sequences = torch.cat([image_tokens, sequences], dim=1)
+        elif added and not prefix_cached:
+            sequences = sequences[:, added:]
         if isinstance(output, torch.Tensor):
-            return output[:, added:]
-        output.sequences = output.sequences[:, added:]
+            return sequences
+        output.sequences = sequences
         return output
 
     def prepare_inputs_for_generation(self, *args, **kwargs):

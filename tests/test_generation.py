@@ -256,3 +256,21 @@ def test_image_tokens_that_do_not_fit_the_image_are_refused(processor, images):
     with pytest.raises(ValueError, match=r"hold 7 image tokens .* 2 images give 8 visual tokens \(4 each\)"):
         model(pixel_values=inputs["pixel_values"], input_ids=torch.cat([ids[:1, 1:], ids[1:, :-1]]),
               attention_mask=mask[:, 1:])
+
+
+def test_repetition_penalty_with_image_tokens_generate_reads_works_or_says_why(processor, images):
+    # transformers before 5.24 indexes the scores by every id in the sequence for repetition_penalty; image tokens lie
+    # outside the vocabulary. Where generate reads them (here: hidden states of every position), the release's
+    # processor must skip such ids, or generate refuses with a message instead of an IndexError.
+    from vision_gpt.modeling.compat_vision_gpt import penalties_skip_ids_outside_vocabulary
+
+    model = tiny_model()
+    inputs = processor(images=images[:2])
+    settings = dict(max_new_tokens=5, min_new_tokens=5, num_beams=1, repetition_penalty=1.3)
+    fast = model.generate(**inputs, **settings)  # the prefix in the cache: GenerationMixin reads the text alone
+    every_position = dict(output_hidden_states=True, return_dict_in_generate=True)
+    if penalties_skip_ids_outside_vocabulary():
+        assert torch.equal(model.generate(**inputs, **settings, **every_position).sequences, fast)
+    else:
+        with pytest.raises(ValueError, match="repetition_penalty with image tokens that generate must read"):
+            model.generate(**inputs, **settings, **every_position)
