@@ -14,6 +14,7 @@ from .modeling import (
     VisionGPTProjector,
     load_image,
 )
+from .batch_captioner import VisionGPTCaptioner
 from .registration import register
 from .tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
 
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageLoadError",
+    "VisionGPTCaptioner",
     "VisionGPTConfig",
     "VisionGPTForConditionalGeneration",
     "VisionGPTImageToTextPipeline",

@@ -117,7 +117,7 @@ def generate_kwargs(settings: DecodingSettings) -> tuple[dict, list[str]]:
         num_return_sequences=count,
         max_new_tokens=_clamp(int(settings.max_new_tokens), 1, MAX_NEW_TOKENS),
         do_sample=bool(settings.do_sample),
-        # Scores: `sequences_scores` for beams; raw logits for greedy and sampling, scored in `_average_log_probs`.
+        # Scores: `sequences_scores` for beams; raw logits for greedy and sampling, scored in `average_log_probs`.
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
@@ -130,23 +130,6 @@ def generate_kwargs(settings: DecodingSettings) -> tuple[dict, list[str]]:
 
 def _clamp(value, low, high):
     return max(low, min(high, value))
-
-
-def _average_log_probs(output, eos_token_ids):
-    """
-    Average log-probability per generated token, up to and including the first end token, under the model's own
-    next-token distribution (raw logits: before temperature or top-p). With the default `length_penalty=1.0` this is
-    the quantity beam search reports as `sequences_scores`, so scores compare across decoding modes.
-    """
-    import torch
-
-    logits = torch.stack(output.logits, dim=1).float()  # (N, T, V)
-    new_tokens = output.sequences[:, -logits.shape[1]:]  # (N, T)
-    log_probs = logits.log_softmax(-1).gather(-1, new_tokens[..., None])[..., 0]  # (N, T)
-    # GPT-2 pads with its end token, so "after the first end token" is what marks padding, not the id itself.
-    is_end = torch.isin(new_tokens, torch.tensor(eos_token_ids, device=new_tokens.device)).long()
-    keep = (is_end.cumsum(1) - is_end) == 0  # (N, T)
-    return (log_probs * keep).sum(1) / keep.sum(1)
 
 
 # ----- inputs --------------------------------------------------------------------------------------------------------
@@ -305,7 +288,9 @@ class Captioner:
             scores = output.sequences_scores
         else:
             eos = self.model.generation_config.eos_token_id
-            scores = _average_log_probs(output, eos if isinstance(eos, list) else [eos])
+            from .generation import average_log_probs
+
+            scores = average_log_probs(output, eos if isinstance(eos, list) else [eos])
         texts = self.processor.batch_decode(output.sequences)
         captions = [Caption(text, float(score)) for text, score in zip(texts, scores.tolist())]
         # generate returns the `count` captions of each image together, each image's best first.

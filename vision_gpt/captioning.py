@@ -437,11 +437,22 @@ def format_table(rows: list[dict], header: str) -> str:
 # ----- decoding settings ---------------------------------------------------------------------------------------------
 
 
+def settings_in_use(generation_config, given: dict, names) -> dict:
+    """The value generate uses for each of `names`: the one given, else the model's generation config's, else
+    generate's own default (transformers 5 leaves unset fields None in the config), so that rows record what was used."""
+    from transformers import GenerationConfig
+
+    library = GenerationConfig._get_default_generation_params()
+    used = {}
+    for name in names:
+        candidates = (given.get(name), getattr(generation_config, name, None), library.get(name))
+        used[name] = next((value for value in candidates if value is not None), None)
+    return used
+
+
 def decoding_settings(args, generation_config) -> tuple[dict, dict]:
     """(`generate` kwargs for the flags given; every setting as used, for the rows). Flags not given fall back to the
     model's generation_config."""
-    from transformers import GenerationConfig
-
     given = {
         "num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
         "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
@@ -459,17 +470,7 @@ def decoding_settings(args, generation_config) -> tuple[dict, dict]:
     if args.top_k is not None and args.top_k < 0:
         raise ValueError(f"--top-k must be 0 (off) or more, got {args.top_k}.")
     generate_kwargs = {name: value for name, value in given.items() if value is not None}
-    # What generate falls back to for fields neither the flags nor generation_config.json set (transformers 5 leaves
-    # them None in the config), so that rows record the values actually used.
-    library = GenerationConfig._get_default_generation_params()
-    used = {}
-    for name, value in given.items():
-        for candidate in (value, getattr(generation_config, name, None), library.get(name)):
-            if candidate is not None:
-                used[name] = candidate
-                break
-        else:
-            used[name] = None
+    used = settings_in_use(generation_config, given, given)
     if not used["do_sample"]:
         ignored = [f"--{name.replace('_', '-')}" for name in SAMPLING_FLAGS if getattr(args, name) is not None]
         if ignored:

@@ -1,5 +1,5 @@
 """Captions from a model for dataset records, shared by training's evaluations and `vision-gpt evaluate` (which
-would otherwise import each other)."""
+would otherwise import each other), and the caption scores the app and the engine captioner report."""
 
 import torch
 
@@ -25,4 +25,19 @@ def generate_captions(model, processor, images, batch_size: int = 16, **generate
     return predictions, references
 
 
-__all__ = ["generate_captions"]
+def average_log_probs(output, eos_token_ids):
+    """
+    Average log-probability per generated token, up to and including the first end token, under the model's own
+    next-token distribution (raw logits: before temperature or top-p). With the default `length_penalty=1.0` this is
+    the quantity beam search reports as `sequences_scores`, so scores compare across decoding modes.
+    """
+    logits = torch.stack(output.logits, dim=1).float()  # (N, T, V)
+    new_tokens = output.sequences[:, -logits.shape[1]:]  # (N, T)
+    log_probs = logits.log_softmax(-1).gather(-1, new_tokens[..., None])[..., 0]  # (N, T)
+    # GPT-2 pads with its end token, so "after the first end token" is what marks padding, not the id itself.
+    is_end = torch.isin(new_tokens, torch.tensor(eos_token_ids, device=new_tokens.device)).long()
+    keep = (is_end.cumsum(1) - is_end) == 0  # (N, T)
+    return (log_probs * keep).sum(1) / keep.sum(1)
+
+
+__all__ = ["average_log_probs", "generate_captions"]
