@@ -75,6 +75,9 @@ class VisionGPTCache(DynamicCache):
 
     # per block: (keys, values), each (images, H, L, hd); None until the first forward with the image
     cross_keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # fusion="prefix": how many of the first positions hold the visual prefix where the ids returned with this cache
+    # do not show it (image tokens added by `generate`, or the image put before text without them); 0 otherwise
+    num_prefix_positions: int = 0
 
 
 def _split_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """VisionGPT: a vision tower, a trainable mapper and GPT-2, as one transformers model that generates captions."""
 
+import copy
 import math
 from dataclasses import field, make_dataclass
 
@@ -414,6 +415,8 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(image_positions[..., None], visual)  # (B, T, D)
         elif prefill_prefix:
             inputs_embeds = torch.cat([image_embeds.to(inputs_embeds.dtype), inputs_embeds], dim=1)  # (B, K+T, D)
+            if isinstance(cache, VisionGPTCache):
+                cache.num_prefix_positions = image_embeds.shape[1]  # positions the text's ids do not show
         if attention_mask is not None and attention_mask.dim() == 4:
             # The `(B, 1, T, kv_len)` mask GenerationMixin prepares for a static (compileable) cache, which already
             # covers the cached prefix. Causally, each query attends every earlier real token and itself, so its
@@ -540,13 +543,19 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         and `load_best_model_at_end` read such a file with this method, not with `from_pretrained`, so names this model
         does not have are converted by `from_pretrained`'s own conversions; weights it finds no source for stay missing.
         """
+        unexpected = []
         if set(state_dict) - set(self.state_dict()):
             converted, info = type(self).from_pretrained(
                 None, config=self.config, state_dict=dict(state_dict), output_loading_info=True
             )
-            missing = set(info["missing_keys"])
+            missing, unexpected = set(info["missing_keys"]), sorted(info["unexpected_keys"])
+            if unexpected and strict:
+                raise RuntimeError(f"Unexpected key(s) in the state dict, which this model has no place for: "
+                                   f"{unexpected[:8]}.")
             state_dict = {key: value for key, value in converted.state_dict().items() if key not in missing}
-        return super().load_state_dict(state_dict, strict, assign)
+        result = super().load_state_dict(state_dict, strict, assign)
+        result.unexpected_keys.extend(unexpected)
+        return result
 
     # The parts, by the names they had before the base model existed (as LLaVA keeps `language_model` on its head).
     @property
@@ -699,6 +708,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
         loss = None
         if labels is not None:
+            # Image tokens are never predicted (LLaVA-style labels copy input_ids, image tokens included).
+            labels = labels.masked_fill(labels == self.config.image_token_id, -100)
             loss = _caption_loss(logits, labels, num_items_in_batch)
         output = VisionGPTOutput(
             loss=loss,
@@ -736,7 +747,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         `use_packed_linears=False` runs the plain layers), and a bfloat16 model computes its LM head in float32 from
         the exact upcast of its weight, so that tokens are not chosen among logits rounded to bfloat16
         (`float32_logits=False` keeps them in bfloat16: faster, and further from the float32 model's captions).
-        Returns the token ids, start token and prompt included; decode them with `processor.batch_decode`.
+        Returns the token ids, start token and prompt included (and, with `fusion="prefix"`, the image tokens where
+        `input_ids` held them; those added here are left out); decode them with `processor.batch_decode`.
         """
         float32_layers = (self.get_output_embeddings(),) if float32_logits else ()
         with packed_linears(self, enabled=use_packed_linears, float32_layers=float32_layers):
@@ -744,6 +756,14 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
         user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
+        if kwargs.get("generation_config") is not None:
+            # A config passed in leaves unset fields None, which GenerationMixin fills from the model's; the decisions
+            # made here (beams to repeat the prefix for, cache, penalties) must see the same merged values.
+            given = kwargs["generation_config"].to_dict()
+            merged = copy.deepcopy(self.generation_config)
+            merged.update(**{name: value for name, value in given.items()
+                             if value is not None and name != "transformers_version"})
+            kwargs["generation_config"] = merged
         is_prefix = self.config.fusion == "prefix"
         has_image = pixel_values is not None or vision_features is not None
         # A visual prefix in a returned cache needs no image again.
@@ -798,8 +818,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         config = kwargs.get("generation_config") or self.generation_config
         num_image_tokens, image_token_id = self.config.num_prefix_tokens, self.config.image_token_id
         holds_image_tokens = bool((input_ids == image_token_id).any())
-        # A returned cache holds a prefix when it covers more positions than the text before the last token.
-        cached_prefix = user_cache is not None and int(user_cache.get_seq_length()) >= input_ids.shape[1]
+        # A cache this model returned says whether it holds the visual prefix (ids returned without image tokens).
+        cached_prefix = getattr(user_cache, "num_prefix_positions", 0) > 0
         added = 0
         if not holds_image_tokens and (image_embeds is not None or cached_prefix):
             image_tokens = input_ids.new_full((input_ids.shape[0], num_image_tokens), image_token_id)
@@ -822,6 +842,16 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
               and cache_implementation in (None, "dynamic", "static")):
             kwargs[CACHE_NAME] = self._prefill_visual_prefix(image_embeds, input_ids, kwargs)
             image_embeds, prefix_cached = None, True
+        elif added and use_cache and cache_implementation in (None, "dynamic"):
+            # GenerationMixin's own path fills this cache with the image tokens added here, which the returned ids
+            # will not show: the cache says so, for a later call that continues from it.
+            kwargs[CACHE_NAME] = VisionGPTCache(config=self.config.text_config)
+            kwargs[CACHE_NAME].num_prefix_positions = num_image_tokens
+        if added and not prefix_cached:
+            # Lengths the caller gave count their text; GenerationMixin's count the image tokens added here too.
+            for name in ("max_length", "min_length"):
+                if kwargs.get(name) is not None:
+                    kwargs[name] += added
         # Where the prefilled cache holds the image's positions, GenerationMixin gets the text alone (the mask covers
         # both): its logits processors index scores by token id, and image tokens, outside the vocabulary, have no
         # score (repetition_penalty fails on them in transformers releases that do not skip such ids).
@@ -896,7 +926,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         # generate must not build a second cache next to the one handed to it.
         generate_kwargs["cache_implementation"] = None
         batch_size, num_visual = image_embeds.shape[:2]
-        cache = DynamicCache(config=self.config.text_config)
+        cache = VisionGPTCache(config=self.config.text_config)
+        cache.num_prefix_positions = num_visual  # returned with the output: a later call continues from it
         positions = torch.arange(num_visual, device=image_embeds.device).expand(batch_size, -1)
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
         self.language_model(embeds, positions, cache=cache)

@@ -115,6 +115,8 @@ def test_bad_arguments_and_batches_are_refused_with_what_to_do(captioner, tiny_m
         VisionGPTCaptioner(str(tiny_model_dir), temperature=0.7)
     with pytest.raises(ValueError, match="num_return_sequences=3 needs at least as many beams"):
         VisionGPTCaptioner(str(tiny_model_dir), num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="one by one .* not a generation_config"):
+        VisionGPTCaptioner(str(tiny_model_dir), generation_config=None)
     with pytest.raises(KeyError, match="no column 'image'.*image_column="):
         captioner({"img": images[:1]})
     with pytest.raises(ValueError, match=r"already has the column\(s\) \['caption'\]"):
@@ -127,6 +129,8 @@ def test_sampling_is_seeded_per_batch(tiny_model_dir, images):
     torch.manual_seed(123)  # whatever the process's generator holds, a batch's captions are the seed's
     assert first({"image": images})["caption"] == first({"image": images})["caption"]
     assert json.loads(first({"image": images[:1]})["decoding"][0])["seed"] == 7
+    several = VisionGPTCaptioner(str(tiny_model_dir), num_return_sequences=3, **sampled)({"image": images[:2]})
+    assert all(scores == sorted(scores, reverse=True) for scores in several["scores"])  # best first, sampled too
 
 
 def test_ray_data_map_batches_with_two_actors_captions_each_image_once(tiny_model_dir, images, tmp_path):

@@ -274,3 +274,52 @@ def test_repetition_penalty_with_image_tokens_generate_reads_works_or_says_why(p
     else:
         with pytest.raises(ValueError, match="repetition_penalty with image tokens that generate must read"):
             model.generate(**inputs, **settings, **every_position)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_generation_config_passed_in_is_merged_with_the_models(fusion, processor, images):
+    # A GenerationConfig leaves unset fields None: the model's 3 beams still apply, as GenerationMixin applies them.
+    from transformers import GenerationConfig
+
+    model = tiny_model(fusion=fusion)
+    inputs = processor(images=images[:2])
+    given = model.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=5, min_new_tokens=5))
+    assert torch.equal(given, model.generate(**inputs, max_new_tokens=5, min_new_tokens=5))
+    static = GenerationConfig(max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
+    assert torch.equal(model.generate(**inputs, generation_config=static), given)
+
+
+def test_prefix_continuation_reads_every_token_appended_to_the_returned_ids(processor, images):
+    # The returned cache says it holds the visual prefix, whatever the caller appends (here more tokens than the
+    # prefix has positions): continuing equals generating from the whole prompt at once.
+    model = tiny_model()
+    inputs = processor(images=images[:1], prompt=["a"])
+    settings = dict(num_beams=1, return_dict_in_generate=True)
+    first = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, **settings)
+    appended = torch.cat([first.sequences, processor.tokenizer([" red square on blue"], return_tensors="pt",
+                                                               add_special_tokens=False).input_ids], dim=1)
+    assert appended.shape[1] - first.sequences.shape[1] >= model.config.num_prefix_tokens
+    rest = model.generate(input_ids=appended, attention_mask=torch.ones_like(appended), cache=first[CACHE_NAME],
+                          max_new_tokens=3, min_new_tokens=3, **settings)
+    whole = model.generate(pixel_values=inputs["pixel_values"], input_ids=appended,
+                           attention_mask=torch.ones_like(appended), max_new_tokens=3, min_new_tokens=3, **settings)
+    assert torch.equal(rest.sequences, whole.sequences)
+
+
+def test_max_length_counts_the_callers_text_on_every_path(processor, images):
+    model = tiny_model()
+    inputs = processor(images=images[:2])
+    fast = model.generate(**inputs, max_length=6, max_new_tokens=None, num_beams=1)
+    every = model.generate(**inputs, max_length=6, max_new_tokens=None, num_beams=1, output_hidden_states=True,
+                           return_dict_in_generate=True)
+    assert fast.shape[1] == 6 and torch.equal(every.sequences, fast)
+
+
+def test_labels_that_copy_input_ids_ignore_the_image_tokens(processor, images):
+    model = tiny_model()
+    batch = processor(images=images[:2], text=["a dog", "two cats run"])
+    ids, mask = _with_image_tokens(model, batch["input_ids"], batch["attention_mask"])
+    labels = torch.cat([ids[:, : model.config.num_prefix_tokens], batch["labels"]], dim=1)  # image ids kept as labels
+    ours = model(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask, labels=labels).loss
+    legacy = model(**batch).loss  # the same captions, the image before the text
+    torch.testing.assert_close(ours, legacy, rtol=1e-5, atol=1e-5)

@@ -216,3 +216,15 @@ def test_load_state_dict_takes_checkpoint_files_as_saved(tmp_path):
     broken.pop("model.projector.queries")
     result = VisionGPTForConditionalGeneration(model.config).load_state_dict(broken, strict=False)
     assert result.missing_keys == ["model.projector.queries"]
+
+
+def test_load_state_dict_reports_keys_no_conversion_places(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    weights = {**load_file(tmp_path / "model.safetensors"), "language_model.transformer.h.9.mlp.c_fc.weight": torch.ones(1)}
+    with pytest.raises(RuntimeError, match="no place for.*h.9.mlp.c_fc"):
+        VisionGPTForConditionalGeneration(model.config).load_state_dict(weights)
+    result = VisionGPTForConditionalGeneration(model.config).load_state_dict(weights, strict=False)
+    assert result.unexpected_keys and not result.missing_keys

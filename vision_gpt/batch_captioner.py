@@ -62,9 +62,12 @@ class VisionGPTCaptioner:
     ```"""
 
     def __init__(self, model: str, *, image_column: str = "image", dtype: str = "float32", device: str = "auto",
-                 revision: str | None = None, seed: int = 0, **generation_kwargs):
+                 revision: str | None = None, seed: int = 0, trust_remote_code: bool = False, **generation_kwargs):
+        if "generation_config" in generation_kwargs:
+            raise ValueError("VisionGPTCaptioner takes generate's settings one by one (num_beams=..., "
+                             "max_new_tokens=...), so that every row can record them; not a generation_config.")
         self._arguments = dict(model=model, image_column=image_column, dtype=dtype, device=device, revision=revision,
-                               seed=seed, **generation_kwargs)
+                               seed=seed, trust_remote_code=trust_remote_code, **generation_kwargs)
         from transformers import AutoModel, AutoProcessor
 
         import vision_gpt  # noqa: F401  (registers VisionGPT with the Auto classes where this runs: a worker, too)
@@ -77,15 +80,21 @@ class VisionGPTCaptioner:
         self.image_column = image_column
         self.seed = seed
         self.model_name, self.revision = str(model), revision
-        loaded = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=True, dtype=DTYPES[dtype_name])
+        # `import vision_gpt` registers the model with the Auto classes, so a vision-gpt repo needs no remote code here.
+        loaded = AutoModel.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code,
+                                           dtype=DTYPES[dtype_name])
         self.model = loaded.to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=True)
+        self.processor = AutoProcessor.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
         self.generate_kwargs, self.settings = _decoding(self.model.generation_config, generation_kwargs, seed)
         self.settings["dtype"] = dtype_name
         self.resolved_revision = _resolved_revision(str(model), revision)
+        if self.resolved_revision:  # workers that unpickle it load this commit, not whatever the branch is by then
+            self._arguments["revision"] = self.resolved_revision
 
     def __reduce__(self):
-        return _rebuild, (type(self), self._arguments)
+        # The weights' identity travels too (unused when rebuilding): `datasets` fingerprints the pickle, so captions
+        # cached for a folder whose model was retrained in place are not served again.
+        return _rebuild, (type(self), self._arguments, _weights_identity(self.model_name))
 
     @property
     def num_captions(self) -> int:
@@ -147,22 +156,41 @@ class VisionGPTCaptioner:
         inputs = self.processor(images=images).to(self.model.device)
         if self.settings["do_sample"]:
             torch.manual_seed(self.seed)
+        beams = self.settings["num_beams"] > 1
+        # Only what the scores need: a (sequences, vocabulary) tensor per step is large.
         output = self.model.generate(**inputs, **self.generate_kwargs, return_dict_in_generate=True,
-                                     output_scores=True, output_logits=True)
+                                     output_scores=beams, output_logits=not beams)
         texts = [_one_line(text) for text in self.processor.batch_decode(output.sequences)]
-        if self.settings["num_beams"] > 1:
+        if beams:
             values = output.sequences_scores
         else:
             eos = self.model.generation_config.eos_token_id
             values = average_log_probs(output, eos if isinstance(eos, list) else [eos])
         values = [round(float(value), 4) for value in values]
         n = self.num_captions
-        return ([texts[i * n:(i + 1) * n] for i in range(len(images))],
-                [values[i * n:(i + 1) * n] for i in range(len(images))])
+        if len(texts) != n * len(images):
+            raise RuntimeError(f"generate returned {len(texts)} captions for {len(images)} images, not {n} each.")
+        captions, scores = [], []
+        for i in range(len(images)):
+            # Best first: beam search returns its captions so ordered, sampling in the order drawn.
+            ranked = sorted(zip(texts[i * n:(i + 1) * n], values[i * n:(i + 1) * n]), key=lambda pair: -pair[1])
+            captions.append([text for text, _ in ranked])
+            scores.append([value for _, value in ranked])
+        return captions, scores
 
 
-def _rebuild(cls, arguments):
+def _rebuild(cls, arguments, weights_identity=None):
     return cls(**arguments)
+
+
+def _weights_identity(model: str):
+    """(name, size, mtime) of a local folder's weight files; None for a Hub id, whose revision is pinned instead."""
+    import os
+
+    if not os.path.isdir(model):
+        return None
+    return sorted((name, os.stat(os.path.join(model, name)).st_size, os.stat(os.path.join(model, name)).st_mtime_ns)
+                  for name in os.listdir(model) if name.endswith((".safetensors", ".bin")))
 
 
 def _open(cell, description: str):
@@ -211,11 +239,12 @@ def _decoding(generation_config, given: dict, seed: int) -> tuple[dict, dict]:
 
 
 def _resolved_revision(model: str, revision: str | None) -> str | None:
-    """The commit a Hub id resolves to (`revision` when the Hub cannot be asked); None for a local folder."""
+    """The commit a Hub id resolves to (`revision` when the Hub cannot be asked); None for a local folder, which has
+    no revisions (`revision` does not apply to it)."""
     import os
 
     if os.path.isdir(model):
-        return revision
+        return None
     try:
         from huggingface_hub import model_info
 
