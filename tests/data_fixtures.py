@@ -1,6 +1,8 @@
 """Tiny captioning datasets in every supported layout, and tiny pretrained towers, written by the tests themselves."""
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +178,66 @@ def save_tiny_clip(folder: Path, words: list[str]) -> Path:
         projection_dim=16)
     CLIPModel(config).save_pretrained(folder)
     return folder
+
+
+def image_bytes(colour: str, format: str = "JPEG") -> bytes:
+    buffer = io.BytesIO()
+    colour_image(colour).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def shard_rows(count: int, offset: int = 0, captions: int = 2):
+    """(key, colour, captions) triples whose captions are unique across all samples, so that a test can tell every
+    (image, caption) pair from the captions alone."""
+    names = list(COLOURS)
+    return [(f"{index:06d}", names[index % len(names)],
+             [f"a {names[index % len(names)]} square number {index} take {k}" for k in range(captions)])
+            for index in range(offset, offset + count)]
+
+
+def add_tar_member(archive, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_webdataset(root: Path, shards: int = 3, per_shard: int = 2, captions: int = 2, offset: int = 0,
+                     json_captions: bool = False) -> list[Path]:
+    """`root/000000.tar`, ...: webdataset shards of `{key}.jpg` with `{key}.txt` (one caption a line) or `{key}.json`
+    (`{"captions": [...]}`) members."""
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(shards):
+        path = root / f"{shard:06d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for key, colour, texts in shard_rows(per_shard, offset + shard * per_shard, captions):
+                add_tar_member(archive, f"{key}.jpg", image_bytes(colour))
+                if json_captions:
+                    add_tar_member(archive, f"{key}.json", json.dumps({"captions": texts}).encode())
+                else:
+                    add_tar_member(archive, f"{key}.txt", "\n".join(texts).encode())
+        paths.append(path)
+    return paths
+
+
+def write_parquet(path: Path, count: int = 4, offset: int = 0, captions: int = 2, image: str = "struct",
+                  row_group_size: int = 3) -> Path:
+    """A parquet file of `count` rows: an `image` column (datasets' `{bytes, path}` struct, or plain `binary` bytes
+    in a `jpg` column), `caption_0..caption_{captions-1}` and a `key` column; several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = shard_rows(count, offset, captions)
+    columns = {"key": [key for key, _, _ in rows]}
+    encoded = [image_bytes(colour) for _, colour, _ in rows]
+    if image == "struct":
+        columns["image"] = [{"bytes": data, "path": f"{key}.jpg"} for data, (key, _, _) in zip(encoded, rows)]
+    else:
+        columns["jpg"] = pa.array(encoded, pa.binary())
+    for k in range(captions):
+        columns[f"caption_{k}"] = [texts[k] for _, _, texts in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path

@@ -141,7 +141,7 @@ def test_ray_data_map_batches_with_two_actors_captions_each_image_once(tiny_mode
         rows = ray.data.from_items([{"id": i, "image": cell} for i, cell in enumerate(cells)])
         captioned = rows.map_batches(
             VisionGPTCaptioner, fn_constructor_kwargs={"model": str(tiny_model_dir), **SETTINGS},
-            concurrency=2, batch_size=2,
+            compute=ray.data.ActorPoolStrategy(size=2), batch_size=2,
         )
         out = sorted(captioned.take_all(), key=lambda row: row["id"])
     finally:

@@ -144,3 +144,16 @@ def test_app_burst_benchmark_reports_each_burst_and_the_servers_memory(tiny_mode
     assert 0 < p50 <= p90 <= slowest
     if Path("/proc/self/status").exists():  # Linux: the server's memory is read from /proc
         assert all(float(row[8]) > 100 for row in rows), "the server's resident memory, in MB (torch alone is more)"
+
+
+def test_scale_benchmark_times_each_engine_and_reports_where_it_overtakes(capsys):
+    pytest.importorskip("ray", reason="Ray Data is in the test extras; `pip install 'ray[data]'`")
+    results = load("bench_scale").main(["--quick", "--images", "8", "--batch-size", "2", "--runs", "cli", "ray1"])
+    assert [result["run"] for result in results] == ["cli", "ray1"]
+    for result in results:
+        # The first row came after start-up, the last before the command ended (a tiny model may write them all at
+        # once, between two looks at the file).
+        assert 0 < result["first"] <= result["last"] <= result["wall"]
+        assert 0 < result["first_rows"] <= 8
+    out = capsys.readouterr().out
+    assert "| vision-gpt caption |" in out and "| --engine ray, 1 actor |" in out

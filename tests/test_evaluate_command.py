@@ -8,7 +8,7 @@ from vision_gpt.bertscore import BERTScorer, BERTScoreSettings
 from vision_gpt.clipscore import CLIPScorer, CLIPScoreSettings
 
 from .conftest import tiny_model
-from .data_fixtures import save_tiny_bert, save_tiny_clip, write_flickr8k
+from .data_fixtures import save_tiny_bert, save_tiny_clip, write_flickr8k, write_parquet
 
 pytestmark = pytest.mark.skipif(__import__("shutil").which("java") is None,
                                 reason="pycocoevalcap needs Java: apt-get install openjdk-17-jre-headless")
@@ -37,6 +37,21 @@ def test_evaluate_command_writes_metrics_table_and_predictions(tmp_path, process
     table = (output / "metrics.md").read_text()
     assert "CIDEr-D" in table and "|" in table
     assert "CIDEr-D" in capsys.readouterr().out
+
+
+def test_evaluate_command_reads_a_parquet_file(tmp_path, tiny_model_dir):
+    data = write_parquet(tmp_path / "data" / "test.parquet", count=5, captions=3, image="binary")
+    output = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--data-files", str(tmp_path / "data" / "*.parquet"),
+                     "--max-images", "4", "--output-dir", str(output), "--num-beams", "1",
+                     "--max-new-tokens", "4"]) == 0
+    summary = json.loads((output / "metrics.json").read_text())
+    assert summary["metrics"]["num_images"] == 4 and summary["metrics"]["num_references"] == 12
+    assert summary["dataset"] == f"1 parquet file ({data})"
+    rows = [json.loads(line) for line in (output / "predictions.jsonl").read_text().splitlines()]
+    assert [row["image_id"] for row in rows] == [f"{data}/{index:06d}" for index in range(4)]
+    assert rows[1]["references"] == ["a green square number 1 take 0", "a green square number 1 take 1",
+                                     "a green square number 1 take 2"]
 
 
 def test_evaluate_command_names_a_missing_split(tmp_path, processor, capsys):

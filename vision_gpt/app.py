@@ -45,6 +45,8 @@ EXAMPLE_LABELS = {
     "house.jpg": "drawing: house and tree",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+# --runtime onnx: the graphs of an export for each dtype, by their transformers.js names (`vision-gpt export-onnx`).
+ONNX_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8", "q8": "q8"}
 MB = 1024 * 1024  # Gradio's "mb" unit, so our limit and Gradio's agree to the byte
 
 # Slider ranges: wide enough to explore, small enough that one request cannot tie the server up for minutes.
@@ -183,13 +185,27 @@ class Captioner:
         self._slots = threading.BoundedSemaphore(concurrency)
 
     @classmethod
-    def from_pretrained(cls, model_path_or_id: str, *, dtype: str = "float32", device: str = "auto", **kwargs):
-        """Load the model and processor once (a folder or a Hub id), in `dtype`, on `device` ("auto": CUDA if any)."""
+    def from_pretrained(cls, model_path_or_id: str, *, dtype: str = "float32", device: str = "auto",
+                        runtime: str = "torch", **kwargs):
+        """Load the model and processor once (a folder or a Hub id), in `dtype`, on `device` ("auto": CUDA if any).
+        With `runtime="onnx"`, the folder is an export of `vision-gpt export-onnx`, run by ONNX Runtime on the CPU
+        (`dtype` float32, float16, int8 or q8 picks its graphs)."""
         import torch
         from transformers import AutoModel, AutoProcessor
 
         import vision_gpt  # noqa: F401  (registers VisionGPT with the Auto classes)
 
+        if runtime == "onnx":
+            from .onnx_runtime import ONNXCaptioner
+
+            if dtype not in ONNX_DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(ONNX_DTYPES)} with the onnx runtime, got {dtype!r}.")
+            if device not in ("auto", "cpu"):
+                raise ValueError(f"The onnx runtime runs on ONNX Runtime's CPU provider, not device {device!r}.")
+            model = ONNXCaptioner(model_path_or_id, dtype=ONNX_DTYPES[dtype])
+            return cls(model, model.processor, name=f"{model_path_or_id} (ONNX Runtime)", **kwargs)
+        if runtime != "torch":
+            raise ValueError(f"runtime must be torch or onnx, got {runtime!r}.")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         if device == "auto":
@@ -284,7 +300,8 @@ class Captioner:
                     output = self.model.generate(**inputs, **kwargs)
             else:
                 output = self.model.generate(**inputs, **kwargs)
-        if kwargs["num_beams"] > 1:
+        if kwargs["num_beams"] > 1 or output.logits is None:
+            # Beam search scores its sequences; so does ONNX Runtime's captioner, which returns no logits.
             scores = output.sequences_scores
         else:
             eos = self.model.generation_config.eos_token_id
@@ -482,7 +499,7 @@ def caption_request(captioner: Captioner, files, urls, num_beams, num_captions, 
 
 
 def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtype: str = "float32",
-              device: str = "auto", max_upload_mb: float = 10, max_images: int = 8, allow_urls: bool = True,
+              device: str = "auto", runtime: str = "torch", max_upload_mb: float = 10, max_images: int = 8, allow_urls: bool = True,
               allow_private_urls: bool = False, url_timeout: float = 5.0, queue_size: int = DEFAULT_QUEUE_SIZE,
               concurrency: int | None = None):
     """
@@ -506,7 +523,7 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
     if captioner is None:
         if model_path_or_id is None:
             raise ValueError("build_app needs a model folder or Hub id (or a `captioner`).")
-        captioner = Captioner.from_pretrained(model_path_or_id, dtype=dtype, device=device,
+        captioner = Captioner.from_pretrained(model_path_or_id, dtype=dtype, device=device, runtime=runtime,
                                               max_upload_mb=max_upload_mb, max_images=max_images,
                                               allow_urls=allow_urls, allow_private_urls=allow_private_urls,
                                               url_timeout=url_timeout, concurrency=concurrency or 1)
@@ -515,7 +532,8 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
                          f"generation(s) at a time: build the Captioner with concurrency={concurrency} instead.")
     concurrency = captioner.concurrency
     defaults = captioner.default_settings
-    model_dtype = str(captioner.model.dtype).removeprefix("torch.")
+    # An ONNX captioner takes float32 pixels whatever its graphs compute in; `precision` names its graphs.
+    model_dtype = getattr(captioner.model, "precision", None) or str(captioner.model.dtype).removeprefix("torch.")
     limits = (f"Model: `{captioner.name}` ({model_dtype}, {captioner.model.device.type}). Up to "
               f"{captioner.max_images} images at a time, {_size(captioner.max_upload_bytes)} each. When others are "
               f"captioning, your request waits in line (up to {queue_size} can wait); if the line is full, the page "
@@ -645,10 +663,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "(default 1). One generation already runs its matrix products on every CPU core, but a "
                              "small model spends much of its time between them, so 2-4 can get through a burst "
                              "sooner, as on a GPU, though each generation then runs slower")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+    parser.add_argument("--dtype", choices=[*DTYPES, "int8", "q8"], default="float32",
                         help="weights' precision (default float32; bfloat16 is faster on GPUs and on CPUs with "
                              "native bf16, AVX-512 BF16 or AMX on x86, and slower than float32 on others; captions "
-                             "may differ slightly)")
+                             "may differ slightly); with --runtime onnx: float32, float16, int8 or q8")
+    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                        help="torch (default), or onnx: --model is a folder written by `vision-gpt export-onnx`, run "
+                             "by ONNX Runtime on the CPU (pip install 'vision-gpt[onnx]')")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.set_defaults(func=run)
     return parser
@@ -679,12 +700,14 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"loading {args.model} ({args.dtype}) ...", flush=True)
     try:
-        demo = build_app(args.model, dtype=args.dtype, device=args.device, max_upload_mb=args.max_upload_mb,
+        demo = build_app(args.model, dtype=args.dtype, device=args.device, runtime=args.runtime,
+                         max_upload_mb=args.max_upload_mb,
                          max_images=args.max_images, allow_urls=not args.no_urls, queue_size=args.max_queue,
                          concurrency=args.concurrency)
         launch(demo, host=args.host, port=args.port, share=args.share, block=True)
-    except OSError as error:
-        # transformers raises OSError for a missing folder, an unknown Hub id or no network; Gradio for a busy port.
+    except (OSError, ValueError, ImportError) as error:
+        # transformers raises OSError for a missing folder, an unknown Hub id or no network; Gradio for a busy port;
+        # ValueError and ImportError are ours (a dtype the runtime has no graphs for, the onnx extra missing).
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the server was up; once it is, `block_thread` handles it

@@ -57,7 +57,8 @@ class VisionGPTCaptioner:
     >>> from vision_gpt import VisionGPTCaptioner
     >>> images = ray.data.read_binary_files("s3://bucket/photos/", include_paths=True)
     >>> captioned = images.map_batches(VisionGPTCaptioner, fn_constructor_kwargs={"model": "user/vision-gpt-flickr8k",
-    ...     "image_column": "bytes", "num_beams": 3}, concurrency=4, batch_size=32)
+    ...     "image_column": "bytes", "num_beams": 3}, compute=ray.data.ActorPoolStrategy(size=4),
+    ...     batch_size=32)
     >>> captioned.write_parquet("captions/")
     ```"""
 

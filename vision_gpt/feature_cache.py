@@ -51,6 +51,7 @@ class FeatureCache:
     >>> cache = FeatureCache("~/.cache/vision-gpt/features", model, processor.image_processor)
     >>> cache.build(images)                   # computes only what is missing, once per image
     >>> cache.get(images[0].image_id).shape   # (N, Dv)
+    >>> cache.build_from_stream(ids, pairs)   # the same for shards: every id listed, (id, image) pairs streamed
     ```"""
 
     def __init__(self, root, model, image_processor, dtype: str = "float16"):
@@ -63,13 +64,15 @@ class FeatureCache:
         self.folder = Path(root).expanduser() / self.key[:20]
         self._index = None
         self._array = None
+        self._unreadable = None
 
     @property
     def manifest_path(self) -> Path:
         return self.folder / "manifest.json"
 
     def is_complete_for(self, image_ids) -> bool:
-        """True if the folder holds finished features of this exact model for all `image_ids`."""
+        """True if the folder holds finished features of this exact model for all `image_ids` (or knows them to be
+        unreadable)."""
         if not self.manifest_path.is_file():
             return False
         manifest = json.loads(self.manifest_path.read_text())
@@ -82,50 +85,114 @@ class FeatureCache:
         if not manifest.get("complete"):
             return False
         index = json.loads((self.folder / "index.json").read_text())
-        return set(image_ids) <= set(index)
+        known = set(index) | set(manifest.get("unreadable", {}))
+        return all(image_id in known for image_id in image_ids)
 
     def build(self, images, batch_size: int = 32, num_workers: int = 0) -> None:
         """Compute the features of every image not yet cached; a no-op when all are there."""
-        from .data import pixel_values_for
-
         records = {record.image_id: record for record in images}
         if self.is_complete_for(records):
             logger.info("Feature cache %s holds all %d images; reusing it.", self.folder, len(records))
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
         ids = sorted(records)
+        self._compute(ids, ((image_id, records[image_id].image) for image_id in ids), batch_size)
+
+    def build_from_stream(self, image_ids: list[str], images, batch_size: int = 32) -> None:
+        """
+        `build` for images streamed from shards, never all held: `image_ids` lists every image up front (the file's
+        shape), `images` yields `(image_id, stored image)` pairs in any order, each decoded once, here. An image that
+        does not decode, or a listed one that never comes (its shard broke off), is recorded as unreadable: `contains`
+        is False for it, `unreadable` says why, and later runs do not try it again.
+        """
+        ids = list(dict.fromkeys(image_ids))
+        if self.is_complete_for(ids):
+            logger.info("Feature cache %s holds all %d images; reusing it.", self.folder, len(ids))
+            return
+        self._compute(ids, images, batch_size)
+
+    def _compute(self, ids: list[str], images, batch_size: int) -> None:
+        from .data import open_stored_image
+        from .modeling.processing_vision_gpt import ImageLoadError
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # The folder may hold a finished cache of other images: it stops being complete before its file is rewritten.
+        self.manifest_path.unlink(missing_ok=True)
+        rows = {image_id: row for row, image_id in enumerate(ids)}
         model = self.model
         was_training = model.training
         model.eval()
         features_path = self.folder / "features.npy"
-        array = None
+        array, done, unreadable, pending = None, set(), {}, []
         logger.info("Computing vision features of %d images into %s (once; later runs reuse them).", len(ids),
                     self.folder)
+
+        def flush():
+            nonlocal array
+            pixels = self.image_processor(images=[image for _, image in pending], return_tensors="pt")["pixel_values"]
+            features = model.get_vision_features(pixels.to(model.device)).float().cpu().numpy()
+            if array is None:
+                shape = (len(ids),) + features.shape[1:]
+                array = np.lib.format.open_memmap(features_path, mode="w+", dtype=_NUMPY_DTYPES[self.dtype],
+                                                  shape=shape)
+            for (row, _), feature in zip(pending, features):
+                array[row] = feature
+            pending.clear()
+
         try:
             with torch.no_grad():
-                for start in range(0, len(ids), batch_size):
-                    chunk = ids[start : start + batch_size]
-                    pixels = torch.cat([pixel_values_for(records[i].image, self.image_processor) for i in chunk])
-                    features = model.get_vision_features(pixels.to(model.device)).float().cpu().numpy()
-                    if array is None:
-                        shape = (len(ids),) + features.shape[1:]
-                        array = np.lib.format.open_memmap(features_path, mode="w+", dtype=_NUMPY_DTYPES[self.dtype],
-                                                          shape=shape)
-                    array[start : start + len(chunk)] = features
+                for image_id, stored in images:
+                    if image_id not in rows or image_id in done or image_id in unreadable:
+                        continue
+                    try:
+                        image = open_stored_image(stored, image_id)
+                    except ImageLoadError as error:
+                        unreadable[image_id] = str(error)
+                        continue
+                    done.add(image_id)
+                    pending.append((rows[image_id], image))
+                    if len(pending) == batch_size:
+                        flush()
+                if pending:
+                    flush()
+            if array is None:
+                raise ValueError(f"None of the {len(ids)} images for the feature cache could be read, e.g. "
+                                 f"{next(iter(unreadable.values()), ids[0] if ids else 'none listed')}.")
             array.flush()
         finally:
             model.train(was_training)
-        (self.folder / "index.json").write_text(json.dumps({image_id: row for row, image_id in enumerate(ids)}))
+        for image_id in ids:
+            if image_id not in done and image_id not in unreadable:
+                unreadable[image_id] = f"{image_id} was listed but not found when its shard was read"
+        (self.folder / "index.json").write_text(json.dumps({image_id: rows[image_id] for image_id in ids
+                                                            if image_id in done}))
         # Written last: a run killed while building leaves no manifest saying "complete".
-        manifest = {"key": self.key, "complete": True, "num_images": len(ids), "shape": list(array.shape),
-                    "dtype": self.dtype, "vision_model_type": model.config.vision_config.model_type}
+        manifest = {"key": self.key, "complete": True, "num_images": len(done), "shape": list(array.shape),
+                    "dtype": self.dtype, "vision_model_type": model.config.vision_config.model_type,
+                    "unreadable": unreadable}
         self.manifest_path.write_text(json.dumps(manifest, indent=2))
-        self._index = self._array = None
+        self._index = self._array = self._unreadable = None
+
+    def _open(self) -> None:
+        # Opened lazily, so each data-loader worker maps the file itself.
+        self._index = json.loads((self.folder / "index.json").read_text())
+        self._array = np.load(self.folder / "features.npy", mmap_mode="r")
+        self._unreadable = json.loads(self.manifest_path.read_text()).get("unreadable", {})
+
+    def contains(self, image_id: str) -> bool:
+        """Whether the cache holds features for `image_id` (False for one recorded as unreadable)."""
+        if self._index is None:
+            self._open()
+        return image_id in self._index
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """`{image_id: why}` for the images the cache could not read."""
+        if self._index is None:
+            self._open()
+        return self._unreadable
 
     def get(self, image_id: str) -> torch.Tensor:
         """Features of one image, `(N, Dv)` in float32."""
         if self._array is None:
-            # Opened lazily, so each data-loader worker maps the file itself.
-            self._index = json.loads((self.folder / "index.json").read_text())
-            self._array = np.load(self.folder / "features.npy", mmap_mode="r")
+            self._open()
         return torch.from_numpy(np.asarray(self._array[self._index[image_id]], dtype=np.float32))

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -57,11 +58,21 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(default="flickr8k", metadata={
-        "help": "flickr8k, flickr30k, coco or auto (layout detected in --data_dir), or a datasets Hub id / folder."})
+        "help": "flickr8k, flickr30k, coco or auto (layout detected in --data_dir), a datasets Hub id / folder, or "
+                "webdataset or parquet (shards named by --data_files, streamed)."})
     data_dir: str | None = field(default=None, metadata={"help": "Folder with the images and caption files."})
-    image_column: str | None = field(default=None, metadata={"help": "For datasets: the image column."})
+    data_files: list[str] | None = field(default=None, metadata={
+        "help": "For --dataset webdataset or parquet: the training shards, as files, globs or brace ranges (quoted), "
+                'e.g. "shards/{000000..000099}.tar". Streamed, never loaded whole: needs --max_steps.'})
+    eval_data_files: list[str] | None = field(default=None, metadata={
+        "help": "Validation shards (webdataset .tar or .parquet, taken by suffix), read whole (cap them with "
+                "--max_eval_images); they replace the dataset's validation split."})
+    shuffle_buffer_size: int = field(default=1000, metadata={
+        "help": "Streamed shards: how many (image, caption) pairs are held to shuffle them (more mixes better)."})
+    image_column: str | None = field(default=None, metadata={"help": "For datasets and parquet: the image column."})
     caption_column: str | None = field(default=None, metadata={
-        "help": "For datasets: the captions column (default: caption_0..N, captions, sentences, caption, text)."})
+        "help": "For datasets and parquet: the captions column (default: caption_0..N, captions, sentences, caption, "
+                "text)."})
     max_caption_length: int = field(default=64, metadata={"help": "Longest caption in tokens, start and end included."})
     max_train_images: int | None = field(default=None, metadata={"help": "Use only the first N training images."})
     max_eval_images: int | None = field(default=None, metadata={"help": "Use only the first N validation images."})
@@ -156,6 +167,7 @@ def parse_arguments(argv=None):
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     if model_args.model_name_or_path is None and not (model_args.vision_model and model_args.text_model):
         raise ValueError("give --vision_model and --text_model, or --model_name_or_path to continue a vision-gpt model")
+    validate_shard_arguments(model_args, data_args, training_args)
     if data_args.dataset in ("flickr8k", "flickr30k", "coco", "auto"):
         if not data_args.data_dir:
             raise ValueError(f"--dataset {data_args.dataset} needs --data_dir")
@@ -171,7 +183,8 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         # later would never be synchronised across processes.
         raise ValueError("staged unfreezing (--unfreeze_*_epoch) needs a single process; under DDP, run each stage "
                          "as its own run with --model_name_or_path")
-    for name in ("max_caption_length", "caption_metrics_images", "generation_num_beams", "generation_max_new_tokens"):
+    for name in ("max_caption_length", "caption_metrics_images", "generation_num_beams", "generation_max_new_tokens",
+                 "shuffle_buffer_size"):
         if getattr(data_args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(data_args, name)}")
     best = training_args.metric_for_best_model
@@ -190,6 +203,39 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     if data_args.early_stopping_patience is not None and data_args.early_stopping_patience < 1:
         raise ValueError("--early_stopping_patience must be at least 1")
     # Model fields are checked by VisionGPTConfig itself, against the real tower sizes, in build_model_config.
+
+
+def validate_shard_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Streamed shards have no length and no epochs of their own: what needs either is refused here, at start."""
+    from .data import SHARD_DATASETS, resolve_data_files
+
+    for name in ("data_files", "eval_data_files"):
+        if isinstance(getattr(data_args, name), str):  # a single pattern in a config file
+            setattr(data_args, name, [getattr(data_args, name)])
+    if data_args.dataset not in SHARD_DATASETS:
+        if data_args.data_files:
+            raise ValueError("--data_files names webdataset or parquet shards: add --dataset webdataset or --dataset "
+                             "parquet")
+    else:
+        dataset = data_args.dataset
+        if not data_args.data_files:
+            raise ValueError(f'--dataset {dataset} needs --data_files, e.g. "shards/{{000000..000099}}.tar"')
+        if data_args.data_dir:
+            raise ValueError(f"--dataset {dataset} reads the shards of --data_files; drop --data_dir")
+        if training_args.max_steps is None or training_args.max_steps <= 0:
+            raise ValueError(f"--dataset {dataset} streams the shards, and a stream has no length: give --max_steps, "
+                             "the number of optimizer steps to train (each of per_device_train_batch_size x processes "
+                             "x gradient_accumulation_steps pairs)")
+        if data_args.max_train_images is not None:
+            raise ValueError(f"--max_train_images takes the first images of a list, and --dataset {dataset} streams: "
+                             'name fewer shards in --data_files instead (e.g. "shards/{000000..000009}.tar")')
+        if model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None:
+            raise ValueError(f"staged unfreezing (--unfreeze_*_epoch) counts epochs, and with --dataset {dataset} the "
+                             "whole run of --max_steps is one epoch: run each stage as its own run with "
+                             "--model_name_or_path")
+        resolve_data_files(dataset, data_args.data_files, "--data_files")
+    if data_args.eval_data_files:
+        resolve_data_files(None, data_args.eval_data_files, "--eval_data_files")
 
 
 def emulated_bf16_warning(training_args) -> str | None:
@@ -433,12 +479,18 @@ def _setup_logging(training_args) -> None:
 
 
 def _training_description(model_args, data_args, training_args, model, num_pairs, runtime) -> str:
+    """`num_pairs` is None for streamed shards (their size is not known)."""
     summary = model.parameter_summary()["total"]
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    if num_pairs is None:
+        data = (f"{data_args.dataset} shards {', '.join(data_args.data_files)} (streamed, every reference caption a "
+                f"training example), {training_args.max_steps} steps")
+    else:
+        data = (f"{data_args.dataset} ({num_pairs} image-caption pairs, every reference caption a training example), "
+                f"{training_args.num_train_epochs:g} epochs"
+                + (f" (max {training_args.max_steps} steps)" if training_args.max_steps > 0 else ""))
     lines = [
-        f"Trained with `vision_gpt.training` on {data_args.dataset} ({num_pairs} image-caption pairs, every reference "
-        f"caption a training example), {training_args.num_train_epochs:g} epochs"
-        + (f" (max {training_args.max_steps} steps)" if training_args.max_steps > 0 else "")
+        f"Trained with `vision_gpt.training` on {data}"
         + f", learning rate {training_args.learning_rate:g}, batch size "
         f"{training_args.per_device_train_batch_size} x {training_args.world_size} process(es) x "
         f"{training_args.gradient_accumulation_steps} accumulation, {precision}, {runtime:.0f} s.",
@@ -501,7 +553,8 @@ def main(argv=None) -> dict:
         if training_args.process_index == 0:
             logger.info("%s", bertscorer.description)
 
-    from .data import CaptionCollator, CaptionPairDataset, load_captioning_dataset
+    from .data import (SHARD_DATASETS, CaptionCollator, CaptionPairDataset, DataReport, StreamingCaptionDataset,
+                       describe_shards, load_captioning_dataset, resolve_data_files, shard_image_ids, shard_images)
     from .export import export_repo
     from .feature_cache import FeatureCache
 
@@ -512,29 +565,74 @@ def main(argv=None) -> dict:
     # Seeded before the model exists: its mapper (and any cross-attention) starts from random weights.
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
+    # Shards are streamed: only their files are checked here, and their samples are read as training goes.
+    streaming = data_args.dataset in SHARD_DATASETS
+    columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
     try:
-        splits, report = load_captioning_dataset(data_args.dataset, data_args.data_dir, data_args.image_column,
-                                                 data_args.caption_column)
+        if streaming:
+            train_shards = resolve_data_files(data_args.dataset, data_args.data_files)
+            seed = training_args.data_seed if training_args.data_seed is not None else training_args.seed
+            # Opens every shard, so a file that is not one stops the run here.
+            train_dataset = StreamingCaptionDataset(train_shards, processor.image_processor, seed=seed,
+                                                    shuffle_buffer_size=data_args.shuffle_buffer_size, **columns)
+            first, skipped = train_dataset.first_pair_or_problems()
+            if first is None:
+                raise ValueError(f"{describe_shards(train_shards)} hold no usable (image, caption) pair.\n"
+                                 + "\n".join(skipped.problems()))
+            train_images, eval_images = None, []
+            logger.info("Training data: %s, streamed.", describe_shards(train_shards))
+        else:
+            splits, report = load_captioning_dataset(data_args.dataset, data_args.data_dir, **columns)
+            train_images = splits["train"][: data_args.max_train_images]
+            eval_images = splits.get("validation", [])[: data_args.max_eval_images]
+            logger.info("%s", report.summary(splits))
+        if data_args.eval_data_files:
+            eval_splits, eval_report = load_captioning_dataset(None, data_files=data_args.eval_data_files,
+                                                               split="validation",
+                                                               max_images=data_args.max_eval_images,
+                                                               files_flag="--eval_data_files", **columns)
+            eval_images = eval_splits["validation"]
+            logger.info("Validation data (--eval_data_files): %s", eval_report.summary(eval_splits))
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    train_images = splits["train"][: data_args.max_train_images]
-    eval_images = splits.get("validation", [])[: data_args.max_eval_images]
-    logger.info("%s", report.summary(splits))
 
     cache = None
     vision_trains_later = model_args.unfreeze_vision_epoch is not None
     if data_args.feature_cache and model.config.freeze_vision and not vision_trains_later:
         cache = FeatureCache(data_args.feature_cache_dir, model, processor.image_processor)
+        batch_size = training_args.per_device_eval_batch_size
         with training_args.main_process_first(desc="vision feature cache"):
-            cache.build(train_images + eval_images, batch_size=training_args.per_device_eval_batch_size)
+            if streaming:
+                # Listed first (tar headers, parquet id columns), so the cache file's shape is known; then the
+                # shards are read once, front to back, and no more than a batch of images is held.
+                listing = DataReport(source=describe_shards(train_shards))
+                ids = shard_image_ids(train_shards, listing, data_args.image_column)
+                images = shard_images(train_shards, listing, data_args.image_column)
+                try:
+                    cache.build_from_stream(ids + [record.image_id for record in eval_images],
+                                            chain(images, ((record.image_id, record.image) for record in eval_images)),
+                                            batch_size=batch_size)
+                except ValueError as error:
+                    raise SystemExit(f"error: {error}") from None
+            else:
+                cache.build(train_images + eval_images, batch_size=batch_size)
     elif data_args.feature_cache:
         logger.info("Feature cache off: the vision tower trains (now or in a later stage), so its features change.")
 
-    train_dataset = CaptionPairDataset(train_images, processor.image_processor, cache)
+    if streaming:
+        train_dataset.feature_cache = cache
+    else:
+        train_dataset = CaptionPairDataset(train_images, processor.image_processor, cache)
     eval_dataset = CaptionPairDataset(eval_images, processor.image_processor, cache) if eval_images else None
     if eval_dataset is None:
         training_args.eval_strategy = "no"
         training_args.load_best_model_at_end = False
+    if streaming and training_args.process_index == 0:
+        for name, what in (("save_strategy", "saves a checkpoint"), ("eval_strategy", "evaluates")):
+            if getattr(training_args, name) == "epoch":
+                logger.warning("--%s epoch with streamed shards %s only at the end: the whole run of --max_steps is "
+                               "one epoch. Use --%s steps --%s N for more.", name, what, name,
+                               name.replace("strategy", "steps"))
 
     later_trainable = []
     if model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None:
@@ -560,6 +658,10 @@ def main(argv=None) -> dict:
     except NonFiniteLossError as error:
         logger.error("%s", error)
         raise SystemExit(f"error: {error}") from None
+    if streaming and training_args.dataloader_num_workers == 0:
+        # With workers, each logs its own passes; read in this process, the pass in progress is reported here.
+        logger.info("Streamed training data, the pass in progress at the end:\n%s",
+                    "\n".join(train_dataset.report.problems()))
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     if metrics:
         trainer.log_metrics("eval", metrics)
@@ -574,12 +676,15 @@ def main(argv=None) -> dict:
             final.to(torch.float32), processor, training_args.output_dir, repo_id=repo_id,
             vision_model=model_args.vision_model or model_args.model_name_or_path,
             text_model=model_args.text_model or model_args.model_name_or_path,
-            datasets=[data_args.dataset],
+            # Shards are no Hub dataset the card could link to.
+            datasets=None if streaming else [data_args.dataset],
             dataset_name=data_args.dataset, metrics=card_metrics,
             training_description=_training_description(model_args, data_args, training_args, final,
-                                                       len(train_dataset), result.metrics.get("train_runtime", 0)),
+                                                       None if streaming else len(train_dataset),
+                                                       result.metrics.get("train_runtime", 0)),
             evaluation_description=_evaluation_description(card_metrics, len(caption_images or eval_images)),
-            data_limitations=f"{data_args.dataset} captions",
+            data_limitations=(f"the captions of {', '.join(data_args.data_files)}" if streaming
+                              else f"{data_args.dataset} captions"),
         )
         config = {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
         (Path(training_args.output_dir) / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
