@@ -58,6 +58,31 @@ def test_first_and_cached_step_logits_match_pytorch(exported, processor):
     np.testing.assert_allclose(logits[:, -1], second.logits[:, -1].numpy(), atol=1e-4)
 
 
+def test_cached_step_reads_the_cross_keys_and_values_from_the_past(exported, processor):
+    model, folder = exported
+    if model.config.fusion != "cross_attention":
+        pytest.skip("a prefix model has no cross-attention")
+    captioner = ONNXCaptioner(folder)
+    pixel_values = processor(images=random_images(2, seed=8))["pixel_values"]
+    start = torch.full((2, 1), model.config.bos_token_id)
+    next_ids = torch.tensor([[464], [257]])
+    with torch.no_grad():
+        first = model(input_ids=start, pixel_values=pixel_values)
+        second = model(input_ids=next_ids, **{CACHE_NAME: getattr(first, CACHE_NAME)})
+    visual = captioner.encode(pixel_values.numpy())
+    _, past = captioner._first_step(visual, model.config.bos_token_id)
+    encoder_past = [states for (name, _, _), states in zip(captioner.past, past) if ".encoder." in name]
+    assert len(encoder_past) == 4 and all(states.shape == (2, 4, visual.shape[1], 8) for states in encoder_past)
+    # The visual tokens zeroed: the step's logits are still PyTorch's, so it read the cross keys and values cached on
+    # the first step and projected none of the tokens again.
+    mask = np.ones((2, past[0].shape[2] + 1), dtype=np.int64)
+    logits, present = captioner.step(next_ids.numpy(), mask, np.zeros_like(visual), past)
+    np.testing.assert_allclose(logits[:, -1], second.logits[:, -1].numpy(), atol=1e-4)
+    for (name, _, _), old, new in zip(captioner.past, past, present):
+        if ".encoder." in name:
+            np.testing.assert_array_equal(new, old)
+
+
 def test_greedy_captions_equal_pytorch(exported, processor):
     model, folder = exported
     images = random_images(3, seed=1)
@@ -103,7 +128,9 @@ def test_cross_attention_export_is_laid_out_for_transformers_js(exported):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "vision-encoder-decoder" and config["is_encoder_decoder"] is True
     decoder = config["decoder"]
-    assert decoder["model_type"] == "gpt2" and decoder["add_cross_attention"] is True
+    # TrOCR's names: what makes transformers.js name the cross keys and values as a cache (`getNormalizedConfig`).
+    assert decoder["model_type"] == "trocr" and decoder["add_cross_attention"] is True
+    assert (decoder["decoder_layers"], decoder["decoder_attention_heads"], decoder["d_model"]) == (2, 4, 32)
     assert (decoder["n_layer"], decoder["n_head"], decoder["n_embd"]) == (2, 4, 32)
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["decoder_start_token_id"] == generation["eos_token_id"] == 50256
@@ -116,10 +143,12 @@ def test_cross_attention_export_is_laid_out_for_transformers_js(exported):
     assert [o.name for o in encoder.get_outputs()] == ["last_hidden_state"]
     decoder_session = ort.InferenceSession(str(folder / "onnx" / "decoder_model_merged.onnx"))
     inputs = {i.name: i.shape for i in decoder_session.get_inputs()}
-    past = [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+    past = [f"past_key_values.{i}.{part}.{kind}" for i in range(2) for part in ("decoder", "encoder")
+            for kind in ("key", "value")]
     assert list(inputs) == ["input_ids", "attention_mask", "encoder_hidden_states", *past]
     # transformers.js builds the first step's empty past from these shapes: `batch_size` filled in, other names 0.
-    assert inputs["past_key_values.0.key"] == ["batch_size", 4, "past_sequence_length", 8]
+    assert inputs["past_key_values.0.decoder.key"] == ["batch_size", 4, "past_sequence_length", 8]
+    assert inputs["past_key_values.1.encoder.value"] == ["batch_size", 4, "encoder_sequence_length_past", 8]
     outputs = [o.name for o in decoder_session.get_outputs()]
     assert outputs == ["logits", *[name.replace("past_key_values", "present") for name in past]]
 

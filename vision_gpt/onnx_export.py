@@ -5,22 +5,33 @@
 Layout (transformers.js's for encoder-decoder models, `session_config.js`):
 
     config.json                  fusion="cross_attention": a `vision-encoder-decoder` config (ViT encoder, GPT-2
-                                 decoder with `add_cross_attention`); fusion="prefix": the model's own config
+                                 decoder with `add_cross_attention`, under TrOCR's names); fusion="prefix": the model's
+                                 own config
     generation_config.json       start/end tokens, beams, max_new_tokens
     preprocessor_config.json, tokenizer.json, tokenizer_config.json, processor_config.json, ...
     onnx/encoder_model.onnx      pixel_values (B, 3, H, W) -> last_hidden_state (B, L, D): the visual tokens GPT-2 reads
     onnx/decoder_model_merged.onnx
     onnx/*_fp16.onnx, onnx/*_int8.onnx, onnx/*_quantized.onnx   the variants asked for
 
-The decoder is one graph for every step: it always takes the past keys and values, `(B, heads, past, head_dim)` per
-layer, and the first step gives them with `past = 0` (what transformers.js's `addPastKeyValues` builds from the
-graph's input shapes: `batch_size` is filled in, every other named dimension is 0). So there is no `use_cache_branch`
-input and no If node. Inputs: `input_ids (B, T)`, `attention_mask (B, past + [K +] T)` (ones for real tokens),
-`encoder_hidden_states (B, L, D)` for cross-attention (every step: GPT-2's cross keys and values are recomputed from it,
-as in transformers.js's ViT-GPT2) or `image_embeds (B, K, D)` for a prefix (the K visual tokens on the first step,
-`(B, 0, D)` afterwards), then `past_key_values.{i}.key` / `.value`. Outputs: `logits (B, T, V)` (text positions only),
-`present.{i}.key` / `.value`. Positions come from the attention mask inside the graph, as the PyTorch model computes
-them, so left-padded prompts need no `position_ids`.
+The decoder is one graph for every step: it always takes the past keys and values, and the first step gives them with
+length 0 (what transformers.js's `addPastKeyValues` builds from the graph's input shapes: `batch_size` is filled in,
+every other named dimension is 0). So there is no `use_cache_branch` input and no If node. Inputs: `input_ids (B, T)`,
+`attention_mask (B, past + [K +] T)` (ones for real tokens), the visual tokens, then the past. Outputs:
+`logits (B, T, V)` (text positions only), then the present, named as the past with `present` for `past_key_values`.
+
+- Cross-attention (transformers.js's encoder-decoder cache layout): `encoder_hidden_states (B, L, D)` at every step,
+  and per layer `past_key_values.{i}.decoder.key` / `.value` (self-attention, `(B, heads, past, head_dim)`) and
+  `past_key_values.{i}.encoder.key` / `.value` (GPT-2's cross-attention keys and values, `(B, heads, L', head_dim)`).
+  The graph projects only the visual tokens past the first L' (`encoder_hidden_states[:, L':]`) and appends them: all
+  L on the first step (L' = 0), none afterwards (an empty slice, no work), so the cross keys and values are computed
+  once per image, not at every step. transformers.js keeps the first step's `present.{i}.encoder.*` (its
+  `getPastKeyValues`); the config's decoder is written under TrOCR's `model_type` so that it names these inputs
+  (`transformers_js_config`).
+- Prefix: `image_embeds (B, K, D)` (the K visual tokens on the first step, `(B, 0, D)` afterwards) and per layer
+  `past_key_values.{i}.key` / `.value`.
+
+Positions come from the attention mask inside the graph, as the PyTorch model computes them, so left-padded prompts
+need no `position_ids`.
 
 Exporter: `torch.onnx.export(..., dynamo=False)`, the TorchScript tracer. optimum-onnx is not used: its only release
 (0.1.0) requires transformers < 4.58, and it knows no `vision_gpt` model type. torch's default dynamo exporter is not
@@ -119,8 +130,9 @@ class VisionGPTDecoderForExport(nn.Module):
     """
     One decoding step of GPT-2 with its LM head, for any past length (0 on the first step):
     `(input_ids, attention_mask, visual tokens, *past)` -> `(logits, *present)`. The visual tokens are
-    `encoder_hidden_states` (cross-attention, every step) or `image_embeds` (prefix, put before the text; empty after
-    the first step).
+    `encoder_hidden_states` (cross-attention) or `image_embeds` (prefix, put before the text; empty after the first
+    step). The past is per layer the self-attention keys and values, then for cross-attention the cross keys and values
+    (`past_key_values.{i}.decoder.key`, `.decoder.value`, `.encoder.key`, `.encoder.value`).
     """
 
     def __init__(self, model: VisionGPTForConditionalGeneration):
@@ -138,10 +150,20 @@ class VisionGPTDecoderForExport(nn.Module):
         cross_keys_values = None
         if self.is_prefix:
             embeds = torch.cat([visual, embeds], dim=1)  # (B, K + T, D); K = 0 after the first step
+            self_past = list(past)
         else:
-            cross_keys_values = self.language_model.cross_keys_values(visual)
-        cache = _PastKeyValues(list(past))
-        past_len = past[0].shape[2]
+            self_past = [states for i in range(0, len(past), 4) for states in past[i : i + 2]]
+            cross_past = [past[i + 2 : i + 4] for i in range(0, len(past), 4)]
+            # Only the visual tokens not yet in the cross past are projected: all L on the first step (past 0), none
+            # afterwards, where the slice is empty and costs nothing. So the keys and values are computed once per
+            # image, with no branch in the graph.
+            new = self.language_model.cross_keys_values(visual[:, cross_past[0][0].shape[2] :])
+            cross_keys_values = [
+                tuple(torch.cat([old.to(states.dtype), states], dim=2) for old, states in zip(olds, news))
+                for olds, news in zip(cross_past, new)
+            ]  # per layer (B, H, L, hd)
+        cache = _PastKeyValues(self_past)
+        past_len = self_past[0].shape[2]
         new_len = embeds.shape[1]
         # Positions and the causal mask from the 2D mask over the past and the new tokens, as the PyTorch model builds
         # them (VisionGPTModel.forward, `_self_attention_mask`), as a 4D boolean mask (True: attend).
@@ -154,12 +176,20 @@ class VisionGPTDecoderForExport(nn.Module):
         full = full | (keys[None, None, :] == queries[None, :, None])  # a padding query attends itself (no NaN)
         hidden, *_ = self.language_model(embeds, position_ids, full[:, None], cache, cross_keys_values)
         logits = self.lm_head(hidden[:, -num_text:]).float()  # (B, T, V)
-        present = [state for pair in cache.present for state in pair]
+        if self.is_prefix:
+            present = [states for pair in cache.present for states in pair]
+        else:
+            present = [states for pair, cross in zip(cache.present, cross_keys_values) for states in (*pair, *cross)]
         return (logits, *present)
 
 
-def _past_names(num_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+def _past_names(num_layers: int, fusion: str, prefix: str = "past_key_values") -> list[str]:
+    """The decoder's past inputs (or, with `prefix="present"`, its present outputs) in the graph's order: per layer
+    `{prefix}.{i}.key` / `.value` (prefix fusion), or `{prefix}.{i}.decoder.key` / `.value` (self-attention) and
+    `{prefix}.{i}.encoder.key` / `.value` (cross-attention), transformers.js's encoder-decoder names."""
+    kinds = ["key", "value"] if fusion == "prefix" else [f"{part}.{kind}" for part in ("decoder", "encoder")
+                                                           for kind in ("key", "value")]
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in kinds]
 
 
 def export_encoder(model, path: Path, opset: int):
@@ -179,26 +209,55 @@ def export_decoder(model, path: Path, opset: int):
     head_dim = text.n_embd // num_heads
     dtype = model.get_input_embeddings().weight.dtype
     batch, past_len, new_len, num_visual = 2, 3, 2, max(config.num_image_tokens, 2)
-    visual_name = "image_embeds" if config.fusion == "prefix" else "encoder_hidden_states"
+    is_prefix = config.fusion == "prefix"
+    visual_name = "image_embeds" if is_prefix else "encoder_hidden_states"
     visual = torch.randn(batch, num_visual, text.n_embd)
     input_ids = torch.randint(0, text.vocab_size, (batch, new_len))
-    prefix_len = num_visual if config.fusion == "prefix" else 0
+    prefix_len = num_visual if is_prefix else 0
     attention_mask = torch.ones(batch, past_len + prefix_len + new_len, dtype=torch.long)
     attention_mask[0, 0] = 0  # a padded row: the traced mask arithmetic must not assume all ones
-    past = [torch.randn(batch, num_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * num_layers)]
-    past_names, present_names = _past_names(num_layers, "past_key_values"), _past_names(num_layers, "present")
-    cache_axes = {0: "batch_size", 2: "past_sequence_length"}
+    names, present_names = _past_names(num_layers, config.fusion), _past_names(num_layers, config.fusion, "present")
+    # The example's cross past holds some of the visual tokens, so the traced slice keeps its start dynamic.
+    cross_len = 1
+    past = [torch.randn(batch, num_heads, cross_len if ".encoder." in name else past_len, head_dim, dtype=dtype)
+            for name in names]
     dynamic_axes = {
         "input_ids": {0: "batch_size", 1: "decoder_sequence_length"},
         "attention_mask": {0: "batch_size", 1: "past_decoder_sequence_length + 1"},
         visual_name: {0: "batch_size", 1: "encoder_sequence_length"},
         "logits": {0: "batch_size", 1: "decoder_sequence_length"},
-        **{name: cache_axes for name in past_names},
-        **{name: {0: "batch_size", 2: "past_sequence_length + 1"} for name in present_names},
     }
+    for name in names:  # transformers.js's empty first past: `batch_size` filled in, every other named dimension 0
+        length = "encoder_sequence_length_past" if ".encoder." in name else "past_sequence_length"
+        dynamic_axes[name] = {0: "batch_size", 2: length}
+    for name in present_names:
+        length = "encoder_sequence_length" if ".encoder." in name else "past_sequence_length + 1"
+        dynamic_axes[name] = {0: "batch_size", 2: length}
     _export(VisionGPTDecoderForExport(model), (input_ids, attention_mask, visual, *past), path, opset,
-            input_names=["input_ids", "attention_mask", visual_name, *past_names],
+            input_names=["input_ids", "attention_mask", visual_name, *names],
             output_names=["logits", *present_names], dynamic_axes=dynamic_axes)
+    if not is_prefix:
+        _reshape_zero_as_zero(path)
+
+
+def _reshape_zero_as_zero(path: Path):
+    """
+    Make every Reshape in the graph at `path` read a 0 in its target shape as a length of 0 (`allowzero=1`, opset 14),
+    as torch's `view` does. ONNX's default reads 0 as "copy the input's dimension", so the cached steps' empty slice of
+    visual tokens, `(B, 0, D)` reshaped to `(B, 0, 2D)` after its projection, would ask for `(B, 2D, 2D)` and fail.
+    The exporter never writes a 0 that means "copy", and no target shape here holds both 0 and -1 (refused with
+    `allowzero`), so every other Reshape is unchanged.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "Reshape":
+            kept = [attribute for attribute in node.attribute if attribute.name != "allowzero"]
+            node.ClearField("attribute")
+            node.attribute.extend([*kept, helper.make_attribute("allowzero", 1)])
+    onnx.save(model, str(path))
 
 
 def _export(module, args, path: Path, opset: int, **kwargs):
@@ -225,12 +284,19 @@ def _export(module, args, path: Path, opset: int, **kwargs):
 def transformers_js_config(config: VisionGPTConfig) -> dict:
     """
     The `vision-encoder-decoder` config transformers.js reads for a cross-attention model: `model_type`,
-    `is_encoder_decoder`, and the `decoder` (GPT-2: `n_layer`, `n_head`, `n_embd` give the past's shape; see
-    `getNormalizedConfig` in its src/configs.js). The encoder's output is already at GPT-2's width (the projector is in
-    the encoder graph), so no projection is needed between them.
+    `is_encoder_decoder`, and the `decoder`, GPT-2's config under TrOCR's `model_type` and with TrOCR's names for its
+    sizes (`decoder_layers`, `decoder_attention_heads`, `d_model`). That is the encoder-decoder cache layout
+    transformers.js knows for a VisionEncoderDecoder decoder (`getNormalizedConfig` and `getKeyValueNames` in its
+    src/configs.js): self-attention past `past_key_values.{i}.decoder.*` and cross-attention keys and values
+    `past_key_values.{i}.encoder.*`, which it computes on the first step and feeds back unchanged. Under `gpt2` it
+    would know only a self-attention past, and the decoder would recompute the cross keys and values at every step.
+    The encoder's output is already at GPT-2's width (the projector is in the encoder graph), so no projection is
+    needed between them.
     """
-    decoder = config.text_config.to_dict()
-    decoder.update(add_cross_attention=True, is_decoder=True)
+    text = config.text_config
+    decoder = text.to_dict()
+    decoder.update(add_cross_attention=True, is_decoder=True, model_type="trocr", decoder_layers=text.n_layer,
+                   decoder_attention_heads=text.n_head, d_model=text.n_embd, max_position_embeddings=text.n_positions)
     encoder = config.vision_config.to_dict()
     return {
         "model_type": "vision-encoder-decoder",

@@ -64,7 +64,12 @@ class ONNXCaptioner:
         self.processor = VisionGPTProcessor.from_pretrained(folder)
         inputs = self.decoder.get_inputs()
         self.visual_name = inputs[2].name  # encoder_hidden_states or image_embeds
+        # The past: self-attention keys and values, and for cross-attention the cross ones (`.encoder.`), computed on
+        # the first step and fed back after (onnx_export's module docstring).
         self.past = [(meta.name, meta.shape, _NUMPY_TYPES[meta.type]) for meta in inputs[3:]]
+        outputs = [meta.name for meta in self.decoder.get_outputs()]
+        # Where each past's present is among the outputs: `present.*` for `past_key_values.*`.
+        self.present_index = [outputs.index(name.replace("past_key_values", "present", 1)) for name, _, _ in self.past]
 
     # ----- one decoder step ----------------------------------------------------------------------------------------
 
@@ -73,16 +78,17 @@ class ONNXCaptioner:
         return self.encoder.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
     def empty_past(self, batch_size: int) -> list[np.ndarray]:
-        """Past keys and values of length 0, as transformers.js builds them for the first step."""
+        """Past keys and values of length 0 (self- and cross-attention), as transformers.js builds them for the first
+        step."""
         return [np.zeros((batch_size, shape[1], 0, shape[3]), dtype=dtype) for _, shape, dtype in self.past]
 
     def step(self, input_ids, attention_mask, visual, past) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One decoder call: `(logits (B, T, V) float32, present keys and values)`."""
+        """One decoder call: `(logits (B, T, V) float32, present keys and values)`, the present in the past's order."""
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                  self.visual_name: visual}
         feeds.update({name: states for (name, _, _), states in zip(self.past, past)})
-        logits, *present = self.decoder.run(None, feeds)
-        return logits, present
+        outputs = self.decoder.run(None, feeds)
+        return outputs[0], [outputs[index] for index in self.present_index]
 
     def _first_step(self, visual: np.ndarray, start: int):
         """The start token's logits `(B, V)` and the cache, with the visual prefix in it for `fusion="prefix"`."""
