@@ -45,8 +45,6 @@ EXAMPLE_LABELS = {
     "house.jpg": "drawing: house and tree",
 }
 DTYPES = ("float32", "bfloat16", "float16")
-# --runtime onnx: the graphs of an export for each dtype, by their transformers.js names (`vision-gpt export-onnx`).
-ONNX_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8", "q8": "q8"}
 MB = 1024 * 1024  # Gradio's "mb" unit, so our limit and Gradio's agree to the byte
 
 # Slider ranges: wide enough to explore, small enough that one request cannot tie the server up for minutes.
@@ -196,7 +194,7 @@ class Captioner:
         import vision_gpt  # noqa: F401  (registers VisionGPT with the Auto classes)
 
         if runtime == "onnx":
-            from .onnx_runtime import ONNXCaptioner
+            from .onnx_runtime import ONNX_DTYPES, ONNXCaptioner
 
             if dtype not in ONNX_DTYPES:
                 raise ValueError(f"dtype must be one of {', '.join(ONNX_DTYPES)} with the onnx runtime, got {dtype!r}.")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from . import hardware
 from .data import open_stored_image
 from .modeling.processing_vision_gpt import ImageLoadError, load_image
+from .onnx_runtime import ONNX_DTYPES
 from .output_lock import OutputLock
 from .shards import ShardMember, expand_braces, list_parquet, list_webdataset, shard_kind
 
@@ -39,8 +40,6 @@ TABLE_LIMIT = 20
 FORMATS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-# --runtime onnx: the graphs of an export (`vision-gpt export-onnx`) for each --dtype, by their transformers.js names.
-ONNX_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8", "q8": "q8"}
 # The decoding settings written into every row, in this order (CSV columns follow it).
 SETTINGS = ("model", "num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "num_captions",
             "dtype", "seed")

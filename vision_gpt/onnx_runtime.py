@@ -26,6 +26,8 @@ import numpy as np
 
 from .onnx_export import SUFFIXES, require_onnx
 
+# `--dtype` of `vision-gpt caption` / `app` with `--runtime onnx` -> the export's graphs, by transformers.js's names.
+ONNX_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8", "q8": "q8"}
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Generation settings whose logits processors are not ported here: a config that sets them is refused.
 _UNSUPPORTED = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_new_tokens": None,
@@ -163,7 +165,7 @@ class ONNXCaptioner:
         eos = config.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         pad = config.get("pad_token_id")
-        start = _setting(config, "decoder_start_token_id", config.get("bos_token_id"))
+        start = _first(config.get("decoder_start_token_id"), config.get("bos_token_id"))
         return start, np.array(eos, dtype=np.int64), (pad if pad is not None else (eos[0] if eos else 0))
 
     def _decode(self, visual, max_new_tokens, sampler=None):
@@ -221,8 +223,8 @@ class ONNXCaptioner:
         (B * R,))` for R = `num_return_sequences`, each image's best first."""
         start, eos, pad = self._special_tokens()
         config = self.generation_settings
-        length_penalty = float(_setting(config, "length_penalty", 1.0))
-        early_stopping = _setting(config, "early_stopping", False)
+        length_penalty = float(_first(config.get("length_penalty"), 1.0))
+        early_stopping = _first(config.get("early_stopping"), False)
         batch_size, n = visual.shape[0], num_beams
         max_length, cur_len, prompt_len = 1 + max_new_tokens, 1, 1
         keep = max(2, 1 + len(eos)) * n  # candidates kept per image, so that n unfinished ones remain
@@ -346,11 +348,6 @@ class _Sampler:
 def _first(*values):
     """The first value that is not None: what was given, else the generation config's, else the default."""
     return next((value for value in values if value is not None), None)
-
-
-def _setting(config: dict, name: str, default):
-    value = config.get(name)
-    return default if value is None else value
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ need vision-gpt installed and the inputs at the same paths (a shared file system
 
 import argparse
 import json
-import os
 
 import torch
 
@@ -139,6 +138,8 @@ def _actor_resources(ray, workers: int, cpus_per_worker: float | None, device: s
 
 def caption_with_ray(args, todo, dataset, dtype_name: str, say):
     """Yield the output rows of `todo` (a list of `ImageRef`) batch by batch, as Ray's actors finish them."""
+    from .captioning import output_format
+
     if not todo:
         return
     ray, started = _start_ray(args.address)
@@ -147,7 +148,7 @@ def caption_with_ray(args, todo, dataset, dtype_name: str, say):
         cpus, gpus = _actor_resources(ray, workers, args.cpus_per_worker, args.device)
         options = {name: getattr(args, name) for name in ACTOR_OPTIONS}
         options["cpus_per_worker"] = cpus
-        fmt = os.path.splitext(args.output)[1].lstrip(".").lower() if args.output else None
+        fmt = output_format(args.output) if args.output else None
         say(f"captioning {len(todo)} images with {args.model} on Ray: {workers} actor{'s' * (workers > 1)} of "
             f"{cpus:g} CPUs{f' and {gpus} GPU' if gpus else ''} ({dtype_name}), batch size {args.batch_size}")
         refs = ray.data.from_items([{"ref": encode_ref(ref)} for ref in todo])

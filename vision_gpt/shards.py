@@ -139,14 +139,10 @@ def parse_caption_file(data: bytes, extension: str, where: str) -> list[str]:
         if value is None:
             raise ValueError(f"{where} has none of the keys {list(JSON_CAPTION_KEYS)}; put the captions under "
                              '"captions" (a list) or "caption" (a string).')
-    values = value if isinstance(value, list) else [value]
-    captions = []
-    for item in values:
-        if isinstance(item, dict):  # COCO-like {"raw": ...} or {"caption": ...} entries
-            item = item.get("raw") or item.get("caption") or item.get("text")
+    captions = caption_cell(value if isinstance(value, list) else [value])
+    for item in captions:
         if not isinstance(item, str):
             raise ValueError(f"{where} holds a caption that is not a string ({type(item).__name__}).")
-        captions.append(item)
     return captions
 
 
