@@ -1,10 +1,15 @@
-"""Do bf16 captions agree with fp32 captions? Greedy captions of a trained model on a dataset split, in both dtypes.
+"""Do bf16 captions agree with fp32 captions? Greedy captions of a trained model on a dataset split, in both dtypes,
+and with `--onnx`, from its ONNX export in ONNX Runtime (fp32, fp16, int8).
 
 Prints the share of images whose bf16 caption is identical to the fp32 one (bf16 as `generate` runs it, with float32
 logits, and with `float32_logits=False`), each one's caption metrics, and its images/s (including image decoding and
-preprocessing).
+preprocessing). With `--onnx FOLDER` (what `vision-gpt export-onnx MODEL FOLDER --dtype fp16 --quantize int8` wrote),
+the same for every graph the export holds, and how many of its captions are identical to ONNX fp32's.
 
     python benchmarks/bench_bf16_agreement.py --model vision-gpt-demo/model --data-dir vision-gpt-demo/shapes --split test
+    vision-gpt export-onnx vision-gpt-demo/model demo-onnx --dtype fp16 --quantize int8
+    python benchmarks/bench_bf16_agreement.py --model vision-gpt-demo/model --data-dir vision-gpt-demo/shapes \
+        --split test --onnx demo-onnx
 """
 
 import argparse
@@ -27,6 +32,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--limit", type=int, help="only the first N images of the split")
+    parser.add_argument("--onnx", help="an ONNX export of the model (`vision-gpt export-onnx`): its fp32, fp16 and "
+                                       "int8 graphs too, those it holds")
     args = parser.parse_args(argv)
 
     splits, _ = load_captioning_dataset(args.dataset, args.data_dir)
@@ -39,9 +46,16 @@ def main(argv=None):
     # bf16 as generate runs it by default (the LM head in float32), and with bf16 logits.
     variants = [("float32", torch.float32, {}), ("bfloat16", torch.bfloat16, {}),
                 ("bfloat16, bf16 logits", torch.bfloat16, {"float32_logits": False})]
+    if args.onnx:
+        variants += [(f"ONNX {dtype}", dtype, {}) for dtype in onnx_graphs(args.onnx)]
     captions, rows = {}, []
     for name, dtype, extra in variants:
-        model = VisionGPTForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
+        if name.startswith("ONNX"):
+            from vision_gpt.onnx_runtime import ONNXCaptioner
+
+            model = ONNXCaptioner(args.onnx, dtype=dtype)
+        else:
+            model = VisionGPTForConditionalGeneration.from_pretrained(args.model, dtype=dtype).eval()
         with torch.inference_mode():
             generate_captions(model, processor, images[: args.batch_size], **settings, **extra)  # warm-up
             start = time.perf_counter()
@@ -51,12 +65,33 @@ def main(argv=None):
         rows.append((name, len(images) / seconds, compute_caption_metrics(predictions, references)))
 
     print(f"{args.model}, {args.split} split, {len(images)} images, greedy, {args.max_new_tokens} new tokens at most\n")
-    print("| dtype | captions identical to float32 | img/s | BLEU-4 | METEOR | ROUGE-L | CIDEr-D |")
-    print("|---|---|---|---|---|---|---|")
+    print("| dtype | captions identical to float32 | identical to ONNX fp32 | img/s | BLEU-4 | METEOR | ROUGE-L | "
+          "CIDEr-D |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, speed, metrics in rows:
-        same = sum(captions[name][i] == captions["float32"][i] for i in captions["float32"])
-        print(f"| {name} | {same}/{len(images)} ({100 * same / len(images):.1f}%) | {speed:.1f} | "
-              f"{metrics['BLEU-4']:.1f} | {metrics['METEOR']:.1f} | {metrics['ROUGE-L']:.1f} | {metrics['CIDEr-D']:.1f} |")
+        onnx_fp32 = captions.get("ONNX fp32") if name.startswith("ONNX") else None
+        same_onnx = agreement(captions[name], onnx_fp32) if onnx_fp32 else "-"
+        print(f"| {name} | {agreement(captions[name], captions['float32'])} | {same_onnx} | {speed:.1f} | {metrics['BLEU-4']:.1f} | {metrics['METEOR']:.1f} | "
+              f"{metrics['ROUGE-L']:.1f} | {metrics['CIDEr-D']:.1f} |")
+
+
+def agreement(captions: dict, reference: dict) -> str:
+    same = sum(captions[i] == reference[i] for i in reference)
+    return f"{same}/{len(reference)} ({100 * same / len(reference):.1f}%)"
+
+
+def onnx_graphs(folder) -> list[str]:
+    """The dtypes (`fp32`, `fp16`, `int8`) whose graphs the export in `folder` holds."""
+    from pathlib import Path
+
+    from vision_gpt.onnx_export import SUFFIXES
+
+    found = [dtype for dtype in ("fp32", "fp16", "int8")
+             if (Path(folder) / "onnx" / f"decoder_model_merged{SUFFIXES[dtype]}.onnx").is_file()]
+    if not found:
+        raise SystemExit(f"--onnx {folder}: no onnx/decoder_model_merged*.onnx there; write it with "
+                         "`vision-gpt export-onnx`.")
+    return found
 
 if __name__ == "__main__":
     main()

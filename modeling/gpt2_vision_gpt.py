@@ -96,6 +96,22 @@ def _attention(query, key, value, mask, dropout: float, scale: float, eager: boo
     return torch.matmul(weights, value), weights
 
 
+def _attention_over_parts(query, keys, values, scale: float):
+    """
+    `(B, H, T, hd)` attention over keys and values given in parts along the key axis, as over the joined ones: the
+    parts' scores are joined, the keys and values are not, so they are never copied. The ONNX decoder attends this way
+    to its cross-attention past and to the keys and values it computes in the call (all of them on the first step, an
+    empty part after), so a step reads the cross past in place instead of copying it into a new tensor.
+    """
+    scores = torch.cat([torch.matmul(query, key.transpose(-1, -2)) for key in keys], dim=-1) * scale  # (B, H, T, S)
+    weights = scores.softmax(dim=-1, dtype=torch.float32).to(values[0].dtype)
+    pieces = weights.split([key.shape[-2] for key in keys], dim=-1)
+    out = torch.matmul(pieces[0], values[0])
+    for piece, value in zip(pieces[1:], values[1:]):
+        out = out + torch.matmul(piece, value)
+    return out
+
+
 class VisionGPTAttention(nn.Module):
     """GPT-2's causal self-attention (`c_attn` projects to q, k, v) or cross-attention (`q_attn`; `c_attn` to k, v)."""
 
@@ -134,22 +150,29 @@ class VisionGPTAttention(nn.Module):
         Self-attention: `mask` is `(B, 1, T, S)` boolean or None (then causal over T with nothing cached), `cache` a
         transformers `Cache` updated in place, `num_positions` how many positions it holds with the new tokens.
         Cross-attention: `cross_keys_values` are `(images, H, L, hd)` for `B = images x c` sequences, image-major;
-        every visual token is attended.
+        every visual token is attended. Keys and values may also come as tuples of parts along L (the ONNX decoder's
+        past and new ones), attended as if joined (`_attention_over_parts`).
         """
         batch_size, seq_len, hidden = hidden_states.shape
         dropout = self.attn_dropout if self.training else 0.0
         eager = self._eager()
         if self.is_cross_attention:
             keys, values = cross_keys_values
-            images = keys.shape[0]
+            in_parts = isinstance(keys, tuple)
+            if in_parts and (eager or dropout):  # weights or dropout: the plain path, over the joined parts
+                keys, values, in_parts = torch.cat(keys, dim=2), torch.cat(values, dim=2), False
+            images, dtype = (keys[0] if in_parts else keys).shape[0], (keys[0] if in_parts else keys).dtype
             if batch_size % images:
                 raise ValueError(f"{batch_size} sequences cannot share the cross-attention keys of {images} images.")
             if eager:  # weights per sequence: attend over per-sequence copies
                 keys, values = (states.repeat_interleave(batch_size // images, dim=0) for states in (keys, values))
                 images = batch_size
             query = self.q_attn(hidden_states).view(images, -1, self.num_heads, hidden // self.num_heads)
-            query = query.transpose(1, 2).to(keys.dtype)  # (images, H, c x T, hd)
-            out, weights = _attention(query, keys, values, None, dropout, self.scaling, eager)
+            query = query.transpose(1, 2).to(dtype)  # (images, H, c x T, hd)
+            if in_parts:
+                out, weights = _attention_over_parts(query, keys, values, self.scaling), None
+            else:
+                out, weights = _attention(query, keys, values, None, dropout, self.scaling, eager)
         else:
             query, keys, values = (_split_heads(s, self.num_heads) for s in self.c_attn(hidden_states).split(hidden, 2))
             if cache is not None:

@@ -92,6 +92,30 @@ def test_bf16_agreement_benchmark_compares_each_bf16_variant_with_float32(tmp_pa
     assert [row[0].strip() for row in rows[1:]] == ["float32", "bfloat16", "bfloat16, bf16 logits"]
     assert rows[1][1].strip() == "3/3 (100.0%)"  # float32 against itself
     assert all(re.fullmatch(r"[0-3]/3 \(\d+\.\d%\)", row[1].strip()) for row in rows[1:])
+    assert all(row[2].strip() == "-" for row in rows[1:])  # no ONNX export asked for
+
+
+def test_bf16_agreement_benchmark_scores_each_graph_of_an_onnx_export(tmp_path, processor, capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the onnx and test extras")
+    from vision_gpt.onnx_export import export_onnx
+
+    model_dir = tmp_path / "model"
+    model = tiny_model()
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    export_onnx(model, processor, tmp_path / "onnx", quantize="int8")  # fp32 and int8, no fp16
+    data = write_flickr8k(tmp_path / "f8k", train=2, val=1, test=3)
+    load("bench_bf16_agreement").main(["--model", str(model_dir), "--data-dir", str(data), "--split", "test",
+                                       "--batch-size", "2", "--max-new-tokens", "4", "--onnx", str(tmp_path / "onnx")])
+    rows = {row[0].strip(): [cell.strip() for cell in row[1:]] for row in
+            (line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| "))}
+    assert list(rows)[-2:] == ["ONNX fp32", "ONNX int8"]
+    assert rows["ONNX fp32"][:2] == ["3/3 (100.0%)", "3/3 (100.0%)"]  # ONNX fp32 greedy equals PyTorch's
+    assert re.fullmatch(r"[0-3]/3 \(\d+\.\d%\)", rows["ONNX int8"][1])
+    assert rows["bfloat16"][1] == "-"
+    with pytest.raises(SystemExit, match="no onnx/decoder_model_merged"):
+        load("bench_bf16_agreement").main(["--model", str(model_dir), "--data-dir", str(data), "--onnx",
+                                           str(model_dir)])
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
@@ -157,3 +181,23 @@ def test_scale_benchmark_times_each_engine_and_reports_where_it_overtakes(capsys
         assert 0 < result["first_rows"] <= 8
     out = capsys.readouterr().out
     assert "| vision-gpt caption |" in out and "| --engine ray, 1 actor |" in out
+
+
+def test_onnx_benchmark_times_every_runtime_and_checks_onnx_against_pytorch(capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the onnx and test extras")
+    result = load("bench_onnx").main(["--quick", "--batch-sizes", "2", "--tokens", "4", "--profile"])
+    assert result["parity"] == {"ours": (2, 2), "peer": (2, 2)}
+    runtimes = {f"{model} {runtime}" for model in ("ours", "peer")
+                for runtime in ("ONNX fp32", "ONNX int8", "PyTorch fp32", "PyTorch bf16")}
+    assert [(batch, mode) for batch, mode, _ in result["rows"]] == [(2, "greedy"), (2, "beam5")]
+    for _, _, rates in result["rows"]:
+        assert set(rates) == runtimes and all(rate > 0 for rate in rates.values())
+    out = capsys.readouterr().out
+    ratios = [line for line in out.splitlines() if line.startswith(("| 2 | greedy | **", "| 2 | beam5 | **"))]
+    assert len(ratios) == 2 and all(re.search(r"\(peer (fp32|bf16)\)", line) for line in ratios)
+    for graph in ("ours encoder_model", "ours decoder_model_merged", "peer decoder_with_past_model"):
+        assert f"| {graph} |" in out
+    assert "| encoder op | ms | share |" in out and "| decoder op | ms | share |" in out
+    # 4 tokens: the first step, then 3 with the cache, timed in the call after the warm-up one.
+    assert re.search(r"decoder: 4 run\(s\), [\d.]+ ms in all; the first step [\d.]+ ms, later ones [\d.]+ ms each", out)
+    assert out.count("| all ops |") == 2

@@ -349,3 +349,20 @@ def test_merged_tokens_name_a_grid_that_does_not_match():
     projector = tiny_model(visual_tokens="merged").projector
     with pytest.raises(ValueError, match="4x4 patch grid, but got 10 tokens"):
         projector.merge_patches(torch.zeros(1, 10, 32))
+
+
+@pytest.mark.parametrize("split", [0, 3, 5])  # the ONNX decoder's first step (empty past), a partial past, a full one
+def test_cross_attention_over_key_parts_equals_attention_over_the_joined_keys(split):
+    from vision_gpt.modeling.gpt2_vision_gpt import VisionGPTAttention
+
+    config = GPT2Config(**{k: v for k, v in tiny_text_config().items() if k != "model_type"})
+    torch.manual_seed(0)
+    attention = VisionGPTAttention(config, layer_idx=0, is_cross_attention=True).eval()
+    hidden = torch.randn(4, 1, config.n_embd)  # 2 images x 2 sequences each, one token
+    keys, values = attention.cross_keys_values(torch.randn(2, 5, config.n_embd))  # (2, H, 5, hd)
+    with torch.no_grad():
+        joined, _ = attention(hidden, cross_keys_values=(keys, values))
+        parts, weights = attention(hidden, cross_keys_values=(keys.split([split, 5 - split], dim=2),
+                                                              values.split([split, 5 - split], dim=2)))
+    torch.testing.assert_close(parts, joined, rtol=1e-5, atol=1e-6)
+    assert weights is None

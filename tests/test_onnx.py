@@ -81,6 +81,13 @@ def test_cached_step_reads_the_cross_keys_and_values_from_the_past(exported, pro
     for (name, _, _), old, new in zip(captioner.past, past, present):
         if ".encoder." in name:
             np.testing.assert_array_equal(new, old)
+    # The graph itself returns an empty cross present on a cached step: it reads the past in place and never copies
+    # it (transformers.js then keeps the past's, as with optimum's decoders).
+    feeds = {"input_ids": next_ids.numpy(), "attention_mask": mask, "encoder_hidden_states": visual,
+             **{name: states for (name, _, _), states in zip(captioner.past, past)}}
+    names = [meta.name for meta in captioner.decoder.get_outputs()]
+    outputs = dict(zip(names, captioner.decoder.run(None, feeds)))
+    assert [outputs[name].shape[2] for name in names if ".encoder." in name] == [0] * 4
 
 
 def test_greedy_captions_equal_pytorch(exported, processor):
@@ -89,6 +96,26 @@ def test_greedy_captions_equal_pytorch(exported, processor):
     expected = _pytorch_captions(model, processor, images, num_beams=1)
     assert ONNXCaptioner(folder)(images, num_beams=1, max_new_tokens=10) == expected
     assert len(set(expected)) > 1  # the images lead to different captions: equality means something
+
+
+def test_beam_search_keeps_one_copy_of_each_images_cross_attention_past(exported, processor):
+    model, folder = exported
+    if model.config.fusion != "cross_attention":
+        pytest.skip("a prefix model has no cross-attention")
+    captioner = ONNXCaptioner(folder)
+    step, calls = captioner.step, []
+
+    def recording_step(input_ids, attention_mask, visual, past):
+        cross = {states.shape[0] for (name, _, _), states in zip(captioner.past, past) if ".encoder." in name}
+        calls.append((input_ids.shape[0], cross, visual.shape[0]))
+        return step(input_ids, attention_mask, visual, past)
+
+    captioner.step = recording_step
+    pixel_values = processor(images=random_images(2, seed=3))["pixel_values"]
+    captioner.generate(pixel_values.numpy(), num_beams=3, max_new_tokens=5)
+    # The first step runs once per image; later ones run 2 x 3 beams against one cross past per image.
+    assert calls[0] == (2, {2}, 2) and len(calls) > 1
+    assert all(call == (6, {2}, 2) for call in calls[1:])
 
 
 def test_beam_captions_equal_pytorch(exported, processor):

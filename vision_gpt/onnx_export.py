@@ -22,11 +22,14 @@ every other named dimension is 0). So there is no `use_cache_branch` input and n
 - Cross-attention (transformers.js's encoder-decoder cache layout): `encoder_hidden_states (B, L, D)` at every step,
   and per layer `past_key_values.{i}.decoder.key` / `.value` (self-attention, `(B, heads, past, head_dim)`) and
   `past_key_values.{i}.encoder.key` / `.value` (GPT-2's cross-attention keys and values, `(B, heads, L', head_dim)`).
-  The graph projects only the visual tokens past the first L' (`encoder_hidden_states[:, L':]`) and appends them: all
-  L on the first step (L' = 0), none afterwards (an empty slice, no work), so the cross keys and values are computed
-  once per image, not at every step. transformers.js keeps the first step's `present.{i}.encoder.*` (its
+  The graph projects only the visual tokens past the first L' (`encoder_hidden_states[:, L':]`): all L on the first
+  step (L' = 0), none afterwards (an empty slice, no work), so the cross keys and values are computed once per image,
+  not at every step. Attention reads the past and the new part without joining them (`_attention_over_parts`), so
+  the cross past is never copied, and `present.{i}.encoder.*` is the new part only: all of them on the first step, an
+  empty one afterwards. transformers.js keeps the past's then, as it does with optimum's merged decoders (its
   `getPastKeyValues`); the config's decoder is written under TrOCR's `model_type` so that it names these inputs
-  (`transformers_js_config`).
+  (`transformers_js_config`). The cross past may hold one copy per image for several sequences per image (beam
+  search), `B = images x c`, image-major: each image's queries attend to its copy together, as `generate` does.
 - Prefix: `image_embeds (B, K, D)` (the K visual tokens on the first step, `(B, 0, D)` afterwards) and per layer
   `past_key_values.{i}.key` / `.value`.
 
@@ -156,12 +159,13 @@ class VisionGPTDecoderForExport(nn.Module):
             cross_past = [past[i + 2 : i + 4] for i in range(0, len(past), 4)]
             # Only the visual tokens not yet in the cross past are projected: all L on the first step (past 0), none
             # afterwards, where the slice is empty and costs nothing. So the keys and values are computed once per
-            # image, with no branch in the graph.
+            # image, with no branch in the graph. Attention reads the past and the new part without joining them
+            # (a join would copy every layer's cross past at every step).
             new = self.language_model.cross_keys_values(visual[:, cross_past[0][0].shape[2] :])
             cross_keys_values = [
-                tuple(torch.cat([old.to(states.dtype), states], dim=2) for old, states in zip(olds, news))
+                tuple((old.to(states.dtype), states) for old, states in zip(olds, news))
                 for olds, news in zip(cross_past, new)
-            ]  # per layer (B, H, L, hd)
+            ]  # per layer ((past keys, new keys), (past values, new values)), each (images, H, L', hd)
         cache = _PastKeyValues(self_past)
         past_len = self_past[0].shape[2]
         new_len = embeds.shape[1]
@@ -179,7 +183,9 @@ class VisionGPTDecoderForExport(nn.Module):
         if self.is_prefix:
             present = [states for pair in cache.present for states in pair]
         else:
-            present = [states for pair, cross in zip(cache.present, cross_keys_values) for states in (*pair, *cross)]
+            # The cross present is what this call computed: every visual token's keys and values on the first step,
+            # an empty part afterwards, when the past already holds them (optimum's and transformers.js's contract).
+            present = [states for pair, cross in zip(cache.present, new) for states in (*pair, *cross)]
         return (logits, *present)
 
 
@@ -196,7 +202,7 @@ def export_encoder(model, path: Path, opset: int):
     config = model.config
     size = config.vision_config.image_size
     pixel_values = torch.randn(2, 3, size, size)
-    _export(VisionGPTEncoderForExport(model), (pixel_values,), path, opset,
+    trace_to_onnx(VisionGPTEncoderForExport(model), (pixel_values,), path, opset,
             input_names=["pixel_values"], output_names=["last_hidden_state"],
             dynamic_axes={"pixel_values": {0: "batch_size"},
                           "last_hidden_state": {0: "batch_size", 1: "encoder_sequence_length"}})
@@ -231,9 +237,9 @@ def export_decoder(model, path: Path, opset: int):
         length = "encoder_sequence_length_past" if ".encoder." in name else "past_sequence_length"
         dynamic_axes[name] = {0: "batch_size", 2: length}
     for name in present_names:
-        length = "encoder_sequence_length" if ".encoder." in name else "past_sequence_length + 1"
+        length = "encoder_sequence_length_new" if ".encoder." in name else "past_sequence_length + 1"
         dynamic_axes[name] = {0: "batch_size", 2: length}
-    _export(VisionGPTDecoderForExport(model), (input_ids, attention_mask, visual, *past), path, opset,
+    trace_to_onnx(VisionGPTDecoderForExport(model), (input_ids, attention_mask, visual, *past), path, opset,
             input_names=["input_ids", "attention_mask", visual_name, *names],
             output_names=["logits", *present_names], dynamic_axes=dynamic_axes)
     if not is_prefix:
@@ -260,7 +266,7 @@ def _reshape_zero_as_zero(path: Path):
     onnx.save(model, str(path))
 
 
-def _export(module, args, path: Path, opset: int, **kwargs):
+def trace_to_onnx(module, args, path: Path, opset: int, **kwargs):
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python int it reads from a shape; those ints only feed bookkeeping here. torch

@@ -69,6 +69,7 @@ class ONNXCaptioner:
         # The past: self-attention keys and values, and for cross-attention the cross ones (`.encoder.`), computed on
         # the first step and fed back after (onnx_export's module docstring).
         self.past = [(meta.name, meta.shape, _NUMPY_TYPES[meta.type]) for meta in inputs[3:]]
+        self.static_past = [".encoder." in name for name, _, _ in self.past]
         outputs = [meta.name for meta in self.decoder.get_outputs()]
         # Where each past's present is among the outputs: `present.*` for `past_key_values.*`.
         self.present_index = [outputs.index(name.replace("past_key_values", "present", 1)) for name, _, _ in self.past]
@@ -90,7 +91,9 @@ class ONNXCaptioner:
                  self.visual_name: visual}
         feeds.update({name: states for (name, _, _), states in zip(self.past, past)})
         outputs = self.decoder.run(None, feeds)
-        return outputs[0], [outputs[index] for index in self.present_index]
+        # A cross past that holds the keys and values is kept: later steps return an empty cross present.
+        return outputs[0], [old if static and old.shape[2] else outputs[index]
+                            for old, index, static in zip(past, self.present_index, self.static_past)]
 
     def _first_step(self, visual: np.ndarray, start: int):
         """The start token's logits `(B, V)` and the cache, with the visual prefix in it for `fusion="prefix"`."""
@@ -100,6 +103,11 @@ class ONNXCaptioner:
         attention_mask = np.ones((batch_size, prefix_len + 1), dtype=np.int64)
         logits, past = self.step(input_ids, attention_mask, visual, self.empty_past(batch_size))
         return logits[:, -1], past
+
+    def _reorder(self, past: list[np.ndarray], order: np.ndarray) -> list[np.ndarray]:
+        """The past of the sequences that beam search continues (`order`: for each beam, the row it continues). The
+        cross-attention keys and values are one copy per image, which `order` never leaves."""
+        return [states if static else states[order] for states, static in zip(past, self.static_past)]
 
     def _next_visual(self, visual: np.ndarray) -> np.ndarray:
         # A prefix is in the cache after the first step; cross-attention reads the image at every step.
@@ -215,7 +223,12 @@ class ONNXCaptioner:
 
         return torch.float32  # the graphs take float32 pixels whatever they compute in
 
+    training = False  # an ONNX graph has no training mode; `eval` and `train` are kept for callers of a model
+
     def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
         return self
 
     def _beam_search(self, visual, num_beams, max_new_tokens, num_return_sequences=1):
@@ -230,11 +243,16 @@ class ONNXCaptioner:
         keep = max(2, 1 + len(eos)) * n  # candidates kept per image, so that n unfinished ones remain
         top_n = np.arange(keep) < n
 
-        # The first step once per image, its logits and cache repeated for the image's beams.
+        # The first step once per image, its logits and self-attention cache repeated for the image's beams. The
+        # cross-attention keys and values stay one copy per image, as `generate` keeps them: the graph attends each
+        # image's beams to its copy together (its queries are grouped by image), so a step reads them once per image
+        # and beam search never reorders them.
         logits, past = self._first_step(visual, start)
         logits = np.repeat(logits, n, axis=0)
-        past = [np.repeat(states, n, axis=0) for states in past]
-        next_visual = np.repeat(self._next_visual(visual), n, axis=0)
+        past = [states if static else np.repeat(states, n, axis=0) for states, static in zip(past, self.static_past)]
+        next_visual = self._next_visual(visual)
+        if self.fusion == "prefix":
+            next_visual = np.repeat(next_visual, n, axis=0)
 
         running = np.full((batch_size, n, max_length), pad, dtype=np.int64)
         running[:, :, 0] = start
@@ -291,7 +309,7 @@ class ONNXCaptioner:
                 break
 
             order = running_indices[:, :, cur_len - 1 - prompt_len].reshape(-1)  # which sequence each beam continues
-            past = [states[order] for states in past]
+            past = self._reorder(past, order)
             attention_mask = np.concatenate([attention_mask, np.ones((batch_size * n, 1), np.int64)], axis=1)
             logits, past = self.step(running[:, :, cur_len - 1].reshape(-1, 1), attention_mask, next_visual, past)
             logits = logits[:, -1]
