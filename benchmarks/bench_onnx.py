@@ -125,10 +125,12 @@ def export_peer(peer, folder: Path, opset: int = DEFAULT_OPSET, quantize: bool =
 
 class PeerCaptioner(ONNXCaptioner):
     """
-    The peer's graphs in `ONNXCaptioner`'s decoding loop (so both models decode with the same numpy code), with the
-    peer's cache handling: the first step runs `decoder_model`, later steps `decoder_with_past_model`, and beam search
-    reorders every layer's past, cross keys and values included, as GenerationMixin reorders an `EncoderDecoderCache`
-    (what optimum's `ORTModelForVision2Seq` runs).
+    The peer's graphs in `ONNXCaptioner`'s decoding loop (so both models decode with the same numpy code), with
+    optimum's cache handling (`ORTModelForVision2Seq`): the first step runs `decoder_model`, later steps
+    `decoder_with_past_model`; beam search keeps a copy of every past for each beam and reorders the self-attention
+    past only (optimum's `_reorder_cache` leaves the cross keys and values, the same for all of an image's beams). One
+    difference, in the peer's favour: the first step runs once per image and is copied to the beams, where
+    GenerationMixin expands the encoder's output first and runs it once per beam.
     """
 
     def __init__(self, files: dict[str, Path], suffix: str = "", session_options=None):
@@ -159,7 +161,7 @@ class PeerCaptioner(ONNXCaptioner):
         return logits, past
 
     def _reorder(self, past, order):
-        return [states[order] for states in past]
+        return [states[order] if ".decoder." in name else states for name, states in zip(self.past_names, past)]
 
 
 # ----- timing --------------------------------------------------------------------------------------------------------

@@ -103,7 +103,8 @@ def _attention_over_parts(query, keys, values, scale: float):
     to its cross-attention past and to the keys and values it computes in the call (all of them on the first step, an
     empty part after), so a step reads the cross past in place instead of copying it into a new tensor.
     """
-    scores = torch.cat([torch.matmul(query, key.transpose(-1, -2)) for key in keys], dim=-1) * scale  # (B, H, T, S)
+    query = query * scale  # before the product, as SDPA's export does: an fp16 graph keeps its headroom
+    scores = torch.cat([torch.matmul(query, key.transpose(-1, -2)) for key in keys], dim=-1)  # (B, H, T, S)
     weights = scores.softmax(dim=-1, dtype=torch.float32).to(values[0].dtype)
     pieces = weights.split([key.shape[-2] for key in keys], dim=-1)
     out = torch.matmul(pieces[0], values[0])

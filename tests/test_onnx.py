@@ -90,6 +90,23 @@ def test_cached_step_reads_the_cross_keys_and_values_from_the_past(exported, pro
     assert [outputs[name].shape[2] for name in names if ".encoder." in name] == [0] * 4
 
 
+def test_a_step_completes_a_partial_cross_attention_past(exported, processor):
+    model, folder = exported
+    if model.config.fusion != "cross_attention":
+        pytest.skip("a prefix model has no cross-attention")
+    captioner = ONNXCaptioner(folder)
+    visual = captioner.encode(processor(images=random_images(2, seed=9))["pixel_values"].numpy())
+    _, past = captioner._first_step(visual, model.config.bos_token_id)
+    # A past that holds the first 3 visual tokens' keys and values: the step projects the others and appends them.
+    partial = [states[:, :, :3] if static else states for states, static in zip(past, captioner.static_past)]
+    next_ids, mask = np.array([[464], [257]]), np.ones((2, past[0].shape[2] + 1), dtype=np.int64)
+    logits, present = captioner.step(next_ids, mask, visual, past)
+    partial_logits, partial_present = captioner.step(next_ids, mask, visual, partial)
+    np.testing.assert_allclose(partial_logits, logits, atol=1e-4)
+    for completed, full in zip(partial_present, present):
+        np.testing.assert_allclose(completed, full, atol=1e-5)
+
+
 def test_greedy_captions_equal_pytorch(exported, processor):
     model, folder = exported
     images = random_images(3, seed=1)

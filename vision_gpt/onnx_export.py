@@ -29,7 +29,9 @@ every other named dimension is 0). So there is no `use_cache_branch` input and n
   empty one afterwards. transformers.js keeps the past's then, as it does with optimum's merged decoders (its
   `getPastKeyValues`); the config's decoder is written under TrOCR's `model_type` so that it names these inputs
   (`transformers_js_config`). The cross past may hold one copy per image for several sequences per image (beam
-  search), `B = images x c`, image-major: each image's queries attend to its copy together, as `generate` does.
+  search), `B = images x c`, image-major: each image's queries attend to its copy together, as `generate` does. Its
+  batch dimension is still named `batch_size`, as `input_ids`'s: transformers.js fills the dimensions of that name
+  when it builds the empty first past, and sets every other named one to 0.
 - Prefix: `image_embeds (B, K, D)` (the K visual tokens on the first step, `(B, 0, D)` afterwards) and per layer
   `past_key_values.{i}.key` / `.value`.
 

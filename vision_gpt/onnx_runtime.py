@@ -91,9 +91,14 @@ class ONNXCaptioner:
                  self.visual_name: visual}
         feeds.update({name: states for (name, _, _), states in zip(self.past, past)})
         outputs = self.decoder.run(None, feeds)
-        # A cross past that holds the keys and values is kept: later steps return an empty cross present.
-        return outputs[0], [old if static and old.shape[2] else outputs[index]
-                            for old, index, static in zip(past, self.present_index, self.static_past)]
+        # The cross present is only what the call computed (empty once the past holds every visual token): it is
+        # appended to the cross past. The self-attention present is the whole past.
+        present = []
+        for old, index, static in zip(past, self.present_index, self.static_past):
+            new = outputs[index]
+            present.append(np.concatenate([old, new], axis=2) if static and old.shape[2] and new.shape[2]
+                           else old if static and old.shape[2] else new)
+        return outputs[0], present
 
     def _first_step(self, visual: np.ndarray, start: int):
         """The start token's logits `(B, V)` and the cache, with the visual prefix in it for `fusion="prefix"`."""
