@@ -191,7 +191,9 @@ def test_a_checkpoint_saved_before_the_base_model_existed_loads_and_computes_the
     with torch.no_grad():
         ours = model.eval()(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
         ids = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6, min_new_tokens=6)
-    torch.testing.assert_close(ours, logits, rtol=0, atol=1e-6)
+    # The expected logits were computed on another CPU, whose float32 kernels round differently: up to 5.3e-5 apart on
+    # an AMD EPYC (AVX-512, no AMX) from the Intel Xeon's. A key loaded into the wrong place differs by far more.
+    torch.testing.assert_close(ours, logits, rtol=0, atol=1e-4)
     assert torch.equal(ids, greedy)
 
 
