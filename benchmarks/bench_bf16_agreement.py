@@ -71,8 +71,8 @@ def main(argv=None):
     for name, speed, metrics in rows:
         onnx_fp32 = captions.get("ONNX fp32") if name.startswith("ONNX") else None
         same_onnx = agreement(captions[name], onnx_fp32) if onnx_fp32 else "-"
-        print(f"| {name} | {agreement(captions[name], captions['float32'])} | {same_onnx} | {speed:.1f} | {metrics['BLEU-4']:.1f} | {metrics['METEOR']:.1f} | "
-              f"{metrics['ROUGE-L']:.1f} | {metrics['CIDEr-D']:.1f} |")
+        scores = " | ".join(f"{metrics[key]:.1f}" for key in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D"))
+        print(f"| {name} | {agreement(captions[name], captions['float32'])} | {same_onnx} | {speed:.1f} | {scores} |")
 
 
 def agreement(captions: dict, reference: dict) -> str:

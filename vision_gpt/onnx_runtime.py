@@ -96,8 +96,9 @@ class ONNXCaptioner:
         present = []
         for old, index, static in zip(past, self.present_index, self.static_past):
             new = outputs[index]
-            present.append(np.concatenate([old, new], axis=2) if static and old.shape[2] and new.shape[2]
-                           else old if static and old.shape[2] else new)
+            if static and old.shape[2]:
+                new = np.concatenate([old, new], axis=2) if new.shape[2] else old
+            present.append(new)
         return outputs[0], present
 
     def _first_step(self, visual: np.ndarray, start: int):
