@@ -175,7 +175,7 @@ def time_calls(calls: dict, repeats: int, warmups: int = 2, pause: float = 0.5) 
     warm-up calls, then its timed ones, `pause` seconds after the previous runtime's last call. Not alternating call by
     call, as `bench_generate.py` does for two PyTorch models: ONNX Runtime and PyTorch each keep a thread pool whose
     threads spin for a while after a call, waiting for more work, so a runtime timed right after the other shares the
-    two cores with it (a tiny PyTorch model ran 15x slower right after an ONNX call; ours int8 at batch 8 greedy ran at
+    two cores with it (a tiny PyTorch model ran 20x slower right after an ONNX call; ours int8 at batch 8 greedy ran at
     8.5 img/s alternating with PyTorch calls and 10.7 on its own). A user runs one of them.
     """
     seconds = {}
