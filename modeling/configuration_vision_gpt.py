@@ -1,4 +1,4 @@
-"""VisionGPT configuration: a vision tower, a mapper into GPT-2's embedding space, and a GPT-2 decoder."""
+"""VisionGPT configuration: a vision tower, a mapper into the decoder's embedding space, and a causal LM decoder."""
 
 import math
 
@@ -12,22 +12,32 @@ VISUAL_TOKENS = ("patches", "pooled", "queries", "merged")
 PROJECTOR_TYPES = ("linear", "mlp", "identity")
 # Towers whose outputs and image processors have been checked with this model.
 VISION_MODEL_TYPES = ("vit", "clip_vision_model", "siglip_vision_model", "dinov2")
-TEXT_MODEL_TYPES = ("gpt2",)
+# Decoders that `fusion="cross_attention"` can add cross-attention layers to (vision-gpt's own GPT-2).
+CROSS_ATTENTION_TEXT_MODEL_TYPES = ("gpt2",)
+# Decoder-only causal LMs that `fusion="prefix"` takes: those whose causal LM is their base model and one linear head,
+# as the tests check against transformers' own (README: "Decoders"). Others are refused rather than run wrongly: some
+# scale their logits after the head (Cohere, Granite), soft-cap them (Gemma 2), or keep no attention cache (Mamba).
+TEXT_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt_neox", "phi")
 
 
 class VisionGPTConfig(PretrainedConfig):
     r"""
     Configuration of a [`VisionGPTForConditionalGeneration`]: a vision tower (ViT-B/16 at 224 px by default; CLIP
-    vision, SigLIP vision and DINOv2 work too), a trainable mapper and a GPT-2 decoder.
+    vision, SigLIP vision and DINOv2 work too), a trainable mapper and a decoder (GPT-2 by default; with
+    `fusion="prefix"` a decoder-only causal LM: Llama and SmolLM2, Mistral, Qwen2/3, Gemma, OPT, GPT-NeoX, Phi). Below,
+    "GPT-2" stands for whichever decoder `text_config` describes.
 
     Args:
         vision_config (`dict` or `PretrainedConfig`, *optional*):
             Config of the vision tower. Defaults to `ViTConfig()` (ViT-B/16, 224 px).
         text_config (`dict` or `PretrainedConfig`, *optional*):
-            Config of the GPT-2 decoder. Defaults to `GPT2Config()` (GPT-2 small, 124M).
+            Config of the decoder, a decoder-only causal LM of a family in `TEXT_MODEL_TYPES`. Defaults to
+            `GPT2Config()` (GPT-2 small, 124M). GPT-2 runs as vision-gpt's own port (`gpt2_vision_gpt.py`); every other
+            decoder as transformers builds it (`AutoModel.from_config`), through its public inputs only.
         fusion (`str`, defaults to `"cross_attention"`):
             `"prefix"`: the mapped visual tokens are placed before the caption tokens in GPT-2's input.
-            `"cross_attention"`: every GPT-2 block gets a cross-attention layer over the mapped visual tokens.
+            `"cross_attention"`: every GPT-2 block gets a cross-attention layer over the mapped visual tokens (GPT-2
+            decoders only).
         visual_tokens (`str`, defaults to `"patches"`):
             Which visual tokens reach GPT-2. `"patches"`: every token of the vision tower (197 for ViT-B/16 at 224 px).
             `"pooled"`: the tower's pooled feature mapped to `num_visual_tokens` tokens (ClipCap's MLP mapper).
@@ -59,6 +69,9 @@ class VisionGPTConfig(PretrainedConfig):
             them: each sequence holds `num_image_tokens` of them, and the model writes the image's visual tokens over
             their embeddings. Defaults to GPT-2's vocabulary size, one past its last token, which no text tokenizes to
             and the LM head never predicts.
+        tie_word_embeddings (`bool`, *optional*):
+            Whether the LM head shares the token embedding's weight; defaults to the decoder's own setting (GPT-2,
+            SmolLM2 and OPT tie it, Llama and GPT-NeoX do not).
 
     Example:
 
@@ -94,7 +107,7 @@ class VisionGPTConfig(PretrainedConfig):
     freeze_text: bool = True
     freeze_text_layers: int = 0
     image_token_id: int | None = None
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs):
         if SubConfigSpec is None:
@@ -103,8 +116,15 @@ class VisionGPTConfig(PretrainedConfig):
         self._validate()
         if self.image_token_id is None:
             self.image_token_id = self.text_config.vocab_size
-        # GPT-2 builds its cross-attention layers (and generate its EncoderDecoderCache) from this flag.
-        self.text_config.add_cross_attention = self.fusion == "cross_attention"
+        if self.tie_word_embeddings is None:
+            # Where transformers' tying reads it (the top-level config), from where the decoder's config keeps it.
+            self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", True))
+        if self.is_gpt2:
+            # Our GPT-2 builds its cross-attention layers from this flag.
+            self.text_config.add_cross_attention = self.fusion == "cross_attention"
+        elif hasattr(self.text_config, "is_decoder"):
+            # GPT-NeoX's causal LM asks for this flag, as VisionEncoderDecoderModel sets it for its decoder.
+            self.text_config.is_decoder = True
         # Generation reads the special tokens from the top-level config.
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name, None) is None:
@@ -129,7 +149,8 @@ class VisionGPTConfig(PretrainedConfig):
         }
         if self.pad_token_id is None:
             # GPT-2 has no pad token; padding reuses eos and is told apart by the attention mask, never by its id.
-            self.pad_token_id = self.eos_token_id
+            eos = self.eos_token_id
+            self.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 
     def _validate(self):
         def check_choice(field, allowed):
@@ -146,21 +167,29 @@ class VisionGPTConfig(PretrainedConfig):
                 f"towers are {list(VISION_MODEL_TYPES)} (for CLIP or SigLIP pass the vision part, e.g. "
                 "CLIPConfig().vision_config)."
             )
-        if self.text_config.model_type not in TEXT_MODEL_TYPES:
+        text_type = self.text_config.model_type
+        if text_type not in TEXT_MODEL_TYPES:
             raise ValueError(
-                f"VisionGPTConfig.text_config has model_type={self.text_config.model_type!r}; the decoder must be "
-                f"of the GPT-2 family ({list(TEXT_MODEL_TYPES)})."
+                f"VisionGPTConfig.text_config has model_type={text_type!r}; the decoder must be one of the "
+                f"decoder-only causal LMs {list(TEXT_MODEL_TYPES)} (llama covers SmolLM2 and the other Llama-"
+                "architecture models)."
+            )
+        if self.fusion == "cross_attention" and text_type not in CROSS_ATTENTION_TEXT_MODEL_TYPES:
+            raise ValueError(
+                f'VisionGPTConfig(fusion="cross_attention") needs a decoder with cross-attention layers, which '
+                f"vision-gpt has for {list(CROSS_ATTENTION_TEXT_MODEL_TYPES)} only, not for {text_type!r}; use "
+                'fusion="prefix", which works with every supported decoder.'
             )
         for field in ("num_visual_tokens", "patch_merge_size", "projector_hidden_size"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"VisionGPTConfig.{field}={value!r} must be a positive integer.")
-        max_positions = self.text_config.n_positions
-        if self.num_prefix_tokens >= max_positions:
+        max_positions = getattr(self.text_config, "max_position_embeddings", None)
+        if max_positions is not None and 0 < max_positions <= self.num_prefix_tokens:
             raise ValueError(
                 f"VisionGPTConfig: a visual prefix of {self.num_prefix_tokens} tokens (visual_tokens="
-                f"{self.visual_tokens!r}, num_visual_tokens={self.num_visual_tokens}) leaves no room for text in "
-                f"GPT-2's {max_positions} positions; use fewer visual tokens."
+                f"{self.visual_tokens!r}, num_visual_tokens={self.num_visual_tokens}) leaves no room for text in the "
+                f"decoder's {max_positions} positions; use fewer visual tokens."
             )
         if self.visual_tokens == "merged" and self.patch_merge_size > self.patch_grid_size:
             raise ValueError(
@@ -185,15 +214,15 @@ class VisionGPTConfig(PretrainedConfig):
                 f"VisionGPTConfig.projector_hidden_act={self.projector_hidden_act!r} is not an activation known to "
                 f"transformers; choose one of {sorted(ACT2FN)}."
             )
-        num_layers = self.text_config.n_layer
+        num_layers = self.text_config.num_hidden_layers
         if (
             isinstance(self.freeze_text_layers, bool)
             or not isinstance(self.freeze_text_layers, int)
             or not 0 <= self.freeze_text_layers <= num_layers
         ):
             raise ValueError(
-                f"VisionGPTConfig.freeze_text_layers={self.freeze_text_layers!r} must be an integer from 0 to GPT-2's "
-                f"{num_layers} layers."
+                f"VisionGPTConfig.freeze_text_layers={self.freeze_text_layers!r} must be an integer from 0 to the "
+                f"decoder's {num_layers} layers."
             )
         num_vision_layers = self.vision_config.num_hidden_layers
         if not -num_vision_layers - 1 <= self.vision_feature_layer <= num_vision_layers:
@@ -204,6 +233,11 @@ class VisionGPTConfig(PretrainedConfig):
         for field in ("freeze_vision", "freeze_text"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"VisionGPTConfig.{field}={getattr(self, field)!r} must be True or False.")
+
+    @property
+    def is_gpt2(self) -> bool:
+        """Whether the decoder is GPT-2, which runs as vision-gpt's own port (cross-attention, ONNX export)."""
+        return self.text_config.model_type == "gpt2"
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -17,22 +17,22 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, PreTrainedModel
+from transformers import Conv1D, GPT2Config, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 
-class VisionGPTConv1D(nn.Module):
-    """GPT-2's linear layer: `x @ weight + bias` with the weight stored `(in_features, out_features)`."""
+class VisionGPTConv1D(Conv1D):
+    """GPT-2's linear layer: `x @ weight + bias` with the weight stored `(in_features, out_features)`. A
+    `transformers.Conv1D` (the same parameters), so that tools that know GPT-2's layers, such as PEFT's LoRA, take
+    it."""
 
     def __init__(self, in_features: int, out_features: int):
-        super().__init__()
+        # normal(0, 0.02) as GPT-2's; a model re-initialises from its config (init_gpt2_weights)
+        super().__init__(out_features, in_features)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        nn.init.normal_(self.weight, std=0.02)  # GPT-2's; a model re-initialises from its config (init_gpt2_weights)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = torch.addmm(self.bias, hidden_states.reshape(-1, self.in_features), self.weight)

@@ -1,6 +1,8 @@
-"""VisionGPT: a vision tower, a trainable mapper and GPT-2, as one transformers model that generates captions."""
+"""VisionGPT: a vision tower, a trainable mapper and a causal LM decoder (GPT-2 by default), as one transformers model
+that generates captions."""
 
 import copy
+import inspect
 import math
 from dataclasses import field, make_dataclass
 
@@ -21,6 +23,7 @@ from .gpt2_vision_gpt import (
     VisionGPTCache,
     VisionGPTTextModel,
     VisionGPTTextPreTrainedModel,
+    VisionGPTTokenEmbedding,
     init_gpt2_weights,
     load_gpt2_state_dict,
 )
@@ -29,7 +32,7 @@ from .packed_linear_vision_gpt import packed_linears
 # Imported so that `save_pretrained` and the Hub's remote-code loader, which follow relative imports, always carry the
 # whole published package (processor and pipeline included) with the model.
 from .pipeline_vision_gpt import VisionGPTImageToTextPipeline  # noqa: F401
-from .processing_vision_gpt import VisionGPTProcessor  # noqa: F401
+from .processing_vision_gpt import VisionGPTProcessor, text_model_source  # noqa: F401
 
 
 _OUTPUT_DOC = r"""
@@ -151,7 +154,7 @@ class VisionGPTProjector(nn.Module):
         self.grid_size, self.merge_size = config.patch_grid_size, config.patch_merge_size
         vision_hidden = config.vision_config.hidden_size
         hidden = config.text_config.hidden_size
-        eps = config.text_config.layer_norm_epsilon
+        eps = _layer_norm_eps(config.text_config)
         if self.visual_tokens == "pooled":
             self.proj = _projection(config, vision_hidden, hidden * self.num_visual_tokens)
         elif self.visual_tokens == "merged":
@@ -215,25 +218,40 @@ class VisionGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if init_gpt2_weights(module, self.config.text_config):
+        if self.config.is_gpt2 and init_gpt2_weights(module, self.config.text_config):
             return
         super()._init_weights(module)
         if isinstance(module, VisionGPTProjector) and module.visual_tokens == "queries":
-            init.normal_(module.queries, mean=0.0, std=self.config.text_config.initializer_range)
+            init.normal_(module.queries, mean=0.0, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
 
 class VisionGPTModel(VisionGPTPreTrainedModel):
     r"""
     The base model, as LLaVA's `LlavaModel`: the vision tower (`vision_model`), the [`VisionGPTProjector`]
-    (`projector`) and GPT-2's body (`language_model`, a [`VisionGPTTextModel`]), without the LM head. Returns GPT-2's
-    last hidden states; [`VisionGPTForConditionalGeneration`] holds it as `model` and adds the head.
+    (`projector`) and the decoder's body (`language_model`: a [`VisionGPTTextModel`] for GPT-2, the decoder's own base
+    model, e.g. `LlamaModel`, for any other), without the LM head. Returns the decoder's last hidden states;
+    [`VisionGPTForConditionalGeneration`] holds it as `model` and adds the head.
     """
 
     def __init__(self, config: VisionGPTConfig):
         super().__init__(config)
         self.vision_model = AutoModel.from_config(config.vision_config, **_vision_model_kwargs(config))
         self.projector = VisionGPTProjector(config)
-        self.language_model = VisionGPTTextModel(config.text_config)
+        if config.is_gpt2:
+            self.language_model = VisionGPTTextModel(config.text_config)
+        else:
+            self.language_model = AutoModel.from_config(config.text_config)
+            embedding = self.language_model.get_input_embeddings()
+            if type(embedding) is nn.Embedding and config.image_token_id == embedding.num_embeddings:
+                # The same weight in an embedding that also reads the image token (one past the vocabulary) as zeros,
+                # as our GPT-2's does, so that `get_input_embeddings()(input_ids)` takes ids holding image tokens.
+                placeholder_embedding = VisionGPTTokenEmbedding(
+                    embedding.num_embeddings, embedding.embedding_dim, padding_idx=embedding.padding_idx
+                )
+                placeholder_embedding.weight = embedding.weight
+                self.language_model.set_input_embeddings(placeholder_embedding)
+        # Decoders differ in what they take; positions are passed to those that take them (RoPE, learned positions).
+        self._decoder_takes_position_ids = "position_ids" in inspect.signature(self.language_model.forward).parameters
         self.post_init()
 
     def get_input_embeddings(self):
@@ -241,6 +259,35 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
+
+    def decoder_layers(self) -> nn.ModuleList:
+        """The decoder's blocks in order (GPT-2's `h`, Llama's `layers`, OPT's `decoder.layers`, ...): the first module
+        list with one entry per hidden layer."""
+        num_layers = self.config.text_config.num_hidden_layers
+        for module in self.language_model.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+                return module
+        raise ValueError(f"Found no list of {num_layers} blocks in {type(self.language_model).__name__}.")
+
+    def run_decoder(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cross_keys_values=None,
+                    output_attentions=False, output_hidden_states=False):
+        """
+        The decoder's body on `inputs_embeds` `(B, T, D)` at `position_ids` `(B, T)`, with `attention_mask` over the
+        cached and new positions (see [`VisionGPTTextModel.forward`]), filling `cache` if given. Returns the last hidden
+        states `(B, T, D)` and the hidden states, attentions and cross-attentions asked for (or None). Our GPT-2 takes
+        them as it defines them; any other decoder gets its public inputs by name (`inputs_embeds`, `attention_mask`,
+        `position_ids` where it takes them, the cache) and adds its own RoPE, masks and sliding windows.
+        """
+        if self.config.is_gpt2:
+            return self.language_model(inputs_embeds, position_ids, attention_mask, cache, cross_keys_values,
+                                       output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+        inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, CACHE_NAME: cache,
+                  "use_cache": cache is not None, "output_attentions": output_attentions,
+                  "output_hidden_states": output_hidden_states, "return_dict": True}
+        if self._decoder_takes_position_ids:
+            inputs["position_ids"] = position_ids
+        outputs = self.language_model(**inputs)
+        return outputs.last_hidden_state, outputs.hidden_states, outputs.attentions, None
 
     # ----- images --------------------------------------------------------------------------------------------------
 
@@ -362,7 +409,7 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
         if use_cache is None:
             # Training keeps no cache unless asked (nothing would read it).
             use_cache = cache is not None or (config.text_config.use_cache and not self.training)
-        checkpointing = any(block.gradient_checkpointing for block in self.language_model.h)
+        checkpointing = any(getattr(block, "gradient_checkpointing", False) for block in self.decoder_layers())
         if use_cache and checkpointing and self.training:
             # Recomputing a block in the backward pass would append its keys and values to the cache a second time.
             use_cache, cache = False, None
@@ -442,7 +489,7 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
         # `output_hidden_states` may name layers, as transformers 5's models take it: a list of indices into the
         # hidden states (negative ones count from the end); the others come back as None.
         selected = output_hidden_states if isinstance(output_hidden_states, (list, tuple)) else None
-        hidden, all_hidden, all_attentions, all_cross = self.language_model(
+        hidden, all_hidden, all_attentions, all_cross = self.run_decoder(
             inputs_embeds, position_ids, full_mask, cache, cross_keys_values, output_attentions=output_attentions,
             output_hidden_states=bool(output_hidden_states),
         )
@@ -510,6 +557,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
     ['a dog runs through the grass']
     ```"""
 
+    # GPT-2's; a model with another decoder names its own embedding in `__init__` (applied where
+    # `config.tie_word_embeddings` says the decoder ties them).
     _tied_weights_keys = {"lm_head.weight": "model.language_model.wte.weight"}
     # Set here rather than by registration, so that every save writes the remote code next to the weights.
     _auto_class = "AutoModel"
@@ -517,8 +566,19 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
     def __init__(self, config: VisionGPTConfig):
         super().__init__(config)
         self.model = VisionGPTModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = _lm_head(config.text_config)
+        embedding_name = "model.language_model.wte"
+        if not config.is_gpt2:
+            embedding = self.model.get_input_embeddings()
+            embedding_name = "model.language_model." + next(
+                name for name, module in self.model.language_model.named_modules() if module is embedding
+            )
+            self._tied_weights_keys = {"lm_head.weight": f"{embedding_name}.weight"}
         self.post_init()
+        if embedding_name in (self._tp_plan or {}):
+            # As LLaVA's: where the decoder's tensor-parallel plan shards the embedding over the vocabulary, the head
+            # (tied to it or not) is sharded the same way, and its logits gathered.
+            self._tp_plan["lm_head"] = "colwise_gather_output"
         self.apply_freezing()
         # Caption defaults for a model that has no saved generation_config.json yet.
         self.generation_config.max_new_tokens = self.generation_config.max_new_tokens or 32
@@ -567,7 +627,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         return self.model.projector
 
     @property
-    def language_model(self) -> VisionGPTTextModel:
+    def language_model(self) -> nn.Module:
         return self.model.language_model
 
     # ----- parameters --------------------------------------------------------------------------------------------
@@ -585,13 +645,14 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         self.lm_head = value
 
     def apply_freezing(self):
-        """Set `requires_grad` from the config's `freeze_vision`, `freeze_text` and `freeze_text_layers`."""
+        """Set `requires_grad` from the config's `freeze_vision`, `freeze_text` and `freeze_text_layers`. LoRA adapters
+        that PEFT injected for training (`vision_gpt.lora`) always train."""
         config = self.config
         self.vision_model.requires_grad_(not config.freeze_vision)
         self.projector.requires_grad_(True)
         self.language_model.requires_grad_(not config.freeze_text)
         self.lm_head.requires_grad_(not config.freeze_text)
-        blocks = self.language_model.h
+        blocks = self.model.decoder_layers()
         for block in blocks[: config.freeze_text_layers]:
             block.requires_grad_(False)
         for block in blocks:
@@ -599,6 +660,12 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             for name in ("crossattention", "ln_cross_attn"):
                 if hasattr(block, name):
                     getattr(block, name).requires_grad_(True)
+        for parameter in self._adapter_parameters().values():
+            parameter.requires_grad_(True)
+
+    def _adapter_parameters(self) -> dict[int, nn.Parameter]:
+        """PEFT's LoRA weights (`...lora_A.default.weight`), where adapters were injected; by `id`."""
+        return {id(p): p for name, p in self.named_parameters() if ".lora_" in name}
 
     def set_frozen(self, vision: bool | None = None, text: bool | None = None, text_layers: int | None = None):
         """Change what is frozen (e.g. at a stage boundary of staged unfreezing); validated like the config."""
@@ -617,7 +684,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
 
     def parameter_summary(self) -> dict[str, dict[str, int]]:
         """Trainable and total parameter counts per part (`vision_model`, `projector`, `language_model` with its LM
-        head, `total`)."""
+        head, `adapters` where LoRA adapters were injected, `total`)."""
+        adapters = self._adapter_parameters()
         parts = {
             "vision_model": [self.vision_model],
             "projector": [self.projector],
@@ -625,12 +693,15 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         }
         summary = {}
         for name, modules in parts.items():
-            # Count the tied embedding once, as `num_parameters` does.
-            params = {id(p): p for module in modules for p in module.parameters()}.values()
+            # Count the tied embedding once, as `num_parameters` does; adapters in a row of their own.
+            params = {id(p): p for module in modules for p in module.parameters() if id(p) not in adapters}.values()
             summary[name] = {
                 "trainable": sum(p.numel() for p in params if p.requires_grad),
                 "total": sum(p.numel() for p in params),
             }
+        if adapters:
+            summary["adapters"] = {"trainable": sum(p.numel() for p in adapters.values() if p.requires_grad),
+                                   "total": sum(p.numel() for p in adapters.values())}
         summary["total"] = {key: sum(part[key] for part in summary.values()) for key in ("trainable", "total")}
         return summary
 
@@ -779,6 +850,11 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             start = self.generation_config.bos_token_id
             if start is None:
                 start = self.config.bos_token_id
+            if start is None:
+                # Decoders without a start token (Qwen2) start from their end token, as the processor's rows do.
+                start = self.generation_config.eos_token_id if self.generation_config.eos_token_id is not None else (
+                    self.config.eos_token_id)
+                start = start[0] if isinstance(start, (list, tuple)) else start
             input_ids = torch.full((batch_size, 1), start, dtype=torch.long, device=self.device)
         elif input_ids.shape[0] != batch_size:
             raise ValueError(f"Got {batch_size} images but {input_ids.shape[0]} prompts in `input_ids`.")
@@ -787,6 +863,16 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", config.use_cache) is not False
         cache_implementation = kwargs.get("cache_implementation", config.cache_implementation)
+        text_config = self.config.text_config
+        if cache_implementation == "static" and getattr(text_config, "sliding_window", None) and getattr(
+            text_config, "use_sliding_window", True
+        ):
+            # GenerationMixin hands a static cache's steps a mask of the window only, from which positions cannot be
+            # told; the dynamic cache keeps the whole sequence's.
+            raise ValueError(
+                f"cache_implementation='static' is not supported with the {text_config.model_type} decoder's sliding "
+                f"window ({text_config.sliding_window} tokens); use the default dynamic cache."
+            )
         if is_prefix:
             return self._generate_with_prefix(input_ids, attention_mask, image_embeds, user_cache, kwargs)
         if image_embeds is None:
@@ -930,7 +1016,7 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         cache.num_prefix_positions = num_visual  # returned with the output: a later call continues from it
         positions = torch.arange(num_visual, device=image_embeds.device).expand(batch_size, -1)
         embeds = image_embeds.to(self.get_input_embeddings().weight.dtype)
-        self.language_model(embeds, positions, cache=cache)
+        self.model.run_decoder(embeds, positions, cache=cache)
         # The same expansion GenerationMixin applies to input_ids and the mask (repeat_interleave, same order).
         expand = self._num_copies(generate_kwargs)
         if expand > 1:
@@ -957,7 +1043,8 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         cls, vision_model: str, text_model: str, **config_overrides
     ) -> "VisionGPTForConditionalGeneration":
         r"""
-        Assemble a captioner from a pretrained vision tower and a pretrained GPT-2 (Hub ids or local folders), as
+        Assemble a captioner from a pretrained vision tower and a pretrained decoder (Hub ids or local folders; the
+        decoder may also be a local `.gguf` file, which transformers dequantizes with the `gguf` package), as
         `VisionEncoderDecoderModel.from_encoder_decoder_pretrained` does. The projector (and any cross-attention
         layers) start from random weights; `config_overrides` are [`VisionGPTConfig`] fields.
 
@@ -968,10 +1055,11 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
         ...     "google/vit-base-patch16-224-in21k", "gpt2", fusion="cross_attention"
         ... )
         ```"""
+        text_source, text_kwargs = text_model_source(text_model)
         vision_config = AutoConfig.from_pretrained(vision_model)
         # A full CLIP or SigLIP checkpoint: keep its vision tower only.
         vision_config = getattr(vision_config, "vision_config", None) or vision_config
-        text_config = AutoConfig.from_pretrained(text_model)
+        text_config = AutoConfig.from_pretrained(text_source, **text_kwargs)
         config = VisionGPTConfig(vision_config=vision_config, text_config=text_config, **config_overrides)
         model = cls(config)
 
@@ -979,8 +1067,16 @@ class VisionGPTForConditionalGeneration(VisionGPTPreTrainedModel, GenerationMixi
             vision_model, config=config.vision_config, dtype=torch.float32, **_vision_model_kwargs(config)
         )
         model.vision_model.load_state_dict(vision.state_dict())
-        text = AutoModelForCausalLM.from_pretrained(text_model, config=config.text_config, dtype=torch.float32)
-        load_gpt2_state_dict(model.language_model, model.lm_head, text.state_dict())
+        text = AutoModelForCausalLM.from_pretrained(
+            text_source, config=config.text_config, dtype=torch.float32, **text_kwargs
+        )
+        if config.is_gpt2:
+            load_gpt2_state_dict(model.language_model, model.lm_head, text.state_dict())
+        else:
+            # The causal LM's base model and its head (`base_model`, `get_output_embeddings`); a tied head is filled
+            # with the embedding it shares.
+            model.language_model.load_state_dict(text.base_model.state_dict())
+            model.lm_head.load_state_dict(text.get_output_embeddings().state_dict())
         model.apply_freezing()
         return model
 
@@ -1016,6 +1112,29 @@ def _vision_model_kwargs(config: VisionGPTConfig) -> dict:
         # ViT's pooler is a trained dense+tanh over CLS: keep it only where it is used.
         return {"add_pooling_layer": config.visual_tokens == "pooled"}
     return {}
+
+
+def _layer_norm_eps(text_config) -> float:
+    """The decoder's normalisation epsilon (GPT-2's `layer_norm_epsilon`, Llama's `rms_norm_eps`, ...), for the
+    resampler's layer norms."""
+    for name in ("layer_norm_epsilon", "layer_norm_eps", "rms_norm_eps", "norm_eps"):
+        value = getattr(text_config, name, None)
+        if value is not None:
+            return value
+    return 1e-5
+
+
+def _lm_head(text_config) -> nn.Linear:
+    """An LM head shaped as the decoder's own: `AutoModelForCausalLM`'s output layer, built on the meta device to read
+    its shape and whether it has a bias (Phi's does)."""
+    if text_config.model_type == "gpt2":
+        return nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+    with torch.device("meta"):
+        template = AutoModelForCausalLM.from_config(text_config).get_output_embeddings()
+    if not isinstance(template, nn.Linear):
+        raise ValueError(f"The {text_config.model_type} decoder's LM head is a {type(template).__name__}, not a linear "
+                         "layer; vision-gpt supports decoders with a linear LM head.")
+    return nn.Linear(template.in_features, template.out_features, bias=template.bias is not None)
 
 
 def _is_zero(logits_to_keep) -> bool:

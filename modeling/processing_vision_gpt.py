@@ -17,6 +17,18 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 CAPTION_TEXT_KWARGS = ("max_length", "padding", "truncation", "pad_to_multiple_of", "padding_side", "verbose")
 
 
+def text_model_source(text_model) -> tuple[str, dict]:
+    """`(name or folder, extra from_pretrained kwargs)` for a text model: a Hub id or folder as it is, a local `.gguf`
+    file as its folder and `gguf_file=` (transformers loads GGUF that way, tokenizer included)."""
+    text_model = str(text_model)
+    if not text_model.lower().endswith(".gguf"):
+        return text_model, {}
+    if not os.path.isfile(text_model):
+        raise FileNotFoundError(f"GGUF file '{text_model}' does not exist.")
+    folder, name = os.path.split(os.path.abspath(text_model))
+    return folder, {"gguf_file": name}
+
+
 class ImageLoadError(ValueError):
     """An input that is not a readable image. The message names the input and the reason."""
 
@@ -204,7 +216,8 @@ class VisionGPTProcessor(ProcessorMixin):
     def from_vision_text_pretrained(cls, vision_model: str, text_model: str, **kwargs) -> "VisionGPTProcessor":
         """The processor for a model assembled by `from_vision_text_pretrained` from the same two checkpoints."""
         image_processor = load_image_processor(vision_model)
-        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        text_source, text_kwargs = text_model_source(text_model)
+        tokenizer = AutoTokenizer.from_pretrained(text_source, **text_kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
     @staticmethod
@@ -381,4 +394,6 @@ class VisionGPTProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "labels"]
 
 
-__all__ = ["ImageLoadError", "VisionGPTProcessor", "VisionGPTProcessorKwargs", "load_image", "to_rgb"]
+__all__ = [
+    "ImageLoadError", "VisionGPTProcessor", "VisionGPTProcessorKwargs", "load_image", "text_model_source", "to_rgb"
+]

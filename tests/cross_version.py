@@ -15,7 +15,9 @@ import tempfile
 from pathlib import Path
 
 MODELS = {"prefix": dict(fusion="prefix", visual_tokens="queries"),
-          "cross_attention": dict(fusion="cross_attention", visual_tokens="patches")}
+          "cross_attention": dict(fusion="cross_attention", visual_tokens="patches"),
+          # transformers' own Llama as the decoder, with Llama's special tokens (tests/conftest.py)
+          "llama_prefix": dict(fusion="prefix", visual_tokens="queries", decoder="llama")}
 TEXTS = ["a dog", "two cats run"]
 DECODINGS = {"greedy": dict(max_new_tokens=12, num_beams=1), "beams": dict(max_new_tokens=12, num_beams=3)}
 
@@ -24,16 +26,20 @@ def save(root: Path) -> None:
     import torch
     import transformers
 
-    from vision_gpt import VisionGPTProcessor, gpt2_tokenizer_from_pypi
+    from vision_gpt import VisionGPTProcessor
 
-    from .conftest import random_images, tiny_model
+    from .conftest import decoder_tokenizer, random_images, tiny_decoder_config, tiny_model
 
     images = random_images(2, seed=5)
     for name, overrides in MODELS.items():
         folder = root / name
-        model = tiny_model(**overrides)
+        overrides = dict(overrides)
+        decoder = overrides.pop("decoder", "gpt2")
+        tokenizer = decoder_tokenizer(decoder)
+        text_config = tiny_decoder_config(decoder, tokenizer) if decoder != "gpt2" else None
+        model = tiny_model(text_config=text_config, **overrides)
         image_processor = VisionGPTProcessor.default_image_processor(model.config.vision_config)
-        processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=gpt2_tokenizer_from_pypi())
+        processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=tokenizer)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         paths = []

@@ -201,3 +201,18 @@ def test_onnx_benchmark_times_every_runtime_and_checks_onnx_against_pytorch(caps
     # 4 tokens: the first step, then 3 with the cache, timed in the call after the warm-up one.
     assert re.search(r"decoder: 4 run\(s\), [\d.]+ ms in all; the first step [\d.]+ ms, later ones [\d.]+ ms each", out)
     assert out.count("| all ops |") == 2
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_decoder_benchmark_compares_gpt2_a_frozen_decoder_and_lora(tmp_path, capsys, llama_checkpoints):
+    load("bench_decoders").main(["--workdir", str(tmp_path), "--text-model", llama_checkpoints[1], "--max-steps", "1",
+                                 "--lora-r", "2", "--train-images", "16", "--val-images", "4", "--test-images", "4"])
+    out = capsys.readouterr().out
+    table = out[out.index("| decoder |"):].split("\n\n")[0].splitlines()[2:]  # each demo run prints its own first
+    rows = [line.split("|")[1:-1] for line in table]
+    assert [row[0].strip() for row in rows[:3]] == ["GPT-2 4x256 from scratch, trained", "llama, frozen",
+                                                    "llama, LoRA r=2"]
+    assert rows[3][0].strip().startswith('baseline: "')
+    assert all(0 <= float(row[5]) and re.fullmatch(r"\d+\.\d\dx", row[1].strip()) for row in rows)  # CIDEr-D, ratio
+    assert (tmp_path / "model-llama-lora2" / "model.safetensors").is_file()
+    assert "llama, LoRA r=2: '" in out  # the captions, one line per decoder

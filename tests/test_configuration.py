@@ -111,5 +111,5 @@ def test_unsupported_towers_are_refused_with_what_to_do():
         VisionGPTConfig(vision_config={"model_type": "bert"})
     with pytest.raises(ValueError, match="CLIPConfig\\(\\).vision_config"):
         VisionGPTConfig(vision_config=CLIPConfig().to_dict())
-    with pytest.raises(ValueError, match="text_config.*GPT-2 family"):
-        VisionGPTConfig(text_config={"model_type": "llama"})
+    with pytest.raises(ValueError, match="text_config.*'vit'; the decoder must be one of"):
+        VisionGPTConfig(text_config={"model_type": "vit"})

@@ -62,3 +62,23 @@ def test_demo_needs_at_least_one_image_to_show(show, tmp_path):
     with pytest.raises(ValueError, match="show="):
         run_demo(tmp_path, show=show)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_pretrained_decoder_with_lora_replaces_the_demos_gpt2(short_demo, llama_checkpoints):
+    workdir, _ = short_demo
+    result = run_demo(workdir, num_train=40, num_val=8, num_test=8, max_steps=2, batch_size=8,
+                      require_improvement=False, show=2, text_model=llama_checkpoints[1], lora_r=2)
+    folder = workdir / "model-llama-lora2"
+    for path in (folder / "fp16" / "model.safetensors", workdir / "demo_metrics-llama-lora2.json",
+                 workdir / "contact_sheet-llama-lora2.png"):
+        assert path.is_file(), path
+    config = json.loads((folder / "config.json").read_text())
+    assert config["text_config"]["model_type"] == "llama" and config["freeze_text"] is True
+    assert "LoRA adapters (rank 2, alpha 4) trained on the decoder, merged" in (folder / "README.md").read_text()
+    assert len(result["fp16_captions"]) == 2
+    assert json.loads((workdir / "demo_metrics.json").read_text())["settings"].get("text_model") is None  # untouched
+
+
+def test_lora_in_the_demo_needs_a_pretrained_decoder(tmp_path, capsys):
+    assert cli.main(["demo", "--workdir", str(tmp_path), "--lora-r", "4"]) == 2
+    assert "lora_r=...) adapts a pretrained decoder: give text_model too" in capsys.readouterr().err

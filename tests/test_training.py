@@ -267,10 +267,10 @@ def test_early_stopping_ends_a_run_that_stopped_improving(setup, tmp_path):
 # ----- interruption and processes ------------------------------------------------------------------------------------
 
 
-def resume_args(setup, output):
+def resume_args(setup, output, *extra):
     return base_args(setup, output, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
                      "--eval_strategy", "no", "--load_best_model_at_end", "false", "--freeze_text", "false",
-                     "--save_total_limit", "10", "--logging_steps", "1", "--seed", "3")
+                     "--save_total_limit", "10", "--logging_steps", "1", "--seed", "3", *extra)
 
 
 def losses(output):
@@ -278,9 +278,12 @@ def losses(output):
     return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
 
 
-def test_kill_9_during_a_save_then_resume_latest_gives_the_uninterrupted_result(setup, tmp_path):
+# With LoRA adapters (peft), checkpoints hold the plain weights and the adapters beside them; resuming reads both.
+@pytest.mark.parametrize("extra", [[], ["--lora_r", "4", "--lora_alpha", "16"]], ids=["plain", "lora"])
+def test_kill_9_during_a_save_then_resume_latest_gives_the_uninterrupted_result(setup, tmp_path, extra):
     uninterrupted = tmp_path / "whole"
-    main(resume_args(setup, uninterrupted))
+    main(resume_args(setup, uninterrupted, *extra))
+    assert (uninterrupted / "checkpoint-2" / "adapters" / "adapter_model.safetensors").is_file() == bool(extra)
 
     killed = tmp_path / "killed"
     # A FIFO where checkpoint-4's optimizer state goes holds the run inside that save, after the model is written and
@@ -288,7 +291,8 @@ def test_kill_9_during_a_save_then_resume_latest_gives_the_uninterrupted_result(
     (killed / "checkpoint-4").mkdir(parents=True)
     fifo = killed / "checkpoint-4" / "optimizer.pt"
     os.mkfifo(fifo)
-    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"), *resume_args(setup, killed)],
+    process = subprocess.Popen([sys.executable, str(REPO / "scripts" / "train.py"),
+                                *resume_args(setup, killed, *extra)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 240
@@ -302,7 +306,7 @@ def test_kill_9_during_a_save_then_resume_latest_gives_the_uninterrupted_result(
     fifo.unlink()
     fifo.write_bytes(b"PK\x03\x04 cut short")  # what a kill during torch.save leaves
 
-    main(resume_args(setup, killed) + ["--resume_from_checkpoint", "latest"])
+    main(resume_args(setup, killed, *extra) + ["--resume_from_checkpoint", "latest"])
     log = (killed / "train.log").read_text()
     assert "Resuming from" in log and "checkpoint-2; passed over the newer checkpoint-4 (trainer_state.json is " \
         "missing; scheduler.pt is missing; rng_state.pth is missing)" in log

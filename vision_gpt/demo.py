@@ -51,12 +51,16 @@ def _save_towers(folder: Path, seed: int) -> tuple[str, str]:
 
 
 def training_argv(vision, text, data_dir, output_dir, settings) -> list[str]:
-    """The demo's `scripts/train.py` arguments (benchmarks/bench_fusions.py swaps the fusion in them)."""
+    """The demo's `scripts/train.py` arguments (benchmarks/bench_fusions.py swaps the fusion in them). With a pretrained
+    decoder (`settings["text_model"]`) it stays frozen, as in the seed model card's recipe, and `settings["lora_r"]`
+    adds LoRA adapters to it."""
+    pretrained_text = settings.get("text_model") is not None
     argv = [
         "--vision_model", vision, "--text_model", text, "--dataset", "flickr8k", "--data_dir", str(data_dir),
         "--output_dir", str(output_dir), "--hub_model_id", "vision-gpt-shapes-demo",
-        # The towers start random, so everything trains (and the frozen-tower feature cache does not apply).
-        "--freeze_vision", "false", "--freeze_text", "false",
+        # The demo's towers start random, so they train (and the frozen-tower feature cache does not apply); a
+        # pretrained decoder stays frozen.
+        "--freeze_vision", "false", "--freeze_text", str(pretrained_text).lower(),
         "--fusion", "prefix", "--visual_tokens", "patches",
         "--per_device_train_batch_size", str(settings["batch_size"]), "--per_device_eval_batch_size", "64",
         "--learning_rate", "1e-3", "--warmup_steps", "30", "--weight_decay", "0.01",
@@ -67,6 +71,8 @@ def training_argv(vision, text, data_dir, output_dir, settings) -> list[str]:
     ]
     argv += (["--max_steps", str(settings["max_steps"])] if settings["max_steps"]
              else ["--num_train_epochs", str(settings["epochs"])])
+    if settings.get("lora_r"):
+        argv += ["--lora_r", str(settings["lora_r"])]
     if not torch.accelerator.is_available():
         argv += ["--use_cpu", "true"]
     if training_precision()[0] == "bf16":
@@ -166,10 +172,14 @@ def _semantic_scores(test, scores, captions, references, clipscore_model):
 
 def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int = 2000, num_val: int = 200,
              num_test: int = 200, epochs: float = 2.0, max_steps: int = 0, batch_size: int = 32, seed: int = 0,
-             require_improvement: bool = True, show: int = 8, clipscore_model: str | None = None) -> dict:
+             require_improvement: bool = True, show: int = 8, clipscore_model: str | None = None,
+             text_model: str | None = None, lora_r: int = 0) -> dict:
     """Run the demo in `workdir`; returns the measured metrics. Raises `DemoFailed` if the trained model does not
     clearly beat the baseline (when `require_improvement`). BERTScore (all-MiniLM-L6-v2) and near-duplicate captions
-    are measured where the `metrics` extra is installed, and CLIPScore with a `clipscore_model`."""
+    are measured where the `metrics` extra is installed, and CLIPScore with a `clipscore_model`. `text_model` (a folder,
+    Hub id or `.gguf` file of a supported decoder) replaces the demo's random GPT-2 with a pretrained decoder, kept
+    frozen, with LoRA adapters of rank `lora_r` if given; its model goes to `model-<name>` (`model-<name>-lora<r>`) in
+    `workdir`."""
     from .data import load_captioning_dataset
     from .datasets import generate_shapes_corpus
     from .evaluation import caption_statistics, compute_caption_metrics, format_metrics_table
@@ -183,17 +193,27 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     start = time.perf_counter()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if lora_r and text_model is None:
+        raise ValueError("run_demo(lora_r=...) adapts a pretrained decoder: give text_model too.")
     settings = dict(num_train=num_train, num_val=num_val, num_test=num_test, epochs=epochs, max_steps=max_steps,
                     batch_size=batch_size, seed=seed)
+    if text_model is not None:
+        settings.update(text_model=str(text_model), lora_r=lora_r)
     print(f"[1/6] Shapes corpus ({num_train}/{num_val}/{num_test} images, 5 captions each) in {workdir / 'shapes'}")
     corpus = generate_shapes_corpus(workdir / "shapes", num_train=num_train, num_val=num_val, num_test=num_test,
                                     seed=seed, overwrite=overwrite)
     print("      reused" if corpus.get("reused") else "      generated")
 
-    print("[2/6] Small ViT (4x192, 96 px) + GPT-2 (4x256) with GPT-2's real 50257-token tokenizer")
     vision, text = _save_towers(workdir / "towers", seed)
-
     model_dir = workdir / "model"
+    if text_model is None:
+        print("[2/6] Small ViT (4x192, 96 px) + GPT-2 (4x256) with GPT-2's real 50257-token tokenizer")
+    else:
+        text = str(text_model)
+        name = Path(text.rstrip("/")).name.removesuffix(".gguf")
+        model_dir = workdir / (f"model-{name}" + (f"-lora{lora_r}" if lora_r else ""))
+        print(f"[2/6] Small ViT (4x192, 96 px) + the pretrained decoder {text}, frozen"
+              + (f", with LoRA adapters of rank {lora_r}" if lora_r else ""))
     marker = model_dir / "demo_settings.json"
     reuse = not overwrite and marker.is_file() and json.loads(marker.read_text()) == settings
     if reuse:
@@ -240,15 +260,18 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     print(f"[6/6] Captions for {len(sample)} test images (FP16 repo, greedy) and a reference each:")
     for record, caption in zip(sample, fp16_captions):
         print(f"  {record.image_id}: {caption!r}\n      reference: {record.captions[0]!r}")
-    sheet = contact_sheet(sample, fp16_captions, workdir / "contact_sheet.png")
+    # A pretrained decoder's run writes its own files next to the demo's ("-SmolLM2-..." after the name).
+    suffix = model_dir.name.removeprefix("model")
+    sheet = contact_sheet(sample, fp16_captions, workdir / f"contact_sheet{suffix}.png")
     print(f"      contact sheet: {sheet}")
 
     model_scores, baseline_scores = scores.values()
     result = {"model": model_scores, "baseline": baseline_scores, "baseline_caption": baseline_caption,
               "statistics": statistics, "fp16_captions": dict(zip((r.image_id for r in sample), fp16_captions)),
               "seconds": time.perf_counter() - start, "settings": settings}
-    (workdir / "demo_metrics.json").write_text(json.dumps(result, indent=2))
-    print(f"Done in {result['seconds']:.0f} s; metrics in {workdir / 'demo_metrics.json'}")
+    metrics_file = workdir / f"demo_metrics{suffix}.json"
+    metrics_file.write_text(json.dumps(result, indent=2))
+    print(f"Done in {result['seconds']:.0f} s; metrics in {metrics_file}")
     beats = (model_scores["CIDEr-D"] >= MIN_CIDER_RATIO * max(baseline_scores["CIDEr-D"], 1.0)
              and model_scores["BLEU-4"] >= baseline_scores["BLEU-4"] + MIN_BLEU4_GAIN)
     if require_improvement and not beats:

@@ -23,6 +23,9 @@ IGNORE_PATTERNS: list[str] = [
     *_anywhere("runs/", "*events.out.tfevents*", "wandb/", "mlruns/", "lightning_logs/"),
     # Log files (`train.log`).
     *_anywhere("*.log"),
+    # `--save_adapters`' unmerged model and PEFT adapter files: a second model, whose adapter config names a local
+    # folder; the repo's weights have the adapters merged.
+    "unmerged/*", "adapters/*",
     # Resume state that Trainer can leave next to a model: pickled, useless for inference, and the Hub flags pickles.
     *_anywhere("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin"),
     # Python, notebook and OS debris (importing the remote-code files from the folder writes `__pycache__/`).

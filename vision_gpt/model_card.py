@@ -68,8 +68,10 @@ def render_model_card(
     evaluation_description: str = "Not evaluated.",
     data_limitations: str = "the model has not been trained on captions yet",
     weights_description: str = "FP32 `model.safetensors`",
+    merged_adapters: str | None = None,
 ) -> str:
-    """Fill `MODEL_CARD.md` for `model`; `metrics` (name -> value) become the card's `model-index`."""
+    """Fill `MODEL_CARD.md` for `model`; `metrics` (name -> value) become the card's `model-index`. `merged_adapters`
+    says what adapters were trained and merged into the weights (e.g. "LoRA rank 16"), which the model cannot show."""
     config = model.config
     eval_results = None
     if metrics:
@@ -98,7 +100,7 @@ def render_model_card(
         "vision_status": "frozen" if config.freeze_vision else "fine-tuned",
         "text_status": ("frozen" if config.freeze_text else
                         f"fine-tuned, first {config.freeze_text_layers} blocks frozen" if config.freeze_text_layers
-                        else "fine-tuned"),
+                        else "fine-tuned") + (f", with {merged_adapters} adapters merged" if merged_adapters else ""),
         "total_parameters": f"{summary['total']['total'] / 1e6:.1f}M",
         "trainable_parameters": f"{summary['total']['trainable'] / 1e6:.1f}M",
         "weights_description": weights_description,

