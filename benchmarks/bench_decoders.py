@@ -51,8 +51,8 @@ def main(argv=None):
     print(f"\n{args.workdir}: {first['model']['num_images']} test images, 3 beams; every run trained "
           f"{args.max_steps} steps of batch 32 ({args.max_steps * 32} captions) with the demo's recipe\n")
     print("| decoder | CIDEr-D / GPT-2's | BLEU-4 | METEOR | ROUGE-L | CIDEr-D | BERTScore-F1 | distinct captions | "
-          "vocabulary | mean words | training + evaluation minutes |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "vocabulary | mean words | repeating captions | training + evaluation minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     gpt2_cider = max(first["model"]["CIDEr-D"], 1e-9)
     for label, result in results.items():
         metrics, stats = result["model"], result["statistics"]
@@ -60,11 +60,11 @@ def main(argv=None):
         print(f"| {label} | {metrics['CIDEr-D'] / gpt2_cider:.2f}x | {metrics['BLEU-4']:.1f} | {metrics['METEOR']:.1f} "
               f"| {metrics['ROUGE-L']:.1f} | {metrics['CIDEr-D']:.1f} | {bertscore} | "
               f"{stats['distinct_captions_pct']:.1f}% | {stats['vocabulary_size']} | {stats['mean_length_words']:.1f} | "
-              f"{result['seconds'] / 60:.1f} |")
+              f"{stats['repeating_captions_pct']:.1f}% | {result['seconds'] / 60:.1f} |")
     baseline = first["baseline"]
     print(f"| baseline: \"{first['baseline_caption']}\" | {baseline['CIDEr-D'] / gpt2_cider:.2f}x | "
           f"{baseline['BLEU-4']:.1f} | {baseline['METEOR']:.1f} | {baseline['ROUGE-L']:.1f} | "
-          f"{baseline['CIDEr-D']:.1f} | - | - | - | - | - |")
+          f"{baseline['CIDEr-D']:.1f} | - | - | - | - | - | - |")
     print("\nCaptions (FP16 repos, greedy):")
     for image_id in first["fp16_captions"]:
         print(f"  {image_id}:")
