@@ -252,6 +252,15 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
                 self.language_model.set_input_embeddings(placeholder_embedding)
         # Decoders differ in what they take; positions are passed to those that take them (RoPE, learned positions).
         self._decoder_takes_position_ids = "position_ids" in inspect.signature(self.language_model.forward).parameters
+        # Where the blocks are (GPT-2's `h`, Llama's `layers`, OPT's `decoder.layers`): the first module list with one
+        # entry per hidden layer, found once.
+        num_layers = config.text_config.num_hidden_layers
+        self._decoder_layers_path = next(
+            (name for name, module in self.language_model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == num_layers), None
+        )
+        if self._decoder_layers_path is None:
+            raise ValueError(f"Found no list of {num_layers} blocks in {type(self.language_model).__name__}.")
         self.post_init()
 
     def get_input_embeddings(self):
@@ -261,13 +270,8 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def decoder_layers(self) -> nn.ModuleList:
-        """The decoder's blocks in order (GPT-2's `h`, Llama's `layers`, OPT's `decoder.layers`, ...): the first module
-        list with one entry per hidden layer."""
-        num_layers = self.config.text_config.num_hidden_layers
-        for module in self.language_model.modules():
-            if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-                return module
-        raise ValueError(f"Found no list of {num_layers} blocks in {type(self.language_model).__name__}.")
+        """The decoder's blocks in order (GPT-2's `h`, Llama's `layers`, OPT's `decoder.layers`, ...)."""
+        return self.language_model.get_submodule(self._decoder_layers_path)
 
     def run_decoder(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cross_keys_values=None,
                     output_attentions=False, output_hidden_states=False):
@@ -409,8 +413,9 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
         if use_cache is None:
             # Training keeps no cache unless asked (nothing would read it).
             use_cache = cache is not None or (config.text_config.use_cache and not self.training)
-        checkpointing = any(getattr(block, "gradient_checkpointing", False) for block in self.decoder_layers())
-        if use_cache and checkpointing and self.training:
+        if use_cache and self.training and any(
+            getattr(block, "gradient_checkpointing", False) for block in self.decoder_layers()
+        ):
             # Recomputing a block in the backward pass would append its keys and values to the cache a second time.
             use_cache, cache = False, None
         if use_cache and cache is None:
@@ -1125,12 +1130,17 @@ def _layer_norm_eps(text_config) -> float:
 
 
 def _lm_head(text_config) -> nn.Linear:
-    """An LM head shaped as the decoder's own: `AutoModelForCausalLM`'s output layer, built on the meta device to read
-    its shape and whether it has a bias (Phi's does)."""
+    """An LM head shaped as the decoder's own: `AutoModelForCausalLM`'s output layer, read from a one-block copy built on
+    the meta device (its shape, and whether it has a bias: Phi's does). One block: the whole decoder would take as
+    long to build as the model itself (1.3 s for SmolLM2's 30 blocks)."""
     if text_config.model_type == "gpt2":
         return nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+    one_block = copy.deepcopy(text_config)
+    one_block.num_hidden_layers = 1
+    if isinstance(getattr(one_block, "layer_types", None), list):  # per-block attention kinds, validated by length
+        one_block.layer_types = one_block.layer_types[:1]
     with torch.device("meta"):
-        template = AutoModelForCausalLM.from_config(text_config).get_output_embeddings()
+        template = AutoModelForCausalLM.from_config(one_block).get_output_embeddings()
     if not isinstance(template, nn.Linear):
         raise ValueError(f"The {text_config.model_type} decoder's LM head is a {type(template).__name__}, not a linear "
                          "layer; vision-gpt supports decoders with a linear LM head.")

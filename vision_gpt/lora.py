@@ -11,7 +11,6 @@ unmerged model and the adapters as PEFT writes them.
 
 import copy
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Conv1D
 
-logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -631,7 +631,6 @@ def main(argv=None) -> dict:
     # Seeded before the model exists: its mapper (and any cross-attention) starts from random weights.
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
-    lora_settings = None
     if model_args.lora_r:
         lora_settings = lora.LoraSettings(
             r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout or 0.0,
