@@ -42,7 +42,7 @@ class VisionGPTImageToTextPipeline(Pipeline):
         return super().__call__(images, **kwargs)
 
     def preprocess(self, image, prompt=None):
-        inputs = self.processor(images=image, prompt=prompt)
+        inputs = self.processor(images=image, text=prompt)
         return inputs.to(self.dtype) if self.dtype is not None else inputs
 
     def _forward(self, model_inputs, **generate_kwargs):

@@ -51,7 +51,7 @@ def save(root: Path) -> None:
         for decoding, settings in DECODINGS.items():
             expected[decoding] = model.generate(**inputs, **settings).tolist()
         with torch.no_grad():
-            torch.save(model(**processor(images=images, text=TEXTS)).logits, folder / "logits.pt")
+            torch.save(model(**processor(images=images, suffix=TEXTS)).logits, folder / "logits.pt")
         (folder / "expected.json").write_text(json.dumps(expected))
         print(f"{name}: saved with transformers {transformers.__version__}")
 
@@ -80,7 +80,7 @@ def check(root: Path) -> bool:
         captions = [captioner(path, **DECODINGS["greedy"])[0]["generated_text"] for path in expected["paths"]]
         results["pipeline"] = captions == processor.batch_decode(expected["greedy"])
         with torch.no_grad():
-            logits = model(**processor(images=images, text=TEXTS)).logits
+            logits = model(**processor(images=images, suffix=TEXTS)).logits
         difference = (logits - torch.load(folder / "logits.pt")).abs().max().item()
         results["logits"] = difference < 1e-5
         print(f"{name}: saved on transformers {expected['transformers']}, loaded on {transformers.__version__}: "

@@ -2,6 +2,7 @@
 families' special tokens, and Qwen3, Gemma, GPT-NeoX, Phi and a sliding-window Mistral against transformers' own
 causal LMs."""
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .conftest import (
     tiny_vision_config,
     train_args,
 )
+from .test_processing import CHATML
 from .test_saving import run_without_package
 
 GREEDY = dict(max_new_tokens=6, num_beams=1, do_sample=False)
@@ -110,7 +112,7 @@ def test_logits_are_the_decoders_own_on_the_visual_prefix_and_the_text(model_typ
 def test_loss_covers_the_caption_tokens_only(captioner):
     model, processor = captioner
     tokenizer = processor.tokenizer
-    batch = processor(images=random_images(2), text=CAPTIONS)
+    batch = processor(images=random_images(2), suffix=CAPTIONS)
     start, end = processor.start_token_id, tokenizer.eos_token_id
     for row, mask, labels, caption in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], CAPTIONS):
         length = int(mask.sum())
@@ -201,8 +203,8 @@ def test_save_and_reload_compute_the_same(captioner, tmp_path):
     reprocessor = VisionGPTProcessor.from_pretrained(tmp_path)
     assert reloaded.config.text_config.model_type == model.config.text_config.model_type
     assert (reloaded.lm_head.weight is reloaded.get_input_embeddings().weight) == model.config.tie_word_embeddings
-    batch = processor(images=random_images(2), text=CAPTIONS)
-    assert {k: v.tolist() for k, v in reprocessor(images=random_images(2), text=CAPTIONS).items()} == {
+    batch = processor(images=random_images(2), suffix=CAPTIONS)
+    assert {k: v.tolist() for k, v in reprocessor(images=random_images(2), suffix=CAPTIONS).items()} == {
         k: v.tolist() for k, v in batch.items()}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
@@ -215,6 +217,10 @@ def test_remote_code_loads_without_the_package(captioner, tmp_path):
     if model.config.is_gpt2:
         pytest.skip("GPT-2 repos: tests/test_saving.py")
     folder = tmp_path / "repo"
+    # As an instruct decoder's processor is: its tokenizer's chat template, and the model's image tokens.
+    processor = copy.deepcopy(processor)
+    processor.tokenizer.chat_template = CHATML
+    processor.use_image_tokens_of(model.config)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     paths = []
@@ -325,3 +331,12 @@ def test_smollm2_gguf_is_a_frozen_pretrained_decoder_with_its_own_tokenizer(smol
                                                                    "sand", "field", "snow", "floor", "water"}
     ids = model.generate(**processor(images=random_images(2)), max_new_tokens=4, num_beams=1)
     assert ids.shape == (2, 5) and (ids[:, 0] == 1).all()
+    # An image in chat messages goes through SmolLM2's own ChatML template, at the image item's place.
+    messages = [{"role": "user", "content": [{"type": "image", "image": random_images(1)[0]},
+                                             {"type": "text", "text": "Describe this image."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\n<image>Describe this image.<|im_end|>\n<|im_start|>assistant\n")
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 4 and inputs["input_ids"][0, 0] == 1
+    reply = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, num_beams=1)
+    assert reply.shape == (1, inputs["input_ids"].shape[1] + 4)

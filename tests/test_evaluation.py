@@ -347,7 +347,7 @@ def test_caption_statistics_rejects_bad_input():
 
 
 def make_batch(processor, captions, seed):
-    return dict(processor(images=random_images(len(captions), seed=seed), text=captions))
+    return dict(processor(images=random_images(len(captions), seed=seed), suffix=captions))
 
 
 def label_tokens(batch):

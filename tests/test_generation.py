@@ -146,6 +146,26 @@ def test_visual_prefix_goes_through_gpt2_once_per_image(processor, images):
     assert rows[1] == (6, 1)  # then one token per beam
 
 
+def test_image_placeholders_in_prompts_caption_as_prompts_without_them_and_prefill_once(processor, images):
+    import copy
+
+    model = tiny_model()  # prefix, 4 visual tokens
+    placeholders = copy.copy(processor)
+    placeholders.use_image_tokens_of(model.config)
+    settings = dict(num_beams=3, max_new_tokens=4, min_new_tokens=4)
+    plain = model.generate(**processor(images=images[:2], text=["a", "two red"]), **settings)
+    rows = []
+    model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(tuple(args[0].shape[:2])), with_kwargs=True)  # inputs_embeds
+    inputs = placeholders(images=images[:2], text=["<image>a", "<image>two red"])
+    placed = model.generate(**inputs, **settings)
+    assert rows[0] == (2, 4)  # the prefix of two images, not six beams: padding sits after the image tokens
+    # The ids come back as given, image tokens included; decoded, they are the same captions.
+    image_tokens = torch.full((2, 4), model.config.image_token_id)
+    assert torch.equal(placed, torch.cat([image_tokens, plain], dim=1))
+    assert placeholders.batch_decode(placed) == processor.batch_decode(plain)
+
+
 def test_cross_attention_generation_continues_from_the_returned_cache_without_the_image(processor, images):
     model = tiny_model(fusion="cross_attention", visual_tokens="patches")
     inputs = processor(images=images[:2], prompt=["a", "two red"])
@@ -193,7 +213,7 @@ def _with_image_tokens(model, input_ids, attention_mask):
 
 def test_image_tokens_in_input_ids_compute_what_the_prefix_before_the_text_computes(processor, images):
     model = tiny_model()
-    inputs = processor(images=images[:2], text=["a dog runs", "two cats"])
+    inputs = processor(images=images[:2], suffix=["a dog runs", "two cats"])
     legacy = model(**inputs, output_hidden_states=True)
     ids, mask = _with_image_tokens(model, inputs["input_ids"], inputs["attention_mask"])
     ours = model(pixel_values=inputs["pixel_values"], input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -249,7 +269,7 @@ def test_prefix_generation_continues_from_the_returned_cache_without_the_image(p
 
 def test_image_tokens_that_do_not_fit_the_image_are_refused(processor, images):
     model = tiny_model()
-    inputs = processor(images=images[:2], text=["a dog", "a cat"])
+    inputs = processor(images=images[:2], suffix=["a dog", "a cat"])
     ids, mask = _with_image_tokens(model, inputs["input_ids"], inputs["attention_mask"])
     with pytest.raises(ValueError, match="hold image tokens .* but no image"):
         model(input_ids=ids, attention_mask=mask)
@@ -317,7 +337,7 @@ def test_max_length_counts_the_callers_text_on_every_path(processor, images):
 
 def test_labels_that_copy_input_ids_ignore_the_image_tokens(processor, images):
     model = tiny_model()
-    batch = processor(images=images[:2], text=["a dog", "two cats run"])
+    batch = processor(images=images[:2], suffix=["a dog", "two cats run"])
     ids, mask = _with_image_tokens(model, batch["input_ids"], batch["attention_mask"])
     labels = torch.cat([ids[:, : model.config.num_prefix_tokens], batch["labels"]], dim=1)  # image ids kept as labels
     ours = model(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask, labels=labels).loss

@@ -29,7 +29,7 @@ def lora_run(llama_checkpoints, tmp_path_factory):
 
 def batch_for(folder):
     processor = VisionGPTProcessor.from_pretrained(folder)
-    return processor(images=random_images(2), text=["a red circle", "two blue squares"])
+    return processor(images=random_images(2), suffix=["a red circle", "two blue squares"])
 
 
 def test_lora_run_exports_merged_weights_that_load_without_peft(lora_run):

@@ -56,3 +56,69 @@ def test_bfloat16_pipeline_captions(captioner):
                     pipeline_class=VisionGPTImageToTextPipeline)
     assert bf16.model.dtype == torch.bfloat16
     assert bf16(random_images(1, seed=14)[0], max_new_tokens=4, num_beams=1)[0]["generated_text"]
+
+
+# ----- transformers' own image-text-to-text pipeline -------------------------------------------------------------
+
+def greedy():
+    # A new dict each call: transformers 5.12's pipeline writes max_new_tokens into the generate_kwargs it is given.
+    return {"max_new_tokens": 5, "generate_kwargs": {"num_beams": 1}}
+
+
+@pytest.fixture(scope="module")
+def answerer(tmp_path_factory, processor):
+    """transformers' `image-text-to-text` pipeline on a prefix repo whose processor knows its 4 image tokens."""
+    import copy
+
+    folder = tmp_path_factory.mktemp("image-text-to-text-repo")
+    model = tiny_model(fusion="prefix", visual_tokens="queries", num_visual_tokens=4)
+    processor = copy.copy(processor)
+    processor.use_image_tokens_of(model.config)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
+
+
+def test_image_text_to_text_continues_a_prompt_as_generate_does(answerer):
+    model, processor = answerer.model, answerer.processor
+    images = random_images(2, seed=21)
+    expected = processor.batch_decode(model.generate(**processor(images=images, text=["a photo of", "two"]),
+                                                     max_new_tokens=5, num_beams=1))
+    out = answerer(images=images[0], text="a photo of", **greedy())
+    assert out[0]["input_text"] == "a photo of" and out[0]["generated_text"].startswith("a photo of")
+    assert out[0]["generated_text"].strip() == expected[0]
+    batch = answerer(images=images, text=["a photo of", "two"], **greedy())
+    assert [item["generated_text"].strip() for item in batch] == expected
+    new = answerer(images=images[0], text="a photo of", return_full_text=False, **greedy())[0]["generated_text"]
+    assert ("a photo of" + new).strip() == expected[0]
+    # The image's place written out in the text is the layout the model gives a prompt without one.
+    placed = answerer(images=images[0], text="<image>a photo of", return_full_text=False, **greedy())
+    assert placed[0]["generated_text"] == new
+
+
+def test_image_text_to_text_takes_chat_messages_with_an_image(answerer):
+    import copy
+
+    from .test_processing import CHATML
+
+    chat = copy.copy(answerer)
+    chat.processor = copy.copy(answerer.processor)
+    chat.processor.tokenizer = copy.deepcopy(answerer.processor.tokenizer)
+    chat.processor.tokenizer.chat_template = CHATML
+    image = random_images(1, seed=22)[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What is in the picture?"}]}]
+    out = chat(text=messages, **greedy())[0]["generated_text"]
+    assert out[:-1] == messages and out[-1]["role"] == "assistant"
+    inputs = chat.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)
+    ids = chat.model.generate(**inputs, max_new_tokens=5, num_beams=1)
+    assert out[-1]["content"] == chat.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:],
+                                                                 skip_special_tokens=True)
+    # An assistant message at the end is continued, not answered.
+    prefill = messages + [{"role": "assistant", "content": [{"type": "text", "text": "It is"}]}]
+    continued = chat(text=prefill, **greedy())[0]["generated_text"]
+    assert len(continued) == 2 and continued[-1]["content"][0]["text"].startswith("It is")
+    # GPT-2's tokenizer has no chat template: the error says what to do instead.
+    with pytest.raises(ValueError, match="no chat template|not a chat model"):
+        answerer(text=messages, **greedy())

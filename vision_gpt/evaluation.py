@@ -439,7 +439,7 @@ def perplexity(model, dataloader) -> dict:
                 if missing:
                     raise ValueError(
                         f"Batch {step} has no {missing}; perplexity needs batches with `pixel_values`, `input_ids`, "
-                        "`attention_mask` and `labels`, as the processor returns for `text=`."
+                        "`attention_mask` and `labels`, as the processor returns for `suffix=`."
                     )
                 attention_mask = batch.get("attention_mask")
                 outputs = model(

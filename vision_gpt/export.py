@@ -27,6 +27,9 @@ def export_repo(model, processor, output_dir, *, repo_id: str, fp16: bool = True
         "fp32": "FP32 `model.safetensors`" + (f"; an FP16 copy in `{FP16_SUBFOLDER}/`" if fp16 else ""),
         "fp16": "FP16 `model.safetensors` (half the size of the FP32 repo's)",
     }
+    # The repo's processor expands "<image>" as this model reads it, whatever the caller's was built for.
+    processor = copy.copy(processor)
+    processor.use_image_tokens_of(model.config)
     for precision, folder in folders.items():
         exported = model if precision == "fp32" else copy.deepcopy(model).to(torch.float16)
         exported.save_pretrained(folder)

@@ -317,7 +317,9 @@ def build_model_and_processor(model_args: ModelArguments):
         model = VisionGPTForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=torch.float32)
         model.set_frozen(vision=model_args.freeze_vision, text=model_args.freeze_text,
                          text_layers=model_args.freeze_text_layers)
-        return model, VisionGPTProcessor.from_pretrained(model_args.model_name_or_path)
+        processor = VisionGPTProcessor.from_pretrained(model_args.model_name_or_path)
+        processor.use_image_tokens_of(model.config)  # a processor saved before it knew them
+        return model, processor
     from .assembly import assemble
 
     return assemble(model_args.vision_model, model_args.text_model, **_model_overrides(model_args))
