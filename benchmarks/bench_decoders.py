@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from vision_gpt.demo import run_demo
-from vision_gpt.pretrained_files import SMOLLM2_FILE, smollm2_gguf
+from vision_gpt.modeling.processing_vision_gpt import text_model_source
+from vision_gpt.pretrained_files import SMOLLM2_FILE, smollm2_gguf, text_model_name
 
 
 def main(argv=None):
@@ -32,11 +33,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error(f"--max-steps {args.max_steps}: must be at least 1")
+    if args.lora_r < 1:
+        parser.error(f"--lora-r {args.lora_r}: a LoRA rank is at least 1")
     try:
         text_model = args.text_model or smollm2_gguf()
+        text_model_source(text_model)  # a missing .gguf file fails here, before any training
     except (ImportError, FileNotFoundError) as error:
         parser.error(str(error))
-    name = Path(text_model).name.removesuffix(".gguf")
+    name = text_model_name(text_model)
     runs = {"GPT-2 4x256 from scratch, trained": {},
             f"{name}, frozen": {"text_model": text_model},
             f"{name}, LoRA r={args.lora_r}": {"text_model": text_model, "lora_r": args.lora_r}}

@@ -32,9 +32,17 @@ class VisionGPTConv1D(Conv1D):
     def __init__(self, in_features: int, out_features: int):
         # normal(0, 0.02) as GPT-2's; a model re-initialises from its config (init_gpt2_weights)
         super().__init__(out_features, in_features)
-        self.in_features, self.out_features = in_features, out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # `reshape` where Conv1D has `view`: a non-contiguous input (e.g. a transposed attention output) is taken too.
         out = torch.addmm(self.bias, hidden_states.reshape(-1, self.in_features), self.weight)
         return out.view(*hidden_states.shape[:-1], self.out_features)
 

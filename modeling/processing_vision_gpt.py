@@ -315,17 +315,12 @@ class VisionGPTProcessor(ProcessorMixin):
             raise ValueError("The processor needs `images`, `text` or `suffix`.")
         routed = self._route_kwargs(kwargs)
         text_kwargs, images_kwargs = routed["text_kwargs"], routed["images_kwargs"]
-        data = {}
-        images_per_text = None
-        if images is not None:
-            images_per_text = self._images_per_text(images)
-            rgb = [load_image(image) for row in images_per_text for image in row]
-            data.update(self.image_processor(images=rgb, **images_kwargs))
-        return_tensors = images_kwargs.get("return_tensors")
+        # Every check on the inputs' shapes comes before the images are read.
+        images_per_text = self._images_per_text(images) if images is not None else None
+        prompts, captions = _as_text_list(text, "text"), _as_text_list(suffix, "suffix")
         if images_per_text is not None and not all(images_per_text) and text is None:
             raise ValueError("`images` holds an empty list, which marks a text without an image: pass the `text`.")
         if text is not None or suffix is not None:
-            prompts, captions = _as_text_list(text, "text"), _as_text_list(suffix, "suffix")
             num_texts = len(prompts if prompts is not None else captions)
             if prompts is not None and captions is not None and len(captions) != num_texts:
                 raise ValueError(f"Got {num_texts} texts but {len(captions)} suffixes; pass one suffix per text.")
@@ -335,9 +330,16 @@ class VisionGPTProcessor(ProcessorMixin):
                 given = f"{len(images_per_text)} image lists ({count} images)" if count < len(images_per_text) else (
                     f"{count} images")
                 raise ValueError(f"Got {given} but {num_texts} {kind}; pass one per image.")
+            self._check_image_placeholders(prompts, images_per_text)
+        data = {}
+        return_tensors = images_kwargs.get("return_tensors")
+        if images_per_text is not None:
+            rgb = [load_image(image) for row in images_per_text for image in row]
+            data.update(self.image_processor(images=rgb, **images_kwargs))
+        if text is not None or suffix is not None:
             return_tensors = text_kwargs.get("return_tensors")
             options = {key: text_kwargs[key] for key in TEXT_KWARGS if key in text_kwargs}
-            data.update(self._encode(prompts, captions, images_per_text, **options))
+            data.update(self._encode(prompts, captions, **options))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     @staticmethod
@@ -436,13 +438,17 @@ class VisionGPTProcessor(ProcessorMixin):
         unsupported = sorted(set(kwargs) - set(TEXT_KWARGS))
         if unsupported:
             raise ValueError(f"`encode_captions` takes {', '.join(TEXT_KWARGS)}; got {unsupported}.")
-        return self._encode(captions if is_prompt else None, None if is_prompt else captions, None, **kwargs)
-
-    def _encode(self, prompts, captions, images_per_text, **kwargs) -> dict:
-        """Token lists for prompts (`text`), captions (`suffix`) or a prompt then a caption per row."""
         defaults = self._route_kwargs({})["text_kwargs"]
         options = {key: defaults[key] for key in TEXT_KWARGS if key in defaults}
         options.update({key: value for key, value in kwargs.items() if value is not None})
+        if is_prompt:
+            self._check_image_placeholders(captions, None)
+            return self._encode(captions, None, **options)
+        return self._encode(None, captions, **options)
+
+    def _encode(self, prompts, captions, **options) -> dict:
+        """Token lists for prompts (`text`), captions (`suffix`) or a prompt then a caption per row, with the text
+        options of one call (the processor's defaults included), its inputs checked."""
         max_length = options.pop("max_length")
         truncation = options.pop("truncation", False) not in (False, "do_not_truncate")
         add_special_tokens = options.pop("add_special_tokens", True)
@@ -453,7 +459,6 @@ class VisionGPTProcessor(ProcessorMixin):
         num_texts = len(prompts if prompts is not None else captions)
         if return_offsets and (captions is not None or prompts is None):
             raise ValueError("`return_offsets_mapping` maps prompt (`text`) tokens to characters; no `suffix`.")
-        self._check_image_placeholders(prompts, images_per_text)
 
         if captions is not None:  # one tokenizer call for the batch: the collator encodes every training batch here
             caption_ids = self.tokenizer([text.strip() for text in captions], add_special_tokens=False)["input_ids"]

