@@ -1,6 +1,6 @@
 """
 transformers' own common model tests (`ModelTesterMixin`, `GenerationTesterMixin`, `ConfigTester`,
-`ProcessorTesterMixin`, from `shared/transformers-tests`, written for transformers 5.24.0) run against VisionGPT,
+`ProcessorTesterMixin`, from `shared/transformers-tests-5.25.0`, written for transformers 5.25.0) run against VisionGPT,
 with a tiny tester modelled on `models/llava/test_modeling_llava.py` (a vision tower + a projector + a causal LM).
 
 Model test classes, one per fusion and decoder:
@@ -46,7 +46,10 @@ import pytest
 import torch
 from parameterized import parameterized
 
-TRANSFORMERS_TESTS = Path(__file__).resolve().parents[1].parent / "shared" / "transformers-tests"
+# .ci/run reads MIXINS_RELEASE from this line: the common tests run in its first virtualenv while pip resolves this
+# release, and in one pinned to it otherwise.
+MIXINS_RELEASE = "5.25.0"
+TRANSFORMERS_TESTS = Path(__file__).resolve().parents[1].parent / "shared" / f"transformers-tests-{MIXINS_RELEASE}"
 if not (TRANSFORMERS_TESTS / "transformers_tests" / "test_modeling_common.py").is_file():
     pytest.skip(
         f"transformers' common tests are not at {TRANSFORMERS_TESTS} (a copy of shared/ is expected beside the "
@@ -55,7 +58,6 @@ if not (TRANSFORMERS_TESTS / "transformers_tests" / "test_modeling_common.py").i
     )
 import transformers  # noqa: E402
 
-MIXINS_RELEASE = "5.24.0"  # the release the mixins in shared/transformers-tests come from (.ci/run pins a venv to it)
 if transformers.__version__ != MIXINS_RELEASE:
     pytest.skip(
         f"transformers' common tests are written for transformers {MIXINS_RELEASE}, not the installed "
