@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from vision_gpt.app import DEFAULT_QUEUE_SIZE, EXAMPLES_DIR
+from vision_gpt.app.server import DEFAULT_QUEUE_SIZE, EXAMPLES_DIR
 
 START_TIMEOUT_S = 300  # loading a large model from a slow disk
 
@@ -143,7 +143,7 @@ def percentile(sorted_values: list[float], share: float) -> float:
 def save_random_model(folder: str, base: bool) -> str:
     """A random model saved in `folder`: the size of `vision-gpt assemble --tiny`, or with `base` ViT-B/16 and GPT-2
     small in the default design (240M parameters), as a real captioner would be."""
-    from vision_gpt.assembly import build_tiny
+    from vision_gpt.assembly.build import build_tiny
 
     model, processor = build_tiny()
     if base:

@@ -18,9 +18,9 @@ import time
 import torch
 
 from vision_gpt import VisionGPTForConditionalGeneration, VisionGPTProcessor
-from vision_gpt.data import load_captioning_dataset
-from vision_gpt.evaluation import compute_caption_metrics
-from vision_gpt.training import generate_captions
+from vision_gpt.data.factory import load_captioning_dataset
+from vision_gpt.evaluation.metrics import compute_caption_metrics
+from vision_gpt.inference.generation import generate_captions
 
 
 def main(argv=None):
@@ -51,7 +51,7 @@ def main(argv=None):
     captions, rows = {}, []
     for name, dtype, extra in variants:
         if name.startswith("ONNX"):
-            from vision_gpt.onnx_runtime import ONNXCaptioner
+            from vision_gpt.inference.onnx_runtime import ONNXCaptioner
 
             model = ONNXCaptioner(args.onnx, dtype=dtype)
         else:
@@ -84,7 +84,7 @@ def onnx_graphs(folder) -> list[str]:
     """The dtypes (`fp32`, `fp16`, `int8`) whose graphs the export in `folder` holds."""
     from pathlib import Path
 
-    from vision_gpt.onnx_export import SUFFIXES
+    from vision_gpt.export.onnx import SUFFIXES
 
     found = [dtype for dtype in ("fp32", "fp16", "int8")
              if (Path(folder) / "onnx" / f"decoder_model_merged{SUFFIXES[dtype]}.onnx").is_file()]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vision_gpt.demo import run_demo
 from vision_gpt.modeling.processing_vision_gpt import text_model_source
-from vision_gpt.pretrained_files import SMOLLM2_FILE, smollm2_gguf, text_model_name
+from vision_gpt.assembly.pretrained_files import SMOLLM2_FILE, smollm2_gguf, text_model_name
 
 
 def main(argv=None):

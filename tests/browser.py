@@ -59,7 +59,7 @@ def free_port() -> int:
 @contextmanager
 def running_app(demo):
     """Serve a page from `build_app` on 127.0.0.1 in a background thread; yields its URL, stops it afterwards."""
-    from vision_gpt.app import launch
+    from vision_gpt.app.server import launch
 
     url = launch(demo, host="127.0.0.1", port=free_port(), block=False)
     try:
@@ -136,8 +136,8 @@ def read_errors(page) -> list[str]:
 def screenshot_example(output: str, model_dir: str | None = None) -> None:
     """Start the app, caption two example images and save a screenshot: with `model_dir` (e.g. the model that
     `vision-gpt demo` trained) on the shapes examples, else with the README's tiny random model."""
-    from vision_gpt.app import EXAMPLES_DIR, Captioner, build_app
-    from vision_gpt.assembly import build_tiny
+    from vision_gpt.app.server import EXAMPLES_DIR, Captioner, build_app
+    from vision_gpt.assembly.build import build_tiny
 
     with tempfile.TemporaryDirectory() as folder:
         if model_dir:

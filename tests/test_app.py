@@ -21,16 +21,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from vision_gpt import app as app_module
-from vision_gpt.app import (
-    DEFAULT_QUEUE_SIZE,
-    EXAMPLES_DIR,
-    Captioner,
-    DecodingSettings,
-    build_app,
-    caption_request,
-    register,
-)
+from vision_gpt.app import server as app_module
+from vision_gpt.app.server import (DEFAULT_QUEUE_SIZE, EXAMPLES_DIR, Captioner, DecodingSettings, build_app,
+                                   caption_request)
+from vision_gpt.cli.app import register
 
 from . import browser
 from .conftest import random_images, tiny_model

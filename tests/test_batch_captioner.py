@@ -109,11 +109,14 @@ def test_numpy_batches_get_numpy_columns(captioner, images):
 
 
 def test_bad_arguments_and_batches_are_refused_with_what_to_do(captioner, tiny_model_dir, images):
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype int8 is a quantized ONNX export's"):
         VisionGPTCaptioner(str(tiny_model_dir), dtype="int8")
-    with pytest.raises(ValueError, match="temperature only matters with do_sample"):
+    with pytest.raises(ValueError, match="dtype fp64 is not one of float32|fp32, bfloat16|bf16"):
+        VisionGPTCaptioner(str(tiny_model_dir), dtype="fp64")
+    # The same messages as the command line's: the one decoding check names the flag and the keyword.
+    with pytest.raises(ValueError, match=r"--temperature \(temperature\) only matters with --do-sample \(do_sample\)"):
         VisionGPTCaptioner(str(tiny_model_dir), temperature=0.7)
-    with pytest.raises(ValueError, match="num_return_sequences=3 needs at least as many beams"):
+    with pytest.raises(ValueError, match=r"--num-captions \(num_return_sequences\) 3 needs at least as many beams"):
         VisionGPTCaptioner(str(tiny_model_dir), num_beams=2, num_return_sequences=3)
     with pytest.raises(ValueError, match="one by one .* not a generation_config"):
         VisionGPTCaptioner(str(tiny_model_dir), generation_config=None)

@@ -97,7 +97,7 @@ def test_bf16_agreement_benchmark_compares_each_bf16_variant_with_float32(tmp_pa
 
 def test_bf16_agreement_benchmark_scores_each_graph_of_an_onnx_export(tmp_path, processor, capsys):
     pytest.importorskip("onnxruntime", reason="ONNX Runtime is in the onnx and test extras")
-    from vision_gpt.onnx_export import export_onnx
+    from vision_gpt.export.onnx import export_onnx
 
     model_dir = tmp_path / "model"
     model = tiny_model()

@@ -10,7 +10,7 @@ import pytest
 from bert_score.utils import get_idf_dict
 from transformers import AutoTokenizer
 
-from vision_gpt.bertscore import BERTScorer, BERTScoreSettings
+from vision_gpt.evaluation.bertscore import BERTScorer, BERTScoreSettings
 
 from .conftest import tiny_model
 from .data_fixtures import save_tiny_bert
@@ -101,7 +101,7 @@ def test_all_minilm_l6_v2_scores_as_the_reference_implementation_and_prefers_the
 def test_the_evaluate_module_adds_bertscore_as_an_option(tiny_bert):
     import evaluate
 
-    from vision_gpt.evaluation import CAPTION_METRICS_PATH
+    from vision_gpt.evaluation.metrics import CAPTION_METRICS_PATH
 
     results = evaluate.load(CAPTION_METRICS_PATH).compute(predictions=PREDICTIONS, references=REFERENCES, spice=False,
                                                           bertscore_model=tiny_bert, bertscore_layer=2)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vision_gpt.captioning import row_store
+from vision_gpt.caption.outputs import row_store
 
 from .conftest import random_images
 from .test_captioning import ENTRY_MODULE, SHORT, caption, model_dir, read_output  # noqa: F401 (model_dir: fixture)

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from vision_gpt import VisionGPTForConditionalGeneration
-from vision_gpt.cli import main
-from vision_gpt.clipscore import CLIPScorer, CLIPScoreSettings
-from vision_gpt.output_lock import OutputLock, OutputLockedError, lock_path
+from vision_gpt.cli.commands import main
+from vision_gpt.evaluation.clipscore import CLIPScorer, CLIPScoreSettings
+from vision_gpt.caption.output_lock import OutputLock, OutputLockedError, lock_path
 
 from .conftest import random_images, tiny_model
 from .data_fixtures import save_tiny_clip
@@ -247,8 +247,9 @@ def test_datasets_folder_split_with_a_bad_row(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["{missing}"], "is not a file, a folder or a glob pattern"),
     (["{many}"], "too many for a table"),
-    (["{one}", "--num-captions", "4", "--num-beams", "2"], "--num-captions 4 needs at least as many beams"),
-    (["{one}", "--temperature", "0.7"], "--temperature only matters with --do-sample"),
+    (["{one}", "--num-captions", "4", "--num-beams", "2"],
+     "--num-captions (num_return_sequences) 4 needs at least as many beams"),
+    (["{one}", "--temperature", "0.7"], "--temperature (temperature) only matters with --do-sample (do_sample)"),
     (["{one}", "--output", "{tmp}/captions.json"], "must end in .jsonl"),
 ])
 def test_usage_errors_say_what_to_do(model_dir, tree, tmp_path, extra, message, capsys):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from vision_gpt.checkpoints import checkpoint_problems, list_checkpoints, resolve_resume
+from vision_gpt.training.checkpoints import checkpoint_problems, list_checkpoints, resolve_resume
 
 COMPLETE = ("model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import CLIPModel
 
-from vision_gpt.clipscore import CLIP_WEIGHT, CLIPScorer, CLIPScoreSettings
+from vision_gpt.evaluation.clipscore import CLIP_WEIGHT, CLIPScorer, CLIPScoreSettings
 
 from .conftest import random_images, tiny_model
 from .data_fixtures import save_tiny_clip
@@ -76,7 +76,7 @@ def test_bad_models_and_inputs_get_errors_naming_them(scorer, tmp_path):
 def test_the_evaluate_module_adds_clipscore_given_the_images(scorer):
     import evaluate
 
-    from vision_gpt.evaluation import CAPTION_METRICS_PATH
+    from vision_gpt.evaluation.metrics import CAPTION_METRICS_PATH
 
     metric = evaluate.load(CAPTION_METRICS_PATH)
     images = random_images(3, seed=4)

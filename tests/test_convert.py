@@ -19,7 +19,7 @@ from transformers import (
     VisionEncoderDecoderModel,
 )
 
-from vision_gpt.convert import check_parity, convert_checkpoint, convert_vision_encoder_decoder
+from vision_gpt.export.convert import check_parity, convert_checkpoint, convert_vision_encoder_decoder
 
 from .conftest import IMAGE_SIZE, random_images
 

@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from vision_gpt.data import (MAX_CAPTION_CHARS, CaptionCollator, CaptionPairDataset, detect_layout,
-                             load_captioning_dataset, normalize_caption)
-from vision_gpt.feature_cache import FeatureCache
+from vision_gpt.data.records import MAX_CAPTION_CHARS, normalize_caption
+from vision_gpt.data.torch_datasets import CaptionCollator, CaptionPairDataset
+from vision_gpt.data.layouts import detect_layout
+from vision_gpt.data.factory import load_captioning_dataset
+from vision_gpt.training.feature_cache import FeatureCache
 
 from .conftest import tiny_model
 from .data_fixtures import (write_coco, write_datasets, write_flickr8k, write_imagefolder, write_kaggle_flickr8k,

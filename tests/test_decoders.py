@@ -11,8 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor, smollm2_gguf
-from vision_gpt.assembly import assemble
-from vision_gpt.training import main
+from vision_gpt.assembly.build import assemble
+from vision_gpt.training.train import main
 
 from .conftest import (
     DECODERS,

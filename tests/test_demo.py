@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from vision_gpt import cli
+from vision_gpt.cli import commands as cli
 from vision_gpt.demo import run_demo
 
 from .data_fixtures import save_tiny_clip

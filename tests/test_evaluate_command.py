@@ -3,9 +3,9 @@ import json
 import pytest
 from PIL import Image
 
-from vision_gpt import cli
-from vision_gpt.bertscore import BERTScorer, BERTScoreSettings
-from vision_gpt.clipscore import CLIPScorer, CLIPScoreSettings
+from vision_gpt.cli import commands as cli
+from vision_gpt.evaluation.bertscore import BERTScorer, BERTScoreSettings
+from vision_gpt.evaluation.clipscore import CLIPScorer, CLIPScoreSettings
 
 from .conftest import tiny_model
 from .data_fixtures import save_tiny_bert, save_tiny_clip, write_flickr8k, write_parquet
@@ -70,7 +70,7 @@ def test_evaluate_command_names_a_model_it_cannot_load(tmp_path, capsys):
     assert cli.main(["evaluate", "--model", str(tmp_path / "no-such-model"), "--data-dir", str(data),
                      "--output-dir", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert "Could not load --model" in err and "no-such-model" in err
+    assert "Could not load the model" in err and "no-such-model" in err
 
 
 def test_evaluate_command_adds_bertscore_with_the_model_and_layer_it_used(tmp_path, processor, capsys):

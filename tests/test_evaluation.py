@@ -7,17 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from vision_gpt import evaluation
-from vision_gpt.evaluation import (
-    CAPTION_METRICS_PATH,
-    JAVA_INSTALL_HINT,
-    caption_metrics_session,
-    caption_statistics,
-    compute_caption_metrics,
-    format_metrics_table,
-    perplexity,
-    repeats_phrase,
-)
+from vision_gpt.evaluation import metrics as evaluation
+from vision_gpt.evaluation.metrics import (CAPTION_METRICS_PATH, JAVA_INSTALL_HINT, caption_metrics_session,
+                                           caption_statistics, compute_caption_metrics, format_metrics_table,
+                                           perplexity, repeats_phrase)
 
 from .conftest import random_images, tiny_model
 

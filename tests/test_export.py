@@ -3,10 +3,10 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
 
-from vision_gpt import cli
-from vision_gpt.assembly import assemble
-from vision_gpt.export import export_repo
-from vision_gpt.model_card import render_model_card
+from vision_gpt.cli import commands as cli
+from vision_gpt.assembly.build import assemble
+from vision_gpt.export.repo import export_repo
+from vision_gpt.export.model_card import render_model_card
 
 from .conftest import tiny_model, tiny_text_config, tiny_vision_config
 
@@ -45,7 +45,7 @@ def test_export_refuses_a_half_precision_model(tmp_path, processor):
 def test_card_refuses_unfilled_placeholders(tmp_path, monkeypatch):
     template = tmp_path / "MODEL_CARD.md"
     template.write_text("---\n{{card_data}}\n---\n{{mystery_field}}\n")
-    monkeypatch.setattr("vision_gpt.model_card.template_path", lambda: template)
+    monkeypatch.setattr("vision_gpt.export.model_card.template_path", lambda: template)
     with pytest.raises(KeyError, match="mystery_field"):
         render_model_card(tiny_model(), "user/x", vision_model="v", text_model="t")
 

@@ -8,11 +8,12 @@ import logging
 import pytest
 import torch
 
-from vision_gpt import hardware
-from vision_gpt.app import Captioner
-from vision_gpt.cli import main as cli_main
+from vision_gpt.inference import hardware
+from vision_gpt.app.server import Captioner
+from vision_gpt.cli.commands import main as cli_main
 from vision_gpt.demo import training_argv, training_precision
-from vision_gpt.training import emulated_bf16_warning, main as train, parse_arguments
+from vision_gpt.training.arguments import emulated_bf16_warning, parse_arguments
+from vision_gpt.training.train import main as train
 
 from .conftest import random_images
 
@@ -144,20 +145,22 @@ def test_float32_training_gets_no_warning(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["bf16", "float32"])
 def test_caption_warns_about_bf16_on_a_cpu_without_native_bf16_and_goes_on(native, dtype, tiny_model_dir, tmp_path,
-                                                                            capsys):
+                                                                            capsys, caplog):
     image = tmp_path / "a.png"
     random_images(1)[0].save(image)
-    cli_main(["caption", str(image), "--model", str(tiny_model_dir), "--dtype", dtype, "--device", "cpu",
-              "--num-workers", "0", "--num-beams", "1", "--max-new-tokens", "2"])
+    # The warning is the loader's, one for every command: a log record, which a terminal shows on stderr.
+    with caplog.at_level(logging.WARNING, logger="vision_gpt.inference.loading"):
+        cli_main(["caption", str(image), "--model", str(tiny_model_dir), "--dtype", dtype, "--device", "cpu",
+                  "--num-workers", "0", "--num-beams", "1", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
-    warned = "warning: --dtype bfloat16 on the CPU: this CPU has no native bfloat16" in err
+    warned = any("dtype bfloat16 on the CPU: this CPU has no native bfloat16" in r.getMessage() for r in caplog.records)
     assert warned == (dtype == "bf16" and not native)
     # It goes on: the model is loaded in the dtype asked for, and captioning starts.
     assert f"captioning 1 images with {tiny_model_dir} on cpu ({'bfloat16' if dtype == 'bf16' else 'float32'})" in err
 
 
 def test_app_warns_about_bf16_on_a_cpu_without_native_bf16(native, tiny_model_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="vision_gpt.app"):
+    with caplog.at_level(logging.WARNING, logger="vision_gpt.inference.loading"):
         captioner = Captioner.from_pretrained(str(tiny_model_dir), dtype="bfloat16", device="cpu")
     assert captioner.model.dtype == torch.bfloat16
     warned = any("dtype bfloat16 on the CPU: this CPU has no native bfloat16" in r.getMessage() for r in caplog.records)

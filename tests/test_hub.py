@@ -7,8 +7,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-from vision_gpt.export import export_repo
-from vision_gpt.hub import HubPushError, push_folder
+from vision_gpt.export.repo import export_repo
+from vision_gpt.export.hub import HubPushError, push_folder
 
 from .conftest import tiny_model
 from .hub_stub import HubStub
@@ -158,14 +158,14 @@ def test_ignore_patterns(path, uploaded):
     # The same matching upload_folder applies (fnmatch on folder-relative paths, trailing "/" = folder contents).
     from huggingface_hub.utils import filter_repo_objects
 
-    from vision_gpt.hub import IGNORE_PATTERNS
+    from vision_gpt.export.hub import IGNORE_PATTERNS
 
     assert list(filter_repo_objects([path], ignore_patterns=IGNORE_PATTERNS)) == ([path] if uploaded else [])
 
 
 def test_training_run_pushes_its_output_folder(hub, tmp_path, tokenizer, monkeypatch):
     """`scripts/train.py --push_to_hub` end to end: the trained repo arrives, training leftovers do not."""
-    from vision_gpt.training import main
+    from vision_gpt.training.train import main
 
     from .data_fixtures import save_tiny_towers, write_flickr8k
 

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 
 from vision_gpt import VisionGPTForConditionalGeneration, VisionGPTProcessor
-from vision_gpt.lora import LoraSettings, add_adapters, has_adapters, merge_adapters
-from vision_gpt.training import main
+from vision_gpt.training.lora import LoraSettings, add_adapters, has_adapters, merge_adapters
+from vision_gpt.training.train import main
 
 from .conftest import random_images, tiny_decoder_config, tiny_model, train_args
 

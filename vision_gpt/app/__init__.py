@@ -1,0 +1,1 @@
+"""The Gradio web app (`vision-gpt app`) and its example images."""

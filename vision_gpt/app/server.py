@@ -1,0 +1,644 @@
+"""`vision-gpt app`: a web page (Gradio) that captions images with a VisionGPT model.
+
+    vision-gpt app --model user/vision-gpt-flickr8k            # then open http://127.0.0.1:7860
+    vision-gpt app --model ./my-model --dtype bfloat16 --port 8000
+
+Upload one or more images (or paste image URLs, where the server has internet access), pick the decoding settings
+(beams, caption length, sampling, temperature, top-p, how many captions) and press Caption. Every image gets its best
+caption and the alternatives with their scores.
+
+What keeps it safe to leave running: it listens on 127.0.0.1 unless told otherwise; uploads are capped (10 MB a file,
+8 images a request, by default) by Gradio and checked again here; unreadable files get a one-line message, never a
+stack trace; URL fetches time out after a few seconds and never reach this machine's own network; requests wait in a
+bounded queue (128 by default, `--max-queue`) and the model, loaded once, captions `--concurrency` requests at a time
+(one by default).
+
+Gradio is an optional dependency (`pip install "vision-gpt[app]"`): this module imports it, and torch, only when an
+app is built, so the rest of the command line works without it.
+"""
+
+import html
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..inference.decoding import FLAGS, check_decoding
+from ..inference.generation import average_log_probs
+from ..inference.loading import load_model
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+EXAMPLE_LABELS = {
+    "shapes_1.jpg": "shapes: blue square, purple triangle",
+    "shapes_7.jpg": "shapes: green star, purple square",
+    "beach.jpg": "drawing: sailboat at the beach",
+    "house.jpg": "drawing: house and tree",
+}
+MB = 1024 * 1024  # Gradio's "mb" unit, so our limit and Gradio's agree to the byte
+
+# Slider ranges: wide enough to explore, small enough that one request cannot tie the server up for minutes.
+MAX_BEAMS = 8
+MAX_CAPTIONS = 8
+MAX_NEW_TOKENS = 64
+
+# Requests that may wait for the model. Twice the 64-visitor burst the app is sized for, so a class or a shared link
+# opening the page at once waits in line (Gradio shows each visitor their place) instead of being turned away. Still a
+# bound: a waiting request holds little (its upload is already on disk), but beyond a couple of hundred the last in
+# line would wait minutes on a CPU, and "busy, try again" is the better answer then.
+DEFAULT_QUEUE_SIZE = 128
+
+# Greedy and beam search draw no random numbers, but sampling does, from torch's one global generator: a sampled
+# request seeds it and draws alone, so that the same seed gives the same captions while others are being captioned.
+_SAMPLING_LOCK = threading.Lock()
+
+
+@dataclass
+class DecodingSettings:
+    """What the settings panel chooses. `num_captions` is how many captions to show per image."""
+
+    num_beams: int = 3
+    num_captions: int = 3
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    seed: int = 0
+
+
+@dataclass
+class Caption:
+    """One caption and its score: the average log-probability per generated token (closer to 0 is more confident)."""
+
+    text: str
+    score: float
+
+
+def generate_kwargs(settings: DecodingSettings) -> tuple[dict, list[str]]:
+    """
+    The `model.generate` arguments for `settings`, and notes for the user where a setting had to be adjusted.
+
+    Sampling returns `num_captions` independent samples (beams unused); beam search (beams > 1) returns up to
+    `num_beams` distinct beams; greedy decoding (1 beam, no sampling) has only one answer.
+    """
+    notes = []
+    num_beams = _clamp(int(settings.num_beams), 1, MAX_BEAMS)
+    wanted = _clamp(int(settings.num_captions), 1, MAX_CAPTIONS)
+    if settings.do_sample:
+        # Plain sampling only: beam-sample's scores would mix in temperature and top-p, and be harder to explain.
+        if num_beams > 1:
+            notes.append("Sampling draws each caption on its own, so the Beams setting is not used while it is on.")
+        num_beams, count = 1, wanted
+    elif num_beams > 1:
+        count = min(wanted, num_beams)
+        if count < wanted:
+            notes.append(f"Beam search keeps {num_beams} beams, so it can show at most {num_beams} captions per image; "
+                         "raise the number of beams to see more.")
+    else:
+        count = 1
+        if wanted > 1:
+            notes.append("Greedy decoding (1 beam, no sampling) has only one answer; use more beams or turn on "
+                         "sampling to see alternatives.")
+    kwargs = dict(
+        num_beams=num_beams,
+        num_return_sequences=count,
+        max_new_tokens=_clamp(int(settings.max_new_tokens), 1, MAX_NEW_TOKENS),
+        do_sample=bool(settings.do_sample),
+        # Scores: `sequences_scores` for beams; raw logits for greedy and sampling, scored in `average_log_probs`.
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
+    if settings.do_sample:
+        # top_k=0 turns off the generation config's default top-50 cut, so top-p is the only truncation the user sets.
+        kwargs.update(temperature=float(settings.temperature), top_p=float(settings.top_p), top_k=0)
+    return kwargs, notes
+
+
+def _clamp(value, low, high):
+    return max(low, min(high, value))
+
+
+class InputError(ValueError):
+    """An input the app refuses: too large, too many, an unreadable file, an unreachable URL."""
+
+
+@dataclass
+class LoadedImage:
+    name: str  # what the user calls it: the uploaded file's name or the URL
+    image: object  # PIL.Image.Image
+    preview: object  # what the result gallery shows: the uploaded file's path, or the image itself
+
+
+class Captioner:
+    """
+    A loaded model and processor, and everything between a request and its captions: reading uploads and URLs
+    within limits, decoding settings, scores. Thread-safe: up to `concurrency` generations run at once on the one
+    model (sampled ones one at a time, as they share torch's random generator); further callers wait.
+
+    Example:
+
+    ```python
+    >>> captioner = Captioner.from_pretrained("user/vision-gpt-flickr8k", dtype="bfloat16")
+    >>> images, errors = captioner.load_inputs(["photo.jpg"], "")
+    >>> captioner.caption([item.image for item in images], DecodingSettings(num_beams=3, num_captions=2))
+    [[Caption(text='a dog runs through the grass', score=-0.61), Caption(text='a dog runs on the grass', ...)]]
+    ```"""
+
+    def __init__(self, model, processor, *, name: str = "model", max_upload_mb: float = 10, max_images: int = 8,
+                 allow_urls: bool = True, allow_private_urls: bool = False, url_timeout: float = 5.0,
+                 concurrency: int = 1):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1 (generations at once), got {concurrency}.")
+        self.model = model.eval()
+        self.processor = processor
+        self.name = name
+        self.max_upload_bytes = int(max_upload_mb * MB)
+        self.max_images = max_images
+        self.allow_urls = allow_urls
+        # Off by default: a public page that fetches any URL would let visitors probe this machine's own network.
+        self.allow_private_urls = allow_private_urls
+        self.url_timeout = url_timeout
+        # Generations share the model's weights and nothing else: `generate` builds each call's cache and generation
+        # config afresh, runs under no_grad, and the one thing it changes on the model, the packed CPU layers, is
+        # swapped under a lock (packed_linear_vision_gpt.py). So several may run at once. Gradio's queue already
+        # starts at most `concurrency` requests; the semaphore keeps that true for any other caller.
+        self.concurrency = concurrency
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    @classmethod
+    def from_pretrained(cls, model_path_or_id: str, *, dtype: str = "float32", device: str = "auto",
+                        runtime: str = "torch", trust_remote_code: bool = False, **kwargs):
+        """Load the model and processor once through `vision_gpt.inference.loading.load_model` (a folder or a Hub id),
+        in `dtype`, on `device` ("auto": the accelerator when there is one). With `runtime="onnx"`, the folder is an
+        export of `vision-gpt export-onnx`, run by ONNX Runtime on the CPU (`dtype` float32, float16, int8 or q8 picks
+        its graphs). A repo that needs its own Python code loads only with `trust_remote_code=True`."""
+        model, processor = load_model(model_path_or_id, runtime=runtime, dtype=dtype, device=device,
+                                      trust_remote_code=trust_remote_code)
+        name = f"{model_path_or_id} (ONNX Runtime)" if runtime == "onnx" else str(model_path_or_id)
+        return cls(model, processor, name=name, **kwargs)
+
+    @property
+    def default_settings(self) -> DecodingSettings:
+        """The panel's starting values: the model's saved generation config, so the page captions as `generate` does."""
+        config = self.model.generation_config
+        num_beams = _clamp(config.num_beams or 1, 1, MAX_BEAMS)
+        return DecodingSettings(num_beams=num_beams, num_captions=num_beams,
+                                max_new_tokens=_clamp(config.max_new_tokens or 32, 1, MAX_NEW_TOKENS))
+
+    # ----- reading inputs ----------------------------------------------------------------------------------------
+
+    def load_inputs(self, files, urls: str) -> tuple[list[LoadedImage], list[str]]:
+        """
+        Read uploaded files (paths) and URLs (one per line) into RGB images. Returns the images that loaded and one
+        message per input that did not; a bad input never stops the others.
+        """
+        from ..modeling import ImageLoadError, load_image
+
+        files = [files] if isinstance(files, (str, os.PathLike)) else list(files or [])
+        url_list = [line.strip() for line in (urls or "").splitlines() if line.strip()]
+        if url_list and not self.allow_urls:
+            raise InputError("This app was started with URLs turned off; download the image and upload it instead.")
+        total = len(files) + len(url_list)
+        if total > self.max_images:
+            raise InputError(f"{total} images were given; this app captions at most {self.max_images} at a time.")
+        images, errors = [], []
+        for path in files:
+            path = os.fspath(path)
+            name = os.path.basename(path)
+            try:
+                size = os.path.getsize(path)
+                if size > self.max_upload_bytes:
+                    raise InputError(f"{name} is {_size(size)}; the limit is {_size(self.max_upload_bytes)} per "
+                                     "file. Downscale or recompress it and try again.")
+                image = load_image(path)
+            except (ImageLoadError, InputError, OSError) as error:
+                # Messages name the server's temporary copy; the user knows the file by its own name.
+                errors.append(str(error).replace(f"'{path}'", name).replace(path, name))
+                continue
+            images.append(LoadedImage(name, image, path))
+        for url in url_list:
+            try:
+                data = self.fetch_url(url)
+                image = load_image(_image_from_bytes(data, url))
+            except (ImageLoadError, InputError) as error:
+                errors.append(str(error))
+                continue
+            images.append(LoadedImage(url, image, image))
+        return images, errors
+
+    def fetch_url(self, url: str) -> bytes:
+        """
+        Download an image URL within `url_timeout` seconds and the upload size limit. Offline, this fails at once
+        (or after the timeout) with a message that says to upload the file instead, never a hang.
+        """
+        future = _url_pool().submit(_download, url, self.max_upload_bytes, self.url_timeout, self.allow_private_urls)
+        try:
+            # Socket timeouts bound each read, not the whole download, and name lookups have none: cap everything.
+            return future.result(timeout=self.url_timeout + 1)
+        except FutureTimeout:
+            raise InputError(f"Fetching {_short(url)} took longer than {self.url_timeout:g} s. This server may have no "
+                             "internet access; download the image and upload it instead.") from None
+
+    # ----- captioning --------------------------------------------------------------------------------------------
+
+    def caption(self, images, settings: DecodingSettings) -> list[list[Caption]]:
+        """One list of captions per image, best first (`run` also returns notes about adjusted settings)."""
+        return self.run(images, settings)[0]
+
+    def run(self, images, settings: DecodingSettings) -> tuple[list[list[Caption]], list[str]]:
+        """Caption a list of RGB images in one batch; returns one list of captions per image, and the notes."""
+        import torch
+
+        kwargs, notes = generate_kwargs(settings)
+        # The panel's sliders keep settings in range; the one check still guards callers that build settings by hand.
+        check_decoding({name: kwargs.get(name) for name in FLAGS}, self.model.generation_config)
+        count = kwargs["num_return_sequences"]
+        inputs = self.processor(images=list(images)).to(self.model.device)
+        with self._slots:
+            if settings.do_sample:
+                with _SAMPLING_LOCK:
+                    # Same seed, same captions: sampling is reproducible from the page.
+                    torch.manual_seed(int(settings.seed))
+                    output = self.model.generate(**inputs, **kwargs)
+            else:
+                output = self.model.generate(**inputs, **kwargs)
+        if kwargs["num_beams"] > 1 or output.logits is None:
+            # Beam search scores its sequences; so does ONNX Runtime's captioner, which returns no logits.
+            scores = output.sequences_scores
+        else:
+            eos = self.model.generation_config.eos_token_id
+            scores = average_log_probs(output, eos if isinstance(eos, list) else [eos])
+        texts = self.processor.batch_decode(output.sequences)
+        captions = [Caption(text, float(score)) for text, score in zip(texts, scores.tolist())]
+        # generate returns the `count` captions of each image together, each image's best first.
+        return [captions[i * count:(i + 1) * count] for i in range(len(images))], notes
+
+
+def _image_from_bytes(data: bytes, url: str):
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..modeling import ImageLoadError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else str(error)
+        raise ImageLoadError(f"{_short(url)} did not return a readable image ({reason}).") from None
+    return image
+
+
+_URL_POOL = None
+_URL_POOL_LOCK = threading.Lock()
+
+
+def _url_pool() -> ThreadPoolExecutor:
+    # A shared pool, not one per request: leaving a `with ThreadPoolExecutor()` block waits for a stuck download.
+    global _URL_POOL
+    with _URL_POOL_LOCK:
+        if _URL_POOL is None:
+            _URL_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vision-gpt-url")
+        return _URL_POOL
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / MB:.3g} MB" if num_bytes >= MB else f"{num_bytes / 1024:.3g} KB"
+
+
+def _short(url: str, limit: int = 80) -> str:
+    return url if len(url) <= limit else url[: limit - 3] + "..."
+
+
+def _check_url(url: str, allow_private: bool) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(f"{_short(url)} is not an http:// or https:// address.")
+    if allow_private:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
+    except OSError as error:
+        raise InputError(f"Could not fetch {_short(url)}: the host name did not resolve ({error.strerror or error}). "
+                         "This server may have no internet access; download the image and upload it instead.") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            raise InputError(f"{_short(url)} points into a private or local network ({address}); this app only "
+                             "fetches public addresses.")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to addresses that the first URL would have been allowed to use."""
+
+    def __init__(self, allow_private: bool):
+        self.allow_private = allow_private
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_url(newurl, self.allow_private)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(url: str, max_bytes: int, timeout: float, allow_private: bool) -> bytes:
+    _check_url(url, allow_private)
+    opener = urllib.request.build_opener(_CheckedRedirects(allow_private))
+    request = urllib.request.Request(url, headers={"User-Agent": "vision-gpt-app"})
+    deadline = time.monotonic() + timeout
+    too_big = InputError(f"{_short(url)} is larger than the {_size(max_bytes)} limit.")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > max_bytes:
+                raise too_big
+            chunks, received = [], 0
+            while chunk := response.read(64 * 1024):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise too_big
+                if time.monotonic() > deadline:
+                    raise InputError(f"Fetching {_short(url)} took longer than {timeout:g} s.")
+                chunks.append(chunk)
+    except InputError:
+        raise
+    except Exception as error:  # URLError, HTTPError, socket timeouts, TLS errors: the reason is what matters
+        reason = getattr(error, "reason", None) or error
+        raise InputError(f"Could not fetch {_short(url)}: {reason}. This server may have no internet access; "
+                         "download the image and upload it instead.") from None
+    return b"".join(chunks)
+
+
+INTRO = """\
+# vision-gpt captioner
+
+Upload one or more images (or click an example below), choose how captions are decoded, and press **Caption**.
+Each image gets its best caption first, then the alternatives. The **score** is the average log-probability per
+token under the model: 0 would be certain, and the closer to 0, the more confident the model is.
+"""
+
+SETTINGS_HELP = """\
+**Beams** > 1 runs beam search and shows the best beams. **Sampling** draws each caption at random instead (beams
+are then not used): *temperature* above 1 makes captions more varied, *top-p* keeps only the most likely words that
+make up that share of probability, and the same *seed* gives the same captions. With 1 beam and no sampling,
+decoding is greedy and gives one caption. Sampled captions are scored with the model's own probabilities, before
+temperature and top-p.
+"""
+
+CSS = """
+.vg-results table { width: 100%; border-collapse: collapse; margin-bottom: 1em; }
+.vg-results th, .vg-results td {
+  text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--border-color-primary);
+}
+.vg-results td.vg-score { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.vg-results tr.vg-best td.vg-caption { font-weight: 600; }
+.vg-errors li { color: var(--error-text-color, #b91c1c); }
+"""
+
+
+def render_results(results, names) -> str:
+    """The captions as an HTML table per image (escaped: a caption is model output, not markup)."""
+    if not results:
+        return ""
+    parts = ['<div class="vg-results">']
+    for name, captions in zip(names, results):
+        parts.append(f'<section class="vg-result" data-image="{html.escape(name)}"><h3>{html.escape(name)}</h3>')
+        parts.append("<table><thead><tr><th>#</th><th>caption</th><th>score</th></tr></thead><tbody>")
+        for rank, caption in enumerate(captions, 1):
+            row_class = "vg-candidate vg-best" if rank == 1 else "vg-candidate"
+            parts.append(f'<tr class="{row_class}"><td>{rank}</td><td class="vg-caption">{html.escape(caption.text)}'
+                         f'</td><td class="vg-score">{caption.score:.3f}</td></tr>')
+        parts.append("</tbody></table></section>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_status(errors, notes, summary: str = "") -> str:
+    """Problems with inputs (one line each) and notes about settings, as HTML."""
+    parts = []
+    if summary:
+        parts.append(f'<p class="vg-summary">{html.escape(summary)}</p>')
+    if errors:
+        items = "".join(f'<li class="vg-error">{html.escape(message)}</li>' for message in errors)
+        parts.append(f'<ul class="vg-errors">{items}</ul>')
+    if notes:
+        items = "".join(f'<li class="vg-note">{html.escape(message)}</li>' for message in notes)
+        parts.append(f'<ul class="vg-notes">{items}</ul>')
+    # A fresh stamp per answer, so a page (or a test) can tell a new answer from an identical old one.
+    return f'<div class="vg-status" data-done="{time.time_ns()}">{"".join(parts)}</div>'
+
+
+def caption_request(captioner: Captioner, files, urls, num_beams, num_captions, max_new_tokens, do_sample,
+                    temperature, top_p, seed):
+    """
+    The Caption button's handler: returns (status HTML, results HTML, gallery items). Every failure becomes a message
+    on the page; the traceback of an unexpected one goes to the server log only.
+    """
+    settings = DecodingSettings(num_beams=num_beams, num_captions=num_captions, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=int(seed or 0))
+    try:
+        images, errors = captioner.load_inputs(files, urls)
+    except InputError as error:
+        return render_status([str(error)], []), "", []
+    if not images:
+        if not errors:
+            errors = ["Add an image first: upload a file, click an example, or paste an image URL."]
+        return render_status(errors, [], "Nothing to caption."), "", []
+    try:
+        started = time.perf_counter()
+        results, notes = captioner.run([item.image for item in images], settings)
+        elapsed = time.perf_counter() - started
+    except Exception:
+        logger.exception("captioning failed")
+        failure = "Captioning failed because of an error in the server; its log has the details."
+        return render_status(errors + [failure], []), "", []
+    plural = "s" if len(images) > 1 else ""
+    summary = f"Captioned {len(images)} image{plural} in {elapsed:.1f} s."
+    gallery = [(item.preview, captions[0].text) for item, captions in zip(images, results)]
+    return render_status(errors, notes, summary), render_results(results, [item.name for item in images]), gallery
+
+
+def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtype: str = "float32",
+              device: str = "auto", runtime: str = "torch", trust_remote_code: bool = False,
+              max_upload_mb: float = 10, max_images: int = 8, allow_urls: bool = True,
+              allow_private_urls: bool = False, url_timeout: float = 5.0, queue_size: int = DEFAULT_QUEUE_SIZE,
+              concurrency: int | None = None):
+    """
+    Build the captioning page for a model folder or Hub id (loaded once, here), or for a ready `captioner`.
+    Returns a `gradio.Blocks` with its queue set up; start it with `launch(demo, ...)`, which applies the upload limit.
+    `concurrency` requests are captioned at once (default: one, or the given captioner's `concurrency`), and up to
+    `queue_size` more wait in line; a request beyond that is refused with Gradio's "busy, try again" message.
+
+    Example:
+
+    ```python
+    >>> demo = build_app("user/vision-gpt-flickr8k", dtype="bfloat16")
+    >>> launch(demo, host="127.0.0.1", port=7860)
+    ```"""
+    # Gradio's usage analytics would phone home on launch; a self-hosted captioner has no reason to.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import gradio as gr
+
+    if queue_size < 1:
+        raise ValueError(f"queue_size must be at least 1 (requests waiting for the model), got {queue_size}.")
+    if captioner is None:
+        if model_path_or_id is None:
+            raise ValueError("build_app needs a model folder or Hub id (or a `captioner`).")
+        captioner = Captioner.from_pretrained(model_path_or_id, dtype=dtype, device=device, runtime=runtime,
+                                              trust_remote_code=trust_remote_code, max_upload_mb=max_upload_mb,
+                                              max_images=max_images,
+                                              allow_urls=allow_urls, allow_private_urls=allow_private_urls,
+                                              url_timeout=url_timeout, concurrency=concurrency or 1)
+    elif concurrency is not None and concurrency != captioner.concurrency:
+        raise ValueError(f"build_app got concurrency={concurrency}, but its captioner runs {captioner.concurrency} "
+                         f"generation(s) at a time: build the Captioner with concurrency={concurrency} instead.")
+    concurrency = captioner.concurrency
+    defaults = captioner.default_settings
+    # An ONNX captioner takes float32 pixels whatever its graphs compute in; `precision` names its graphs.
+    model_dtype = getattr(captioner.model, "precision", None) or str(captioner.model.dtype).removeprefix("torch.")
+    limits = (f"Model: `{captioner.name}` ({model_dtype}, {captioner.model.device.type}). Up to "
+              f"{captioner.max_images} images at a time, {_size(captioner.max_upload_bytes)} each. When others are "
+              f"captioning, your request waits in line (up to {queue_size} can wait); if the line is full, the page "
+              "says the app is busy: try again in a minute.")
+
+    with gr.Blocks(title="vision-gpt captioner", analytics_enabled=False,
+                   # Uploads are deleted an hour after they arrive, so a long-running server does not fill its disk.
+                   delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(INTRO + "\n" + limits)
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Images", file_count="multiple", file_types=["image"], type="filepath",
+                                elem_id="images")
+                urls = gr.Textbox(label="Image URLs (one per line)", lines=2, visible=captioner.allow_urls,
+                                  placeholder="https://example.com/photo.jpg", elem_id="urls")
+                examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
+                if examples:
+                    gr.Examples(examples=[[[str(path)]] for path in examples], inputs=[files],
+                                example_labels=[EXAMPLE_LABELS.get(path.name, path.stem) for path in examples],
+                                label="Examples (click one, then Caption)")
+                with gr.Accordion("Decoding settings", open=True):
+                    num_beams = gr.Slider(1, MAX_BEAMS, value=defaults.num_beams, step=1, label="Beams",
+                                          elem_id="num-beams")
+                    num_captions = gr.Slider(1, MAX_CAPTIONS, value=defaults.num_captions, step=1,
+                                             label="Captions per image", elem_id="num-captions")
+                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=defaults.max_new_tokens, step=1,
+                                               label="Max new tokens", elem_id="max-new-tokens")
+                    do_sample = gr.Checkbox(value=False, label="Sampling", elem_id="do-sample")
+                    with gr.Row():
+                        temperature = gr.Slider(0.1, 2.0, value=defaults.temperature, step=0.05, label="Temperature",
+                                                interactive=False, elem_id="temperature")
+                        top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p",
+                                          interactive=False, elem_id="top-p")
+                        seed = gr.Number(value=defaults.seed, precision=0, label="Seed", interactive=False,
+                                         elem_id="seed")
+                    gr.Markdown(SETTINGS_HELP)
+                with gr.Row():
+                    button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                    gr.ClearButton([files, urls], value="Clear", elem_id="clear-button")
+            with gr.Column(scale=1):
+                status = gr.HTML(elem_id="status")
+                results = gr.HTML(elem_id="captions")
+                gallery = gr.Gallery(label="Captioned images", columns=4, height="auto", object_fit="contain",
+                                     preview=False, allow_preview=True, elem_id="gallery")
+
+        # Sampling-only settings are greyed out until sampling is on, so it is clear they do nothing otherwise.
+        do_sample.change(lambda on: [gr.update(interactive=on)] * 3, inputs=do_sample,
+                         outputs=[temperature, top_p, seed], queue=False)
+        button.click(lambda *values: caption_request(captioner, *values),
+                     inputs=[files, urls, num_beams, num_captions, max_new_tokens, do_sample, temperature, top_p, seed],
+                     outputs=[status, results, gallery], api_name="caption", concurrency_limit=concurrency)
+
+    # A bounded line behind the `concurrency` captions in progress. When it is full, Gradio refuses the request with
+    # its own text, which no public setting changes: the page shows "This application is currently busy. Please try
+    # again." and gradio_client raises QueueError("Queue is full! Please try again.").
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    demo.captioner = captioner
+    demo.max_upload_bytes = captioner.max_upload_bytes
+    return demo
+
+
+def launch(demo, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False, block: bool = True):
+    """
+    Start the server for a page from `build_app`. With `block=False` it returns at once (tests, notebooks); stop it
+    with `demo.close()`. Returns the local URL.
+    """
+    import gradio as gr
+
+    _, local_url, share_url = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        # Gradio refuses bigger uploads before they reach our code; `Captioner.load_inputs` checks again.
+        max_file_size=demo.max_upload_bytes,
+        # Gradio runs handlers in a pool of 40 threads unless told otherwise; a larger --concurrency needs as many.
+        max_threads=max(40, demo.captioner.concurrency),
+        show_error=False,  # tracebacks stay in the server log
+        enable_monitoring=False,
+        mcp_server=False,
+        ssr_mode=False,  # server-side rendering needs Node.js; the plain page needs nothing
+        run_history=False,
+        inbrowser=False,
+        quiet=True,
+        prevent_thread_lock=True,
+        css=CSS,
+        theme=gr.themes.Default(),
+    )
+    print(f"vision-gpt app: serving {demo.captioner.name} at {local_url}" + (f" and {share_url}" if share_url else ""),
+          flush=True)
+    if block:
+        # Returns on Ctrl-C, after closing the server.
+        demo.block_thread()
+    return local_url
+
+
+def run(args) -> int:
+    """Load the model, build the page and serve it until Ctrl-C. Returns the exit status."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the app needs Gradio: pip install 'vision-gpt[app]'  (or: pip install gradio)", file=sys.stderr)
+        return 2
+    problems = [message for bad, message in (
+        (args.max_upload_mb <= 0, f"--max-upload-mb must be positive, got {args.max_upload_mb:g}"),
+        (args.max_images < 1, f"--max-images must be at least 1, got {args.max_images}"),
+        (args.max_queue < 1, f"--max-queue must be at least 1 (requests that may wait), got {args.max_queue}"),
+        (args.concurrency < 1, f"--concurrency must be at least 1 (requests captioned at once), got "
+                               f"{args.concurrency}"),
+    ) if bad]
+    if problems:
+        for message in problems:
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the app", file=sys.stderr)
+    if args.share:
+        print("warning: --share publishes a public link; anyone who has it can use the app", file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"loading {args.model} ({args.dtype}) ...", flush=True)
+    try:
+        demo = build_app(args.model, dtype=args.dtype, device=args.device, runtime=args.runtime,
+                         trust_remote_code=args.trust_remote_code, max_upload_mb=args.max_upload_mb,
+                         max_images=args.max_images, allow_urls=not args.no_urls, queue_size=args.max_queue,
+                         concurrency=args.concurrency)
+        launch(demo, host=args.host, port=args.port, share=args.share, block=True)
+    except (OSError, ValueError, ImportError) as error:
+        # transformers raises OSError for a missing folder, an unknown Hub id or no network; Gradio for a busy port;
+        # ValueError and ImportError are ours (a dtype the runtime has no graphs for, the onnx extra missing).
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before the server was up; once it is, `block_thread` handles it
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+__all__ = ["Caption", "Captioner", "DecodingSettings", "build_app", "generate_kwargs", "launch", "run"]
