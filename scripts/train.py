@@ -1,6 +1,9 @@
-"""Train a vision-gpt captioner: `accelerate launch scripts/train.py --help`, or with one JSON/YAML config file."""
+"""Train a vision-gpt captioner: `accelerate launch scripts/train.py --help`, or with one JSON/YAML config file.
+The same as `vision-gpt train` (and `accelerate launch -m vision_gpt.cli train`)."""
 
-from vision_gpt.training.train import main
+import sys
+
+from vision_gpt.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(["train", *sys.argv[1:]]))

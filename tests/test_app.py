@@ -1,6 +1,5 @@
 """`vision-gpt app`: captions, scores, limits and messages, then the real page in headless Chromium."""
 
-import argparse
 import html
 import http.server
 import os
@@ -24,7 +23,7 @@ from transformers import AutoModel
 from vision_gpt.app import server as app_module
 from vision_gpt.app.server import (DEFAULT_QUEUE_SIZE, EXAMPLES_DIR, Captioner, DecodingSettings, build_app,
                                    caption_request)
-from vision_gpt.cli.app import register
+from vision_gpt.cli import build_parser
 
 from . import browser
 from .conftest import random_images, tiny_model
@@ -234,9 +233,7 @@ def test_urls_are_fetched_within_the_time_and_size_limits(captioner, image_files
 
 
 def app_args(*argv):
-    parser = argparse.ArgumentParser(prog="vision-gpt")
-    register(parser.add_subparsers(dest="command"))
-    return parser.parse_args(["app", *argv])
+    return build_parser().parse_args(["app", *argv])
 
 
 def test_app_subcommand_defaults_are_safe():

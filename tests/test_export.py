@@ -75,6 +75,6 @@ def test_cli_assemble_tiny_exports_and_reloads(tmp_path, capsys):
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
     assert cli.main(["assemble", "--output_dir", str(tmp_path)]) == 2
-    assert "--vision_model and --text_model are required" in capsys.readouterr().err
+    assert "error: --vision-model and --text-model are required (or --tiny)." in capsys.readouterr().err
     assert cli.main(["assemble", "--tiny", "--output_dir", str(tmp_path), "--num_visual_tokens", "0"]) == 2
     assert "num_visual_tokens" in capsys.readouterr().err

@@ -183,10 +183,6 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
     `workdir`."""
     from .data.factory import load_captioning_dataset
     from .datasets import generate_shapes_corpus
-    from .evaluation.metrics import caption_statistics, compute_caption_metrics, format_metrics_table
-    from .modeling import VisionGPTForConditionalGeneration, VisionGPTProcessor
-    from .inference.generation import generate_captions
-    from .training.train import main as train
 
     if isinstance(show, bool) or not isinstance(show, int) or show < 1:
         raise ValueError(f"run_demo(show={show!r}): must be a positive integer, the number of test images that the FP16 "
@@ -215,41 +211,11 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
         model_dir = workdir / (f"model-{name}" + (f"-lora{lora_r}" if lora_r else ""))
         print(f"[2/6] Small ViT (4x192, 96 px) + the pretrained decoder {text}, frozen"
               + (f", with LoRA adapters of rank {lora_r}" if lora_r else ""))
-    marker = model_dir / "demo_settings.json"
-    reuse = not overwrite and marker.is_file() and json.loads(marker.read_text()) == settings
-    if reuse:
-        print(f"[3/6] Reusing the model trained by an earlier run in {model_dir} (--overwrite to train again)")
-    else:
-        print(f"[3/6] Training with the Trainer pipeline of scripts/train.py into {model_dir}")
-        precision, reason = training_precision()
-        print(f"      training in {precision}, because {reason}")
-        marker.unlink(missing_ok=True)
-        train(training_argv(vision, text, corpus["root"], model_dir, settings))
-        marker.write_text(json.dumps(settings))
-
+    _train_unless_trained(vision, text, corpus["root"], model_dir, settings, overwrite)
     print("[4/6] Evaluating on the test split, next to a baseline measured here")
     splits, _ = load_captioning_dataset("flickr8k", str(corpus["root"]))
     test = splits["test"]
-    model = VisionGPTForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = VisionGPTProcessor.from_pretrained(model_dir)
-    predictions, references = generate_captions(model, processor, test, batch_size=64, num_beams=3,
-                                                max_new_tokens=24)
-    baseline_caption = most_frequent_caption(splits["train"])
-    baseline = {image_id: baseline_caption for image_id in references}
-    scores = {"vision-gpt (3 beams)": compute_caption_metrics(predictions, references),
-              f'baseline: "{baseline_caption}"': compute_caption_metrics(baseline, references)}
-    semantic, embedder = _semantic_scores(test, scores, [predictions, baseline], references, clipscore_model)
-    print(format_metrics_table(scores))
-    for note in semantic:
-        print(f"      {note}")
-    statistics = caption_statistics(list(predictions.values()))
-    if embedder is not None:
-        from .evaluation.sentence_embeddings import near_duplicate_statistics
-
-        statistics.update(near_duplicate_statistics(list(predictions.values()), embedder))
-        statistics.pop("near_duplicates_by")
-    print("caption statistics: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in statistics.items()))
+    scores, statistics, baseline_caption = _evaluate(model_dir, test, splits["train"], clipscore_model)
 
     print("[5/6] Reloading the FP16 export with trust_remote_code and pipeline('image-to-text')")
     sample = test[:show]
@@ -283,3 +249,50 @@ def run_demo(workdir="vision-gpt-demo", overwrite: bool = False, num_train: int 
             f"{model_dir / 'train.log'}."
         )
     return result
+
+
+
+def _train_unless_trained(vision: str, text: str, data_dir, model_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Train the demo's model into `model_dir`, unless an earlier run trained it with the same settings."""
+    from .training import main as train
+
+    marker = model_dir / "demo_settings.json"
+    if not overwrite and marker.is_file() and json.loads(marker.read_text()) == settings:
+        print(f"[3/6] Reusing the model trained by an earlier run in {model_dir} (--overwrite to train again)")
+        return
+    print(f"[3/6] Training with the pipeline of `vision-gpt train` into {model_dir}")
+    precision, reason = training_precision()
+    print(f"      training in {precision}, because {reason}")
+    marker.unlink(missing_ok=True)
+    train(training_argv(vision, text, data_dir, model_dir, settings))
+    marker.write_text(json.dumps(settings))
+
+
+def _evaluate(model_dir: Path, test, train, clipscore_model) -> tuple[dict, dict, str]:
+    """The trained model (3 beams) and the most-frequent-caption baseline scored on `test`, and the model's caption
+    statistics, printed: `(scores by row name, statistics, baseline caption)`."""
+    from .evaluation.metrics import caption_statistics, compute_caption_metrics, format_metrics_table
+    from .inference.generation import generate_captions
+    from .modeling import VisionGPTForConditionalGeneration, VisionGPTProcessor
+
+    model = VisionGPTForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = VisionGPTProcessor.from_pretrained(model_dir)
+    predictions, references = generate_captions(model, processor, test, batch_size=64, num_beams=3,
+                                                max_new_tokens=24)
+    baseline_caption = most_frequent_caption(train)
+    baseline = {image_id: baseline_caption for image_id in references}
+    scores = {"vision-gpt (3 beams)": compute_caption_metrics(predictions, references),
+              f'baseline: "{baseline_caption}"': compute_caption_metrics(baseline, references)}
+    semantic, embedder = _semantic_scores(test, scores, [predictions, baseline], references, clipscore_model)
+    print(format_metrics_table(scores))
+    for note in semantic:
+        print(f"      {note}")
+    statistics = caption_statistics(list(predictions.values()))
+    if embedder is not None:
+        from .evaluation.sentence_embeddings import near_duplicate_statistics
+
+        statistics.update(near_duplicate_statistics(list(predictions.values()), embedder))
+        statistics.pop("near_duplicates_by")
+    print("caption statistics: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in statistics.items()))
+    return scores, statistics, baseline_caption

@@ -171,24 +171,11 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
     if args.seed is not None:
         set_seed(args.seed)
 
-    done = {}
+    done, store, store_fmt, schema = {}, None, None, None
     if args.output:
-        output = Path(args.output)
-        store, store_fmt = row_store(output, fmt)
+        store, store_fmt = row_store(Path(args.output), fmt)
         schema = parquet_schema(settings["num_captions"], clipscore=bool(args.score)) if fmt == "parquet" else None
-
-        def prepare():
-            notes = []
-            if schema is not None:
-                notes += _repair(store)
-                absorbed = absorb_parquet(output, store, schema)
-                notes += [f"{output}: resuming from its {absorbed} rows."] if absorbed else []
-            held, more = prepare_output(store, store_fmt, columns, args.retry_errors)
-            return held, notes + more
-
-        done, notes = _on_main(state, prepare)
-        for note in notes:
-            say(note)
+        done = _rows_held(args, state, store, store_fmt, schema, columns, say)
     todo = [ref for ref in refs if ref.key not in done]
     skipped = len(refs) - len(todo)
     skipped_errors = sum(done[ref.key] for ref in refs if ref.key in done)
@@ -202,19 +189,8 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         share = todo
         batches = caption_with_ray(args, todo, dataset, say)
     else:
-        # Contiguous shares: process i captions todo[i * n / P : (i + 1) * n / P].
-        with state.split_between_processes(todo) as share:
-            share = list(share)
-        num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
-        decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels,
-                               scorer.image_processor if scorer is not None else None)
-        loader = torch.utils.data.DataLoader(
-            decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
-            pin_memory=device.type == "cuda")
-        processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
-        say(f"captioning {len(todo)} images with {args.model} on {device} ({settings['dtype']}{processes}), batch "
-            f"size {args.batch_size}, decoding workers: {num_workers}")
-        batches = caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer)
+        share, batches = _local_batches(args, state, device, todo, dataset, (model, processor, scorer),
+                                        generate_kwargs, settings, fmt, say)
     sink = None
     if args.output:
         sink = RowWriter(part_path(str(store), state.process_index) if state.num_processes > 1 else store,
@@ -249,7 +225,7 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         if state.num_processes > 1:
             _on_main(state, lambda: merge_parts(store, store_fmt, columns))
         if schema is not None:
-            _on_main(state, lambda: finish_parquet(output, store, schema))
+            _on_main(state, lambda: finish_parquet(Path(args.output), store, schema))
     else:
         table_rows = _gather(state, table_rows)
         header = "  ".join(f"{name}={settings[name]}" for name in SETTINGS if settings[name] is not None)
@@ -266,3 +242,42 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
             "reason.")
         return 1
     return 0
+
+
+def _rows_held(args, state, store, store_fmt, schema, columns, say) -> dict[str, bool]:
+    """The rows the output already holds, `{image key: True if its row is an error}`, after making it ready to append
+    to (a half-written last row dropped, part files merged, a parquet output's rows moved into its row store)."""
+    output = Path(args.output)
+
+    def prepare():
+        notes = []
+        if schema is not None:
+            notes += _repair(store)
+            absorbed = absorb_parquet(output, store, schema)
+            notes += [f"{output}: resuming from its {absorbed} rows."] if absorbed else []
+        held, more = prepare_output(store, store_fmt, columns, args.retry_errors)
+        return held, notes + more
+
+    done, notes = _on_main(state, prepare)
+    for note in notes:
+        say(note)
+    return done
+
+
+def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, settings, fmt, say):
+    """(this process's share of `todo`, its output rows batch by batch): DataLoader workers read the images while the
+    model captions the previous batch."""
+    model, processor, scorer = loaded
+    # Contiguous shares: process i captions todo[i * n / P : (i + 1) * n / P].
+    with state.split_between_processes(todo) as share:
+        share = list(share)
+    num_workers = min(4, os.cpu_count() or 1) if args.num_workers is None else args.num_workers
+    decoder = ImageDecoder(share, processor.image_processor, dataset, args.max_image_pixels,
+                           scorer.image_processor if scorer is not None else None)
+    loader = torch.utils.data.DataLoader(
+        decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
+        pin_memory=device.type == "cuda")
+    processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
+    say(f"captioning {len(todo)} images with {args.model} on {device} ({settings['dtype']}{processes}), batch "
+        f"size {args.batch_size}, decoding workers: {num_workers}")
+    return share, caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer)

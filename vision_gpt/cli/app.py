@@ -3,13 +3,13 @@
 import argparse
 
 from ..app.server import DEFAULT_QUEUE_SIZE, run
-from .options import add_loading_options
+from .options import add_command, add_loading_options
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `app` subcommand to `vision-gpt`'s subparsers."""
-    parser = subparsers.add_parser(
-        "app", help="a web page to caption images with a model (needs the 'app' extra: gradio)",
+    parser = add_command(
+        subparsers, "app", help="a web page to caption images with a model (needs the 'app' extra: gradio)",
         description="Serve a web page (Gradio) that captions uploaded images with a VisionGPT model, showing beam "
                     "alternatives and scores. It listens on 127.0.0.1 (this machine only) unless --host says "
                     "otherwise. Needs: pip install 'vision-gpt[app]'.")
@@ -20,13 +20,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true",
                         help="also publish a temporary public *.gradio.live link (needs internet; anyone with the "
                              "link can use the app)")
-    parser.add_argument("--max-upload-mb", "--max_upload_mb", dest="max_upload_mb", type=float, default=10,
+    parser.add_argument("--max-upload-mb", type=float, default=10,
                         metavar="MB", help="largest accepted file, in MB (default 10)")
-    parser.add_argument("--max-images", "--max_images", dest="max_images", type=int, default=8, metavar="N",
+    parser.add_argument("--max-images", type=int, default=8, metavar="N",
                         help="most images captioned in one request (default 8)")
-    parser.add_argument("--no-urls", "--no_urls", dest="no_urls", action="store_true",
+    parser.add_argument("--no-urls", action="store_true",
                         help="hide the URL box: the server fetches nothing from the network")
-    parser.add_argument("--max-queue", "--max_queue", dest="max_queue", type=int, default=DEFAULT_QUEUE_SIZE,
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_QUEUE_SIZE,
                         metavar="N",
                         help=f"most requests waiting for the model (default {DEFAULT_QUEUE_SIZE}); while the line is "
                              "full, new requests are told the app is busy and to try again")

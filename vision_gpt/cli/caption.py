@@ -3,7 +3,7 @@
 import argparse
 
 from ..caption.job import run
-from .options import add_loading_options
+from .options import add_command, add_loading_options
 
 HELP = ("caption images, folders, globs, list files, shards or a datasets split, into a table, JSONL, CSV or parquet; "
         "locally or on Ray")
@@ -40,7 +40,7 @@ examples:
   vision-gpt caption --from-file paths.txt --model ./my-model --output captions.jsonl --dtype bf16
   vision-gpt caption --dataset ./my_dataset --split test --model ./my-model --output test.jsonl
   vision-gpt caption "shards/{000000..000099}.tar" --model ./my-model --output captions.parquet
-  accelerate launch --multi_gpu --num_processes 4 -m vision_gpt.cli caption photos/ \\
+  accelerate launch --multi-gpu --num-processes 4 -m vision_gpt.cli caption photos/ \\
       --model ./my-model --output captions.jsonl      (each GPU captions a quarter)
   vision-gpt caption data/*.parquet --model ./my-model --output captions.parquet \\
       --engine ray --num-workers 8 --address auto     (8 Ray actors on a running cluster)"""
@@ -48,8 +48,7 @@ examples:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `caption` subcommand to `subparsers` (from `ArgumentParser.add_subparsers`)."""
-    parser = subparsers.add_parser("caption", help=HELP, description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(subparsers, "caption", help=HELP, description=DESCRIPTION, epilog=EPILOG)
     inputs = parser.add_argument_group("what to caption")
     inputs.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files, folders (searched recursively), quoted glob patterns, webdataset shards "

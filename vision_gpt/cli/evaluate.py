@@ -1,12 +1,12 @@
 """`vision-gpt evaluate`: its flags."""
 
 from ..evaluation.evaluate import run
-from .options import add_loading_options
+from .options import add_command, add_loading_options
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="caption a dataset split and score it with COCO-standard metrics",
+    parser = add_command(
+        subparsers, "evaluate", help="caption a dataset split and score it with COCO-standard metrics",
         description="Caption a split with a vision-gpt model and write metrics.json (BLEU-1..4, METEOR, ROUGE-L, "
                     "CIDEr-D on the 0-100 scale, SPICE when available; perplexity; caption statistics), metrics.md "
                     "and predictions.jsonl (one line per image, with its references).")

@@ -4,6 +4,7 @@
 import importlib.util
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,9 @@ class ModelArguments:
     num_visual_tokens: int = field(default=32, metadata={"help": "K visual tokens for 'queries' and 'pooled'."})
     patch_merge_size: int = field(default=2, metadata={"help": "'merged': blocks of m x m patches become one token."})
     projector_type: str = field(default="mlp", metadata={"help": f"One of {list(PROJECTOR_TYPES)}."})
-    projector_hidden_act: str = field(default="gelu")
-    vision_feature_layer: int = field(default=-1)
+    projector_hidden_act: str = field(default="gelu", metadata={"help": "The projector MLP's activation."})
+    vision_feature_layer: int = field(default=-1, metadata={
+        "help": "The vision tower's layer whose output the projector reads (-1: the last)."})
     freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision tower."})
     freeze_text: bool = field(default=True, metadata={
         "help": "Freeze the decoder (cross-attention layers still train)."})
@@ -139,9 +141,39 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def parse_arguments(argv=None):
-    """Flags, or a single JSON/YAML file; unknown keys and bad values fail here, before any data is read."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, CaptionTrainingArguments))
+# What each `--no-*` flag of a field that defaults to true does (HfArgumentParser would repeat the field's own help).
+NEGATIVE_HELP = {
+    "freeze_vision": "Unfreeze the vision tower: it trains too.",
+    "freeze_text": "Unfreeze the decoder: it trains too.",
+    "feature_cache": "Run the vision tower at every step instead of reading its features from a disk cache.",
+    "caption_metrics": "Evaluate loss and perplexity only, without captioning validation images.",
+}
+_FLAG = re.compile(r"--[a-z][a-z0-9_]*")
+
+
+class TrainingArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` over the three dataclasses, spoken as the rest of `vision-gpt`: the dashed spelling of each
+    flag first (usage and help show it; the underscore spelling still parses), flags named in help texts dashed too,
+    and a `--no-*` flag's help that says what it does."""
+
+    def __init__(self, **kwargs):
+        super().__init__((ModelArguments, DataArguments, CaptionTrainingArguments), **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = _FLAG.sub(lambda match: match.group(0).replace("_", "-"), kwargs["help"])
+        if names and names[0].startswith("--no_") and kwargs.get("action") == "store_false":
+            dest = kwargs.get("dest", "")
+            kwargs["help"] = NEGATIVE_HELP.get(dest, f"The opposite of --{dest.replace('_', '-')}.")
+        # argparse names the flag in usage and help by its first spelling.
+        names = sorted(names, key=lambda name: "_" in name.lstrip("-"))
+        return super().add_argument(*names, **kwargs)
+
+
+def parse_arguments(argv=None, **parser_kwargs):
+    """Flags, or a single JSON/YAML file; unknown keys and bad values fail here, before any data is read.
+    `parser_kwargs` go to the `ArgumentParser` (`prog`, `description`, `formatter_class`)."""
+    parser = TrainingArgumentParser(**parser_kwargs)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
