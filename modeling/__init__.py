@@ -1,6 +1,7 @@
 """The model exactly as it is published: these files are copied verbatim into every exported repo."""
 
 from .configuration_vision_gpt import VisionGPTConfig
+from .image_loading_vision_gpt import ImageLoadError, load_image
 from .modeling_vision_gpt import (
     VisionGPTForConditionalGeneration,
     VisionGPTOutput,
@@ -8,7 +9,7 @@ from .modeling_vision_gpt import (
     VisionGPTProjector,
 )
 from .pipeline_vision_gpt import VisionGPTImageToTextPipeline
-from .processing_vision_gpt import ImageLoadError, VisionGPTProcessor, load_image
+from .processing_vision_gpt import VisionGPTProcessor
 
 __all__ = [
     "ImageLoadError",

@@ -17,8 +17,9 @@ from vision_gpt import VisionGPTForConditionalGeneration, VisionGPTImageToTextPi
 
 from .conftest import random_images, tiny_model
 
-REMOTE_FILES = {"configuration_vision_gpt.py", "modeling_vision_gpt.py", "processing_vision_gpt.py",
-                "pipeline_vision_gpt.py", "packed_linear_vision_gpt.py", "gpt2_vision_gpt.py", "compat_vision_gpt.py"}
+REMOTE_FILES = {"configuration_vision_gpt.py", "modeling_vision_gpt.py", "generation_vision_gpt.py",
+                "processing_vision_gpt.py", "image_loading_vision_gpt.py", "pipeline_vision_gpt.py",
+                "packed_linear_vision_gpt.py", "gpt2_vision_gpt.py", "compat_vision_gpt.py"}
 GREEDY = dict(max_new_tokens=6, num_beams=1)
 
 

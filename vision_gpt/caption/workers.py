@@ -7,7 +7,7 @@ from PIL import Image
 
 from ..data.images import open_stored_image
 from ..data.shards import ShardMember
-from ..modeling.processing_vision_gpt import ImageLoadError, load_image
+from ..modeling.image_loading_vision_gpt import ImageLoadError, load_image
 from .inputs import ImageRef
 from ..inference.decoding import check_decoding
 from ..inference.generation import one_line

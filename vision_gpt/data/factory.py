@@ -7,7 +7,7 @@ counted and reported before training starts: never a crash mid-epoch, never a si
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from ..modeling.processing_vision_gpt import ImageLoadError
+from ..modeling.image_loading_vision_gpt import ImageLoadError
 from .images import open_stored_image
 from .layouts import (
     detect_layout,

@@ -6,7 +6,7 @@ import threading
 
 from PIL import Image, UnidentifiedImageError
 
-from ..modeling.processing_vision_gpt import ImageLoadError, load_image
+from ..modeling.image_loading_vision_gpt import ImageLoadError, load_image
 from .shards import MemberReader, ShardMember, describe_member
 
 _member_readers = threading.local()

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import torch
 
-from ..modeling.processing_vision_gpt import ImageLoadError
+from ..modeling.image_loading_vision_gpt import ImageLoadError
 from .factory import clean_captions
 from .images import open_stored_image
 from .records import MAX_CAPTION_CHARS, CaptionedImage, DataReport

@@ -13,7 +13,7 @@ import json
 import torch
 
 from ..data.images import open_stored_image
-from ..modeling.processing_vision_gpt import ImageLoadError
+from ..modeling.image_loading_vision_gpt import ImageLoadError
 from .decoding import check_decoding, settings_in_use
 from .generation import average_log_probs, one_line
 from .loading import dtype_name, load_model

@@ -112,7 +112,7 @@ class FeatureCache:
 
     def _compute(self, ids: list[str], images, batch_size: int) -> None:
         from ..data.images import open_stored_image
-        from ..modeling.processing_vision_gpt import ImageLoadError
+        from ..modeling.image_loading_vision_gpt import ImageLoadError
 
         self.folder.mkdir(parents=True, exist_ok=True)
         # The folder may hold a finished cache of other images: it stops being complete before its file is rewritten.

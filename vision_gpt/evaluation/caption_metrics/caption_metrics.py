@@ -94,7 +94,7 @@ class CaptionMetrics(evaluate.Metric):
                                          flag="bertscore_model")
             results.update(compute_bertscore(predictions, references, settings))
         if clipscore_model:
-            from vision_gpt.modeling.processing_vision_gpt import load_image
+            from vision_gpt.modeling.image_loading_vision_gpt import load_image
 
             from vision_gpt.evaluation.clipscore import CLIPScorer, CLIPScoreSettings
 
