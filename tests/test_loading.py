@@ -182,3 +182,13 @@ def test_evaluate_checks_decoding_settings_as_caption_does(tiny_model_dir, flick
 def test_a_missing_model_is_named(tmp_path):
     with pytest.raises(ValueError, match="Could not load the model '.*nowhere'"):
         load_model(str(tmp_path / "nowhere"))
+
+
+def test_export_onnx_takes_the_dtype_vocabulary_and_says_which_graphs_it_writes(tmp_path, capsys):
+    # Refused before the model loads: there is none at this path.
+    argv = ["export-onnx", "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "out")]
+    assert cli.main([*argv, "--dtype", "bf16"]) == 2
+    assert "dtype bf16 is not one of an ONNX export's" in capsys.readouterr().err
+    assert cli.main([*argv, "--dtype", "int8"]) == 2
+    assert "int8 graphs come from --quantize int8" in capsys.readouterr().err
+    assert build_parser().parse_args([*argv, "--dtype", "half"]).dtype == "half"

@@ -273,10 +273,10 @@ def _evaluate(model_dir: Path, test, train, clipscore_model) -> tuple[dict, dict
     statistics, printed: `(scores by row name, statistics, baseline caption)`."""
     from .evaluation.metrics import caption_statistics, compute_caption_metrics, format_metrics_table
     from .inference.generation import generate_captions
-    from .modeling import VisionGPTForConditionalGeneration, VisionGPTProcessor
+    from .inference.loading import load_model
 
-    model = VisionGPTForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = VisionGPTProcessor.from_pretrained(model_dir)
+    # On the CPU, where the demo trained: its figures are the CPU's.
+    model, processor = load_model(str(model_dir), dtype="float32", device="cpu")
     predictions, references = generate_captions(model, processor, test, batch_size=64, num_beams=3,
                                                 max_new_tokens=24)
     baseline_caption = most_frequent_caption(train)

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from ..inference.loading import DTYPE_CHOICES
 from .options import add_command, add_trust_remote_code
 
 
@@ -18,8 +19,9 @@ def register(subparsers) -> None:
     parser.add_argument("--output-dir", metavar="DIR", help="new (or empty) folder for the ONNX repo (required)")
     # The earlier spelling: MODEL and OUT as positionals.
     parser.add_argument("legacy", nargs="*", help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", type=str.lower, choices=("fp32", "float32", "fp16", "float16", "half"),
-                        default="fp32", help="fp16 adds *_fp16.onnx graphs next to the fp32 ones")
+    parser.add_argument("--dtype", type=str.lower, choices=DTYPE_CHOICES, default="fp32", metavar="DTYPE",
+                        help="the graphs' precision: float32|fp32, or float16|fp16|half, which adds *_fp16.onnx graphs "
+                             "next to the float32 ones (int8 graphs: --quantize int8)")
     parser.add_argument("--quantize", choices=("int8",),
                         help="add ONNX Runtime dynamic int8 graphs (*_int8.onnx and *_quantized.onnx)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 or newer")
@@ -48,7 +50,10 @@ def run(args) -> int:
     except ImportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    graphs = {"float32": "fp32", "float16": "fp16"}[dtype_name(args.dtype, "onnx")]
+    graphs = {"float32": "fp32", "float16": "fp16"}.get(dtype_name(args.dtype, "onnx"))
+    if graphs is None:
+        raise ValueError(f"export-onnx writes float32 graphs, and float16 ones with --dtype fp16; --dtype "
+                         f"{args.dtype} is not one of them (int8 graphs come from --quantize int8).")
     # Exported in float32 on the CPU: the fp16 and int8 graphs are made from the float32 ones.
     model, processor = load_model(model_name, dtype="float32", device="cpu", trust_remote_code=args.trust_remote_code)
     # Checked before the export, so that a missing `npm ci` does not cost an export.
