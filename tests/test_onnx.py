@@ -200,11 +200,14 @@ def test_cross_attention_export_is_laid_out_for_transformers_js(exported):
 
 def test_cli_exports_fp16_and_int8(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "onnx-repo"
-    assert cli.main(["export-onnx", str(tiny_model_dir), str(out), "--dtype", "fp16", "--quantize", "int8"]) == 0
+    assert cli.main(["export-onnx", "--model", str(tiny_model_dir), "--output-dir", str(out), "--dtype", "fp16",
+                     "--quantize", "int8"]) == 0
     names = sorted(path.name for path in (out / "onnx").iterdir())
     assert names == sorted(f"{part}{suffix}.onnx" for part in ("encoder_model", "decoder_model_merged")
                            for suffix in ("", "_fp16", "_int8", "_quantized"))
-    assert "decoder_model_merged_fp16.onnx" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "decoder_model_merged_fp16.onnx" in printed.out
+    assert "exporting: 100%" in printed.err and "6/6" in printed.err  # the progress bar over the six graphs
     fp16 = (out / "onnx" / "decoder_model_merged_fp16.onnx").stat().st_size
     assert fp16 < (out / "onnx" / "decoder_model_merged.onnx").stat().st_size * 0.6
     captions = ONNXCaptioner(out, dtype="fp16")(random_images(2), num_beams=1, max_new_tokens=6)

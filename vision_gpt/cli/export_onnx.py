@@ -59,7 +59,7 @@ def run(args) -> int:
     # Checked before the export, so that a missing `npm ci` does not cost an export.
     web_sources = web_demo_sources(model.config) if args.web_demo else None
     files = export_onnx(model, processor, output_dir, dtype=graphs, quantize=args.quantize, opset=args.opset,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, progress=True)
     for role, path in files.items():
         print(f"{role}: {path}  ({path.stat().st_size / 1e6:.1f} MB)")
     if web_sources:

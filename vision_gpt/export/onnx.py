@@ -1,6 +1,6 @@
 """
-`vision-gpt export-onnx`: a vision-gpt model as an ONNX repo that ONNX Runtime (`vision_gpt.inference.onnx_runtime`) and, for
-`fusion="cross_attention"`, transformers.js's `vision-encoder-decoder` image-to-text model can run.
+`vision-gpt export-onnx`: a vision-gpt model as an ONNX repo that ONNX Runtime (`vision_gpt.inference.onnx_runtime`)
+and, for `fusion="cross_attention"`, transformers.js's `vision-encoder-decoder` image-to-text model can run.
 
 Layout (transformers.js's for encoder-decoder models, `session_config.js`):
 
@@ -329,13 +329,15 @@ def _prepare_output(output_dir: Path, overwrite: bool):
 
 
 def export_onnx(model, processor, output_dir, dtype: str = "fp32", quantize: str | None = None,
-                opset: int = DEFAULT_OPSET, overwrite: bool = False) -> dict[str, Path]:
+                opset: int = DEFAULT_OPSET, overwrite: bool = False, progress: bool = False) -> dict[str, Path]:
     """
     Write `model` and `processor` as an ONNX repo in `output_dir` (see the module docstring). `dtype`: `"fp32"` or
     `"fp16"` (the fp32 graphs are always written: they are what the fp16 and int8 ones are checked against);
     `quantize="int8"` adds ONNX Runtime's dynamic int8 quantization of the fp32 graphs. Returns the written files by
-    role (`"encoder"`, `"decoder"`, `"encoder_fp16"`, ...).
+    role (`"encoder"`, `"decoder"`, `"encoder_fp16"`, ...). `progress` shows a bar over the graphs as they are written.
     """
+    from tqdm.auto import tqdm
+
     require_onnx("onnx", "onnxruntime")
     if dtype not in DTYPES:
         raise ONNXExportError(f"dtype={dtype!r} is not supported; choose one of {list(DTYPES)}.")
@@ -347,16 +349,22 @@ def export_onnx(model, processor, output_dir, dtype: str = "fp32", quantize: str
     onnx_dir = output_dir / "onnx"
     model = model.float().eval()
     files = {}
-    for part, export in (("encoder", export_encoder), ("decoder", export_decoder)):
-        path = onnx_dir / ("encoder_model.onnx" if part == "encoder" else "decoder_model_merged.onnx")
-        export(model, path, opset)
-        files[part] = path
-    if dtype == "fp16":
-        for part in ("encoder", "decoder"):
-            files[f"{part}_fp16"] = convert_fp16(files[part])
-    if quantize == "int8":
-        for part in ("encoder", "decoder"):
-            files[f"{part}_int8"], files[f"{part}_q8"] = quantize_int8(files[part])
+    bar = tqdm(total=2 * (1 + (dtype == "fp16") + (quantize == "int8")), unit=" graphs", desc="exporting",
+               disable=not progress)
+    with bar:
+        for part, export in (("encoder", export_encoder), ("decoder", export_decoder)):
+            path = onnx_dir / ("encoder_model.onnx" if part == "encoder" else "decoder_model_merged.onnx")
+            export(model, path, opset)
+            files[part] = path
+            bar.update()
+        if dtype == "fp16":
+            for part in ("encoder", "decoder"):
+                files[f"{part}_fp16"] = convert_fp16(files[part])
+                bar.update()
+        if quantize == "int8":
+            for part in ("encoder", "decoder"):
+                files[f"{part}_int8"], files[f"{part}_q8"] = quantize_int8(files[part])
+                bar.update()
     for name, path in files.items():
         if name.startswith("decoder") and not name.endswith(("_int8", "_q8")):
             share_tied_embedding(path)

@@ -84,7 +84,7 @@ class ONNXCaptioner:
         inputs = self.decoder.get_inputs()
         self.visual_name = inputs[2].name  # encoder_hidden_states or image_embeds
         # The past: self-attention keys and values, and for cross-attention the cross ones (`.encoder.`), computed on
-        # the first step and fed back after (onnx_export's module docstring).
+        # the first step and fed back after (the module docstring of vision_gpt.export.onnx).
         self.past = [(meta.name, meta.shape, _NUMPY_TYPES[meta.type]) for meta in inputs[3:]]
         self.static_past = [".encoder." in name for name, _, _ in self.past]
         outputs = [meta.name for meta in self.decoder.get_outputs()]
