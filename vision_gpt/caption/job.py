@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..inference.loading import dtype_name, resolve_device
+from ..inference.loading import check_runtime, resolve_device
 from .inputs import IMAGE_EXTENSIONS, collect_inputs, load_dataset_split
 from .output_lock import OutputLock
 from .outputs import (
@@ -104,10 +104,7 @@ def run(args) -> int:
     if args.clipscore_model and not args.score:
         raise ValueError("--clipscore-model is the model of --score clip: add --score clip.")
     # Checked before anything is read: the loader checks them again where the model loads (an actor, with Ray).
-    args.dtype = dtype_name(args.dtype or "float32", args.runtime)
-    if args.runtime == "onnx" and args.device not in ("auto", "cpu"):
-        raise ValueError(f"The onnx runtime runs on ONNX Runtime's CPU provider, not device {args.device}; use cpu or "
-                         "auto.")
+    args.dtype = check_runtime(args.runtime, args.dtype or "float32", args.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.engine == "ray":
         if world_size > 1:

@@ -54,6 +54,16 @@ def dtype_name(dtype: str, runtime: str = "torch") -> str:
     return name
 
 
+def check_runtime(runtime: str, dtype: str, device) -> str:
+    """The canonical dtype for `runtime` (see `dtype_name`), with the device checked against the runtime: ONNX
+    Runtime runs on the CPU. Callers that load later (a Ray actor) call it first, to fail before any work."""
+    name = dtype_name(dtype, runtime)
+    if runtime == "onnx" and str(device) not in ("auto", "cpu"):
+        raise ValueError(f"The onnx runtime runs on ONNX Runtime's CPU provider, not device {device}; use cpu or "
+                         "auto.")
+    return name
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto`: the accelerator when there is one (CUDA, MPS, XPU, ...), else the CPU; otherwise the device named,
     checked to exist."""
@@ -95,9 +105,9 @@ def load_model(model: str, *, runtime: str = "torch", dtype: str = "float32", de
     >>> from vision_gpt.inference.loading import load_model
     >>> model, processor = load_model("user/vision-gpt-flickr8k", dtype="bf16")
     ```"""
-    name = dtype_name(dtype, runtime)
+    name = check_runtime(runtime, dtype, device)
     if runtime == "onnx":
-        return _load_onnx(model, name, device, revision)
+        return _load_onnx(model, name, revision)
     device = resolve_device(device)
     warn_if_emulated_bf16(name, device)
     from transformers import AutoModel, AutoProcessor
@@ -121,12 +131,9 @@ def load_model(model: str, *, runtime: str = "torch", dtype: str = "float32", de
     return loaded.to(device).eval(), processor
 
 
-def _load_onnx(folder: str, name: str, device, revision):
+def _load_onnx(folder: str, name: str, revision):
     from .onnx_runtime import ONNXCaptioner
 
-    if str(device) not in ("auto", "cpu"):
-        raise ValueError(f"The onnx runtime runs on ONNX Runtime's CPU provider, not device {device}; use cpu or "
-                         "auto.")
     if revision is not None:
         raise ValueError("The onnx runtime reads a local export folder, which has no revisions; drop the revision.")
     try:
@@ -141,5 +148,5 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-__all__ = ["DTYPES", "DTYPE_ALIASES", "ONNX_DTYPES", "RUNTIMES", "RemoteCodeError", "dtype_name", "load_model",
-           "resolve_device", "warn_if_emulated_bf16"]
+__all__ = ["DTYPES", "DTYPE_ALIASES", "ONNX_DTYPES", "RUNTIMES", "RemoteCodeError", "check_runtime", "dtype_name",
+           "load_model", "resolve_device", "warn_if_emulated_bf16"]
