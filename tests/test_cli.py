@@ -161,3 +161,10 @@ def test_push_uploads_a_saved_folder(tmp_path, processor, monkeypatch, capsys):
     assert "Pushed" in capsys.readouterr().out
     assert main(["push", str(tmp_path / "nowhere"), "user/tiny"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_convert_names_a_missing_or_doubled_output_folder(capsys):
+    assert main(["convert", "some/ved"]) == 2
+    assert "convert needs the output folder: --output-dir DIR." in capsys.readouterr().err
+    assert main(["convert", "some/ved", "a", "--output-dir", "b"]) == 2
+    assert "Two output folders: --output-dir b and a; give one." in capsys.readouterr().err

@@ -24,9 +24,11 @@ def run(args) -> int:
 
     from ..export.convert import convert_checkpoint
 
+    if args.output_dir and args.legacy_output_dir:
+        raise ValueError(f"Two output folders: --output-dir {args.output_dir} and {args.legacy_output_dir}; give one.")
     output_dir = args.output_dir or args.legacy_output_dir
-    if output_dir is None or (args.output_dir and args.legacy_output_dir):
-        raise ValueError("Name the output folder once, with --output-dir DIR.")
+    if output_dir is None:
+        raise ValueError("convert needs the output folder: --output-dir DIR.")
     # The parity check's result is logged by convert_checkpoint: show it.
     logging.basicConfig(format="%(message)s")
     logging.getLogger("vision_gpt.export.convert").setLevel(logging.INFO)
