@@ -34,6 +34,14 @@ def test_short_demo_produces_every_artifact(short_demo):
     for row in (saved["model"], saved["baseline"]):
         assert 0 < row["BERTScore-F1"] <= 100 and 0 <= row["CLIPScore"] <= 250
     assert 0 <= saved["statistics"]["near_duplicate_captions_pct"] <= 100
+    # CHAIR is measured against the corpus's instance annotations, for the greedy captions and each scored row.
+    hallucination = saved["hallucination"]
+    assert set(hallucination) == {"CHAIR-i", "CHAIR-s", "object_mentions"}
+    assert hallucination["CHAIR-s"] is None if hallucination["object_mentions"] == 0 else \
+        0 <= hallucination["CHAIR-s"] <= 100
+    assert saved["baseline"]["object_mentions"] == sum(kind in result["baseline_caption"]
+                                                      for kind in ("circle", "square", "triangle", "star"))
+    assert "CHAIR-s" in saved["model"] and saved["cpu"]
 
 
 def test_baseline_is_the_most_frequent_training_caption(short_demo):
@@ -82,3 +90,26 @@ def test_a_pretrained_decoder_with_lora_replaces_the_demos_gpt2(short_demo, llam
 def test_lora_in_the_demo_needs_a_pretrained_decoder(tmp_path, capsys):
     assert cli.main(["demo", "--workdir", str(tmp_path), "--lora-r", "4"]) == 2
     assert "lora_r=...) adapts a pretrained decoder: give text_model too" in capsys.readouterr().err
+
+
+def test_the_contact_sheet_marks_the_words_for_shapes_that_are_not_there(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vision_gpt.data.records import CaptionedImage
+    from vision_gpt.demo import contact_sheet
+    from vision_gpt.evaluation.chair import ObjectVocabulary, caption_hallucinations
+
+    Image.new("RGB", (96, 96), "white").save(tmp_path / "a.jpg")
+    vocabulary = ObjectVocabulary({"circle": (), "square": (), "star": ()})
+    records = [CaptionedImage("a.jpg", str(tmp_path / "a.jpg"), ["a red circle"])] * 2
+    captions = ["a red star on a white background", "a red circle on a white background"]
+    marks = [caption_hallucinations(caption, {"circle"}, vocabulary) for caption in captions]
+    sheet = np.asarray(Image.open(contact_sheet(records, captions, tmp_path / "sheet.png", cell=160, marks=marks)))
+    text = sheet[160:]  # the caption area under the images
+
+    def red(column):
+        pixels = text[:, column * 160 : (column + 1) * 160].astype(int)
+        return int(((pixels[..., 0] > 150) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)).sum())
+
+    assert red(0) > 20 and red(1) == 0  # "star" and its verdict in red; nothing red under the right caption

@@ -37,6 +37,29 @@ def test_evaluate_command_writes_metrics_table_and_predictions(tmp_path, process
     table = (output / "metrics.md").read_text()
     assert "CIDEr-D" in table and "|" in table
     assert "CIDEr-D" in capsys.readouterr().out
+    # No instance annotations in this folder: the CHAIR keys are there, null, with the reason.
+    assert summary["metrics"]["CHAIR-i"] is None and summary["metrics"]["CHAIR-s"] is None
+    assert "no COCO-style instance annotations" in summary["metrics"]["CHAIR_skipped"]
+
+
+def test_evaluate_command_reports_chair_from_the_annotations_it_finds(tmp_path, tiny_model_dir, capsys):
+    from vision_gpt.data.factory import load_captioning_dataset
+    from vision_gpt.datasets import generate_shapes_corpus
+    from vision_gpt.evaluation.chair import chair_metrics, find_instance_annotations
+
+    corpus = generate_shapes_corpus(tmp_path / "shapes", num_train=2, num_val=1, num_test=4, image_size=64)
+    output = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--data-dir", corpus["root"], "--split", "test",
+                     "--output-dir", str(output), "--max-new-tokens", "6"]) == 0
+    assert "CHAIR (object hallucination) against" in capsys.readouterr().out
+    summary = json.loads((output / "metrics.json").read_text())
+    predictions = {row["image_id"]: row["prediction"]
+                   for row in map(json.loads, (output / "predictions.jsonl").read_text().splitlines())}
+    splits, _ = load_captioning_dataset("flickr8k", corpus["root"])
+    # The job's figures are those of the captions it wrote, against the corpus's annotations.
+    expected = chair_metrics(predictions, splits["test"], find_instance_annotations(corpus["root"]))
+    assert {key: summary["metrics"][key] for key in expected} == expected
+    assert "CHAIR_skipped" not in summary["metrics"]
 
 
 def test_evaluate_command_reads_a_parquet_file(tmp_path, tiny_model_dir):

@@ -1,5 +1,6 @@
 """Caption metrics against hand-derived scores and pycocoevalcap itself, caption statistics, perplexity, the table."""
 
+import json
 import math
 import shutil
 
@@ -89,9 +90,21 @@ def scored(tmp_path_factory):
         results["realistic"] = compute_caption_metrics(*REALISTIC, spice=False)
         predictions, references = REALISTIC
         ids = list(predictions)
-        results["evaluate"] = evaluate.load(CAPTION_METRICS_PATH).compute(
+        module = evaluate.load(CAPTION_METRICS_PATH)
+        results["evaluate"] = module.compute(
             predictions=[predictions[i] for i in ids], references=[references[i] for i in ids], spice=False
         )
+        # CHAIR through the module, from a COCO instances file and from lists of objects.
+        instances = tmp_path_factory.mktemp("instances") / "instances_val.json"
+        instances.write_text(json.dumps({
+            "images": [{"id": 7, "file_name": "a.jpg"}, {"id": 8, "file_name": "b.jpg"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 1}, {"id": 2, "image_id": 8, "category_id": 2}],
+            "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "person"}]}))
+        chair_inputs = {"predictions": ["two dogs and a cat", "a man"], "references": [["a dog"], ["a woman"]],
+                        "spice": False}
+        results["evaluate_chair"] = module.compute(**chair_inputs, instances=str(instances), image_ids=["a.jpg", 8])
+        results["evaluate_objects"] = module.compute(**chair_inputs, objects=[["dog"], ["person"]],
+                                                     object_categories=["dog", "cat", "person"])
     return results
 
 
@@ -206,7 +219,20 @@ def test_metrics_equal_pycocoevalcap_called_directly(scored):
 
 @needs_java
 def test_evaluate_module_gives_compute_caption_metrics_numbers(scored):
+    chair = {key: scored["evaluate"].pop(key) for key in ("CHAIR-i", "CHAIR-s", "object_mentions", "CHAIR_skipped")}
     assert scored["evaluate"] == scored["realistic"]
+    assert chair["CHAIR-s"] is None and "pass `instances` and `image_ids`" in chair["CHAIR_skipped"]
+
+
+@needs_java
+def test_evaluate_module_reports_chair_from_instances_or_objects(scored):
+    # "two dogs and a cat": dog there, cat not there (and, in the instances file, not a category at all, so not an
+    # object word); "a man" is the person there (the paper's synonym).
+    from_file = scored["evaluate_chair"]
+    assert (from_file["CHAIR-i"], from_file["CHAIR-s"], from_file["object_mentions"]) == (0.0, 0.0, 2)
+    from_objects = scored["evaluate_objects"]
+    assert from_objects["CHAIR-i"] == pytest.approx(100 / 3) and from_objects["CHAIR-s"] == 50.0
+    assert from_objects["object_mentions"] == 3
 
 
 @needs_java

@@ -1,12 +1,14 @@
 import colorsys
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vision_gpt.datasets import BACKGROUNDS, COLORS, Scene, Shape, captions_for, generate_shapes_corpus, make_scene, render
+from vision_gpt.datasets import (BACKGROUNDS, COLORS, KINDS, Scene, Shape, captions_for, generate_shapes_corpus,
+                                 make_scene, outline, render)
 
 COLOR_WORDS = "red|orange|yellow|green|blue|purple"
 KIND_WORDS = "circle|square|triangle|star"
@@ -311,3 +313,75 @@ def test_invalid_arguments_name_the_field(tmp_path, arguments, field):
     with pytest.raises(ValueError, match=field):
         generate_shapes_corpus(tmp_path / "corpus", **{**SMALL_CORPUS, **arguments})
     assert not (tmp_path / "corpus").exists()
+
+
+# ----- instance annotations ---------------------------------------------------------------------------------------
+
+# sha256 of the first 60 scenes' pixels and captions (seed 0, 96 px) as generator version 1 drew them: version 2 adds
+# the instance annotations and must not change a pixel or a word.
+VERSION_1_DIGEST = "e8582a590fcd4a2cefdfa17cbfc02da95266c9e97af5615c46caae6094ae154b"
+
+
+def test_pixels_and_captions_are_those_of_generator_version_1():
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in range(60):
+        rng = np.random.default_rng([0, index])
+        scene = make_scene(rng, 96)
+        digest.update(render(scene).tobytes())
+        digest.update("|".join(captions_for(scene, rng)).encode())
+    assert digest.hexdigest() == VERSION_1_DIGEST
+
+
+def test_instance_annotations_list_every_shape_of_every_image_in_coco_format(tmp_path):
+    summary = generate_shapes_corpus(tmp_path, seed=2, **SMALL_CORPUS)
+    data = json.loads(Path(summary["instances_file"]).read_text())
+    assert [c["name"] for c in data["categories"]] == ["circle", "square", "triangle", "star"]
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    assert [image["file_name"] for image in data["images"]] == [f"shapes_{i:06d}.jpg" for i in range(14)]
+    assert len({a["id"] for a in data["annotations"]}) == len(data["annotations"])
+    for image in data["images"]:
+        scene = make_scene(np.random.default_rng([2, image["id"]]), 64)
+        annotations = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        assert image["background"] == scene.background and (image["width"], image["height"]) == (64, 64)
+        assert sorted((names[a["category_id"]], a["attributes"]["color"], a["attributes"]["size"])
+                      for a in annotations) == sorted((s.kind, s.color, s.size) for s in scene.shapes)
+        for annotation in annotations:
+            x, y, w, h = annotation["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and 0 < annotation["area"] <= 1.001 * w * h
+            assert annotation["iscrowd"] == 0
+
+
+def test_instance_annotations_agree_with_the_pixels(tmp_path):
+    # Re-render each scene from its annotations alone (the texture seed is the only thing they do not hold) and
+    # compare with the saved JPEG: the shapes must land on the same pixels in the same colours.
+    from PIL import ImageDraw
+
+    from vision_gpt.datasets import shape_from_annotation
+
+    summary = generate_shapes_corpus(tmp_path, seed=4, **{**SMALL_CORPUS, "image_size": 96})
+    data = json.loads(Path(summary["instances_file"]).read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    for image in data["images"]:
+        shapes = tuple(shape_from_annotation(a, names) for a in data["annotations"] if a["image_id"] == image["id"])
+        redrawn = np.asarray(render(Scene(96, image["background"], shapes, texture_seed=0)), dtype=float)
+        with Image.open(Path(summary["images_dir"]) / image["file_name"]) as saved:
+            saved = np.asarray(saved.convert("RGB"), dtype=float)
+        # Texture (+-4 levels, another seed here) and JPEG noise stay small; a misplaced edge does not.
+        assert off_pixels(redrawn, saved) < 0.01, image["file_name"]
+        for shape in shapes:
+            # The outline's box is tight: the shape's colour reaches into every side's first pixel row.
+            mask = Image.new("L", (96, 96))
+            ImageDraw.Draw(mask).polygon(outline(shape), fill=255)
+            inside = np.asarray(mask) > 0
+            assert np.abs(saved[inside] - COLORS[shape.color]).mean() < 40, (image["file_name"], shape)
+        # A wrong kind is told apart: the same shapes re-rendered as another kind differ clearly.
+        wrong = tuple(Shape(KINDS[(KINDS.index(s.kind) + 1) % 4], s.color, s.size, s.center, s.radius) for s in shapes)
+        moved = np.asarray(render(Scene(96, image["background"], wrong, texture_seed=0)), dtype=float)
+        assert off_pixels(moved, saved) > 0.005 + off_pixels(redrawn, saved), image["file_name"]
+
+
+def off_pixels(a, b) -> float:
+    """The fraction of pixels where two RGB arrays differ by more than 30 levels in some channel."""
+    return float((np.abs(a - b).max(-1) > 30).mean())

@@ -9,10 +9,13 @@ from .shapes import (
     Shape,
     captions_for,
     generate_shapes_corpus,
+    instance_annotations,
     make_scene,
+    outline,
     position,
     relation,
     render,
+    shape_from_annotation,
 )
 
 __all__ = [
@@ -24,8 +27,11 @@ __all__ = [
     "Shape",
     "captions_for",
     "generate_shapes_corpus",
+    "instance_annotations",
     "make_scene",
+    "outline",
     "position",
     "relation",
     "render",
+    "shape_from_annotation",
 ]

@@ -13,7 +13,13 @@ The corpus is written exactly as the Flickr8k archives unpack, so it goes throug
     <root>/Flickr_8k.trainImages.txt                    one image file name per line
     <root>/Flickr_8k.devImages.txt
     <root>/Flickr_8k.testImages.txt
+    <root>/instances_shapes.json                        every image's shapes as COCO instance annotations
     <root>/shapes_manifest.json                         parameters and a completion flag, written last
+
+`instances_shapes.json` is in COCO's instances format: one category per kind (colour and size are attributes of each
+annotation, not categories), a tight `bbox` and outline `segmentation` per shape, and each image's background colour
+in its `images` entry. `vision-gpt evaluate` finds it there and reports CHAIR, how often captions name shapes that are
+not in the image.
 """
 
 import json
@@ -49,12 +55,14 @@ CELL_CENTERS = (0.25, 0.5, 0.75)
 CELL_JITTER = 0.04
 TEXTURE_AMPLITUDE = 4
 JPEG_QUALITY = 90
-# Bump when the drawing or captioning changes, so an existing corpus is regenerated instead of reused.
-GENERATOR_VERSION = 1
+# Bump when the drawing, the captions or the files written change, so an existing corpus is regenerated instead of
+# reused. 2: the instance annotations (images and captions byte-identical to 1's).
+GENERATOR_VERSION = 2
 
 IMAGES_DIR = "Flicker8k_Dataset"
 TOKEN_FILE = "Flickr8k.token.txt"
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+INSTANCES_FILE = "instances_shapes.json"
 MANIFEST_FILE = "shapes_manifest.json"
 MANIFEST_FORMAT = "vision-gpt-shapes"
 
@@ -222,6 +230,8 @@ def render(scene: Scene) -> Image.Image:
 
 
 def _draw_shape(draw, shape: Shape, scale: int):
+    # Squares stay rectangles and circles ellipses (not their `outline` polygons): PIL rasterises those differently,
+    # and the corpus's pixels must not change.
     x, y = (scale * value for value in shape.center)
     r = scale * shape.radius
     fill = COLORS[shape.color]
@@ -230,15 +240,88 @@ def _draw_shape(draw, shape: Shape, scale: int):
     elif shape.kind == "square":
         half = 0.85 * r
         draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
-    elif shape.kind == "triangle":
-        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
-    elif shape.kind == "star":
+    else:
+        draw.polygon(outline(shape, scale), fill=fill)
+
+
+def outline(shape: Shape, scale: float = 1.0, circle_points: int = 32) -> list[tuple[float, float]]:
+    """The shape's outline as polygon vertices `(x, y)` in pixels (times `scale`); a circle as `circle_points` points
+    on it.
+
+    Example:
+        >>> outline(Shape("triangle", "red", "small", (50, 50), 10))
+        [(50.0, 40.0), (60.0, 60.0), (40.0, 60.0)]
+    """
+    x, y = (scale * float(value) for value in shape.center)
+    r = scale * shape.radius
+    if shape.kind == "circle":
+        angles = np.linspace(0, 2 * np.pi, circle_points, endpoint=False)
+        return [(x + r * float(np.cos(a)), y + r * float(np.sin(a))) for a in angles]
+    if shape.kind == "square":
+        half = 0.85 * r  # inset so that its area is close to the circle's
+        return [(x - half, y - half), (x + half, y - half), (x + half, y + half), (x - half, y + half)]
+    if shape.kind == "triangle":
+        return [(x, y - r), (x + r, y + r), (x - r, y + r)]
+    if shape.kind == "star":
         # Five points, apex up; an inner radius of half the outer keeps the arms thick enough to read at 15 px.
         angles = np.deg2rad(-90 + 36 * np.arange(10))
         radii = np.where(np.arange(10) % 2 == 0, r, 0.5 * r)
-        draw.polygon([(x + d * np.cos(a), y + d * np.sin(a)) for d, a in zip(radii, angles)], fill=fill)
-    else:
-        raise ValueError(f"Shape kind {shape.kind!r} is not one of {KINDS}.")
+        return [(x + float(d * np.cos(a)), y + float(d * np.sin(a))) for d, a in zip(radii, angles)]
+    raise ValueError(f"Shape kind {shape.kind!r} is not one of {KINDS}.")
+
+
+# ----- instance annotations --------------------------------------------------------------------------------------
+
+
+def instance_annotations(scenes: list[tuple[str, "Scene"]]) -> dict:
+    """COCO instances (`images`, `annotations`, `categories`) for `(file_name, scene)` pairs; image ids count from 0
+    in order. The category is the kind; colour and size are `attributes`. `bbox` is the tight `[x, y, width, height]`
+    of the drawn outline and `area` its exact area, in pixels.
+
+    Example:
+        >>> data = instance_annotations([("a.jpg", Scene(96, "white", (Shape("star", "red", "small", (50, 50), 8),), 0))])
+        >>> [c["name"] for c in data["categories"]], data["annotations"][0]["attributes"]
+        (['circle', 'square', 'triangle', 'star'], {'color': 'red', 'size': 'small'})
+    """
+    images, annotations = [], []
+    for image_id, (file_name, scene) in enumerate(scenes):
+        images.append({"id": image_id, "file_name": file_name, "width": scene.image_size,
+                       "height": scene.image_size, "background": scene.background})
+        for shape in scene.shapes:
+            points = outline(shape)
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            area = np.pi * shape.radius**2 if shape.kind == "circle" else _polygon_area(points)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": KINDS.index(shape.kind) + 1,
+                "bbox": [round(min(xs), 3), round(min(ys), 3), round(max(xs) - min(xs), 3),
+                         round(max(ys) - min(ys), 3)],
+                "area": round(float(area), 3), "iscrowd": 0,
+                "segmentation": [[round(value, 3) for point in points for value in point]],
+                "attributes": {"color": shape.color, "size": shape.size},
+            })
+    categories = [{"id": index + 1, "name": kind, "supercategory": "shape"} for index, kind in enumerate(KINDS)]
+    return {"info": {"description": "vision-gpt shapes corpus", "version": str(GENERATOR_VERSION)},
+            "images": images, "annotations": annotations, "categories": categories}
+
+
+def shape_from_annotation(annotation: dict, categories: dict[int, str]) -> Shape:
+    """The `Shape` an instance annotation describes (its outline's vertices give the centre and radius back)."""
+    kind = categories[annotation["category_id"]]
+    points = np.asarray(annotation["segmentation"][0], dtype=float).reshape(-1, 2)
+    if kind == "square":
+        center, radius = points.mean(0), (points[:, 0].max() - points[:, 0].min()) / 1.7
+    elif kind == "circle":
+        center, radius = points.mean(0), (points[:, 0].max() - points[:, 0].min()) / 2
+    else:  # a triangle's or star's first vertex is its apex, straight above the centre at one radius
+        radius = (points[:, 0].max() - points[:, 0].min()) / (2 if kind == "triangle" else 2 * np.cos(np.pi / 10))
+        center = (points[0, 0], points[0, 1] + radius)
+    attributes = annotation["attributes"]
+    return Shape(kind, attributes["color"], attributes["size"], (float(center[0]), float(center[1])), float(radius))
+
+
+def _polygon_area(points) -> float:
+    xs, ys = np.array(points).T
+    return 0.5 * abs(float(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))))
 
 
 # ----- captions --------------------------------------------------------------------------------------------------
@@ -363,7 +446,7 @@ def generate_shapes_corpus(
     _write_json(root / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "params": params, "complete": False})
     images = root / IMAGES_DIR
     images.mkdir(parents=True, exist_ok=True)
-    names, lines, index = {}, [], 0
+    names, lines, scenes, index = {}, [], [], 0
     for split, count in counts.items():
         names[split] = []
         for _ in range(count):
@@ -374,10 +457,12 @@ def generate_shapes_corpus(
             render(scene).save(images / name, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
             lines.extend(f"{name}#{k}\t{caption}\n" for k, caption in enumerate(captions_for(scene, rng)))
             names[split].append(name)
+            scenes.append((name, scene))
             index += 1
     _write_text(root / TOKEN_FILE, "".join(lines))
     for split, file_name in SPLIT_FILES.items():
         _write_text(root / file_name, "".join(f"{name}\n" for name in names[split]))
+    _write_text(root / INSTANCES_FILE, json.dumps(instance_annotations(scenes)) + "\n")
     # Written last: a run that dies part-way leaves complete=False, and the next call regenerates.
     _write_json(root / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "params": params, "complete": True})
     return {**summary, "reused": False}
@@ -389,6 +474,7 @@ def _summary(root: Path, counts: dict, params: dict) -> dict:
         "images_dir": str(root / IMAGES_DIR),
         "token_file": str(root / TOKEN_FILE),
         "split_files": {split: str(root / name) for split, name in SPLIT_FILES.items()},
+        "instances_file": str(root / INSTANCES_FILE),
         "manifest": str(root / MANIFEST_FILE),
         "num_images": dict(counts),
         "num_captions": 5 * sum(counts.values()),
@@ -420,7 +506,7 @@ def _is_reusable(root: Path, params: dict) -> bool:
     manifest = _read_manifest(root)
     if manifest is None or manifest.get("complete") is not True or manifest.get("params") != params:
         return False
-    needed = [root / TOKEN_FILE, *(root / name for name in SPLIT_FILES.values())]
+    needed = [root / TOKEN_FILE, root / INSTANCES_FILE, *(root / name for name in SPLIT_FILES.values())]
     return all(path.is_file() for path in needed) and (root / IMAGES_DIR).is_dir()
 
 
@@ -428,7 +514,7 @@ def _clear_corpus(root: Path):
     # Only the files this generator writes are removed; anything else a user put in the folder stays.
     if _read_manifest(root) is None:
         return
-    for name in (MANIFEST_FILE, TOKEN_FILE, *SPLIT_FILES.values()):
+    for name in (MANIFEST_FILE, TOKEN_FILE, INSTANCES_FILE, *SPLIT_FILES.values()):
         (root / name).unlink(missing_ok=True)
     images = root / IMAGES_DIR
     if images.is_dir():
@@ -462,8 +548,11 @@ __all__ = [
     "Shape",
     "captions_for",
     "generate_shapes_corpus",
+    "instance_annotations",
     "make_scene",
+    "outline",
     "position",
     "relation",
     "render",
+    "shape_from_annotation",
 ]

@@ -1,16 +1,19 @@
 """`vision-gpt evaluate`: caption a dataset split with a model and score it (the metrics are those of `metrics`,
 `bertscore` and `clipscore` beside it), writing metrics.json, metrics.md and predictions.jsonl."""
 
+from .chair import chair_metrics, find_instance_annotations
 from .metrics import caption_statistics, compute_caption_metrics, format_metrics_table, perplexity
 
 
 def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_length: int = 64, bertscorer=None,
-                   clipscorer=None, sentence_embedder=None, progress: bool = False, **generate_kwargs) -> dict:
+                   clipscorer=None, sentence_embedder=None, instances=None, instances_where: str = "the data folder",
+                   progress: bool = False, **generate_kwargs) -> dict:
     """
     Caption `images` (`CaptionedImage` records) and score them: caption metrics against all references (and BERTScore
     with a `vision_gpt.evaluation.bertscore.BERTScorer`, CLIPScore and RefCLIPScore with a `vision_gpt.evaluation.clipscore.CLIPScorer`),
-    caption statistics (with near duplicates, given a `vision_gpt.evaluation.sentence_embeddings.SentenceEmbedder`), and
-    perplexity of the references. Returns `{"metrics", "statistics", "perplexity", "predictions"}`; `perplexity` is
+    caption statistics (with near duplicates, given a `vision_gpt.evaluation.sentence_embeddings.SentenceEmbedder`),
+    object hallucination (CHAIR-i and CHAIR-s, against `instances`, a `vision_gpt.evaluation.chair.InstanceAnnotations`;
+    None where there are none, found in `instances_where`) and perplexity of the references. Returns `{"metrics", "statistics", "perplexity", "predictions"}`; `perplexity` is
     None for an ONNX Runtime model (`ONNXCaptioner`), which computes no loss.
     """
     import torch
@@ -22,6 +25,7 @@ def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_l
     predictions, references = generate_captions(model, processor, images, batch_size=batch_size, progress=progress,
                                                  **generate_kwargs)
     metrics = compute_caption_metrics(predictions, references)
+    metrics.update(chair_metrics(predictions, images, instances, instances_where))
     if bertscorer is not None:
         metrics.update(bertscorer(list(predictions.values()), list(references.values())))
     if clipscorer is not None:
@@ -104,8 +108,12 @@ def run(args) -> int:
         raise ValueError(f"{report.source} has no usable '{args.split}' split (splits: {sorted(splits)}).")
     images = images[: args.max_images]
     print(report.summary(splits))
+    instances = find_instance_annotations(args.data_dir)
+    if instances is not None:
+        print(f"CHAIR (object hallucination) against {', '.join(instances.sources)}")
     result = evaluate_model(model, processor, images, batch_size=args.batch_size, bertscorer=bertscorer,
-                            clipscorer=clipscorer, sentence_embedder=sentence_embedder, progress=True, **settings)
+                            clipscorer=clipscorer, sentence_embedder=sentence_embedder, instances=instances,
+                            instances_where=args.data_dir or "the data files' folder", progress=True, **settings)
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -470,7 +470,8 @@ def format_metrics_table(rows: Mapping[str, Mapping]) -> str:
     A markdown table comparing models: one column per entry of `rows` (model name to the dict from
     `compute_caption_metrics`, `caption_statistics` or `perplexity`, or several merged), one line per metric in order
     of first appearance. Floats get one decimal (the caption metrics are already on the 0-100 scale), integers such
-    as `num_images` stay integers, and a metric a model lacks shows as "-". Text values such as `"SPICE_skipped"` are
+    as `num_images` stay integers, a metric a model lacks shows as "-" and one it could not measure (None) as "n/a".
+    Text values such as `"SPICE_skipped"` are
     listed under the table.
 
     Example:
@@ -501,6 +502,8 @@ def format_metrics_table(rows: Mapping[str, Mapping]) -> str:
         if key not in row:
             return "-"
         value = row[key]
+        if value is None:
+            return "n/a"
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ValueError(f"Metric {key!r} of {name!r} is {value!r}; the table takes numbers (and text notes).")
         return str(value) if isinstance(value, numbers.Integral) else f"{float(value):.1f}"

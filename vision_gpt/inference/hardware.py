@@ -55,6 +55,25 @@ def cpu_bf16_is_native() -> bool:
     return _bf16_matmul_is_faster() if native is None else native
 
 
+@functools.cache
+def cpu_name() -> str:
+    """This CPU in words, for figures that depend on it: "AMD EPYC, 2 cores, native bf16" (or "bf16 emulated")."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in CPUINFO.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                name = value.strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores, {'native bf16' if cpu_bf16_is_native() else 'bf16 emulated'}"
+
+
 def describe_cpu_bf16() -> str:
     """One line for messages: whether bf16 is fast on this CPU, and why."""
     if cpu_bf16_is_native():
@@ -64,4 +83,4 @@ def describe_cpu_bf16() -> str:
             "emulated and slower than float32")
 
 
-__all__ = ["cpu_bf16_is_native", "describe_cpu_bf16", "native_bf16_in_cpuinfo"]
+__all__ = ["cpu_bf16_is_native", "cpu_name", "describe_cpu_bf16", "native_bf16_in_cpuinfo"]

@@ -47,11 +47,20 @@ Args:
     clipscore_model (`str`, *optional*): a CLIP model (folder or Hub id, e.g. "openai/clip-vit-base-patch32") to add
         CLIPScore and RefCLIPScore; needs `images`.
     images (`list`, *optional*): the image of each caption (PIL images or file paths), for `clipscore_model`.
+    instances (`str` or `list` of `str`, *optional*): COCO-style instances files (e.g. COCO's
+        `annotations/instances_val2014.json`, or the `instances_shapes.json` of a shapes corpus) to add CHAIR; needs
+        `image_ids`.
+    image_ids (`list`, *optional*): each caption's image, as its `file_name` or `id` in `instances`.
+    objects (`list` of `list` of `str`, *optional*): instead of `instances`, the object categories each image holds;
+        needs `object_categories`.
+    object_categories (`list` of `str`, *optional*): every category a caption could name (COCO's names get the CHAIR
+        paper's synonyms).
 Returns:
     "BLEU-1" ... "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D" (0-100; CIDEr-D up to 1000), "num_images", "num_references",
     and "SPICE" or "SPICE_skipped"; with `bertscore_model`, "bertscore_precision", "bertscore_recall", "bertscore_f1"
     (0-100) and "bertscore_model" (the model, layer and settings used); with `clipscore_model`, "clipscore",
-    "refclipscore" (0-100) and "clipscore_model".
+    "refclipscore" (0-100) and "clipscore_model"; always "CHAIR-i", "CHAIR-s" (0-100) and "object_mentions", None
+    (with "CHAIR_skipped" saying why) without `instances` or `objects`, or where no caption names an object.
 Examples:
     >>> import evaluate
     >>> from vision_gpt.evaluation import CAPTION_METRICS_PATH
@@ -84,9 +93,11 @@ class CaptionMetrics(evaluate.Metric):
         )
 
     def _compute(self, predictions, references, spice=None, bertscore_model=None, bertscore_layer=None,
-                 bertscore_idf=False, clipscore_model=None, images=None):
+                 bertscore_idf=False, clipscore_model=None, images=None, instances=None, image_ids=None, objects=None,
+                 object_categories=None):
         predictions, references = list(predictions), [list(refs) for refs in references]
         results = compute_caption_metrics(predictions, references, spice=spice)
+        results.update(_chair(predictions, instances, image_ids, objects, object_categories))
         if bertscore_model:
             from vision_gpt.evaluation.bertscore import BERTScoreSettings, compute_bertscore
 
@@ -104,3 +115,27 @@ class CaptionMetrics(evaluate.Metric):
             scorer = CLIPScorer(CLIPScoreSettings(model=clipscore_model, flag="clipscore_model"))
             results.update(scorer([load_image(image) for image in images], predictions, references))
         return results
+
+
+def _chair(predictions, instances, image_ids, objects, object_categories) -> dict:
+    from vision_gpt.data.records import CaptionedImage
+    from vision_gpt.evaluation.chair import ObjectVocabulary, chair_metrics, compute_chair, load_instance_annotations
+
+    if instances is not None and objects is not None:
+        raise ValueError("Pass `instances` (with `image_ids`) or `objects` (with `object_categories`), not both.")
+    keys = [str(index) for index in range(len(predictions))]
+    by_key = dict(zip(keys, predictions))
+    if instances is not None:
+        if image_ids is None or len(image_ids) != len(predictions):
+            raise ValueError(f"`instances` needs `image_ids`, one per prediction ({len(predictions)}), got "
+                             f"{'none' if image_ids is None else len(image_ids)}.")
+        records = [CaptionedImage(key, str(image_id), []) for key, image_id in zip(keys, image_ids)]
+        return chair_metrics(by_key, records, load_instance_annotations(instances), where="`instances`")
+    if objects is not None:
+        if object_categories is None or len(objects) != len(predictions):
+            raise ValueError("`objects` needs one list of categories per prediction and `object_categories`.")
+        vocabulary = ObjectVocabulary.for_categories({"name": name} for name in object_categories)
+        chair = compute_chair(by_key, dict(zip(keys, objects)), vocabulary)
+        return {key: chair[key] for key in ("CHAIR-i", "CHAIR-s", "object_mentions")}
+    return {"CHAIR-i": None, "CHAIR-s": None, "object_mentions": None,
+            "CHAIR_skipped": "CHAIR skipped: pass `instances` and `image_ids` (or `objects` and `object_categories`)."}
