@@ -30,6 +30,8 @@ def main(argv=None):
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--val-images", type=int, default=200)
     parser.add_argument("--test-images", type=int, default=200)
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="every run trains the demo's small random ViT instead of its frozen pretrained tower")
     args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error(f"--max-steps {args.max_steps}: must be at least 1")
@@ -49,7 +51,7 @@ def main(argv=None):
         print(f"\n===== {label}")
         results[label] = run_demo(args.workdir, num_train=args.train_images, num_val=args.val_images,
                                   num_test=args.test_images, max_steps=args.max_steps, require_improvement=False,
-                                  show=min(6, args.test_images), **options)
+                                  show=min(6, args.test_images), from_scratch=args.from_scratch, **options)
 
     first = next(iter(results.values()))
     print(f"\n{args.workdir}: {first['model']['num_images']} test images, 3 beams; every run trained "

@@ -56,8 +56,11 @@ class VisionGPTConfig(PretrainedConfig):
             Activation of the MLP projector (any key of `transformers.activations.ACT2FN`).
         projector_hidden_size (`int`, *optional*):
             Hidden width of the MLP projector; defaults to GPT-2's hidden size.
-        vision_feature_layer (`int`, defaults to -1):
-            Hidden layer of the tower whose tokens are used by `"patches"` and `"queries"` (-1 is the last).
+        vision_feature_layer (`int` or `list[int]`, defaults to -1):
+            Hidden layer of the tower whose tokens are used by `"patches"`, `"queries"` and `"merged"` (-1 is the
+            last, after the tower's final norm). A list concatenates those layers' hidden states along the hidden
+            size, as LLaVA's `vision_feature_layer` does: `[4, -1]` gives the projector an early layer's colour and
+            texture next to the last layer's objects.
         freeze_vision (`bool`, defaults to `True`):
             Freeze the vision tower.
         freeze_text (`bool`, defaults to `True`):
@@ -102,7 +105,7 @@ class VisionGPTConfig(PretrainedConfig):
     projector_type: str = "mlp"
     projector_hidden_act: str = "gelu"
     projector_hidden_size: int | None = None
-    vision_feature_layer: int = -1
+    vision_feature_layer: int | list[int] = -1
     freeze_vision: bool = True
     freeze_text: bool = True
     freeze_text_layers: int = 0
@@ -203,10 +206,10 @@ class VisionGPTConfig(PretrainedConfig):
                     'pooled feature to several tokens, or several patches to one) to GPT-2\'s width; use "linear" or '
                     '"mlp".'
                 )
-            if self.vision_config.hidden_size != self.text_config.hidden_size:
+            if self.vision_feature_size != self.text_config.hidden_size:
                 raise ValueError(
-                    f'VisionGPTConfig.projector_type="identity" needs equal hidden sizes, but the vision tower has '
-                    f"{self.vision_config.hidden_size} and GPT-2 has {self.text_config.hidden_size}; use "
+                    f'VisionGPTConfig.projector_type="identity" needs equal hidden sizes, but the vision tower gives '
+                    f"{self.vision_feature_size} and GPT-2 has {self.text_config.hidden_size}; use "
                     '"linear" or "mlp".'
                 )
         if self.projector_hidden_act not in ACT2FN:
@@ -225,11 +228,17 @@ class VisionGPTConfig(PretrainedConfig):
                 f"decoder's {num_layers} layers."
             )
         num_vision_layers = self.vision_config.num_hidden_layers
-        if not -num_vision_layers - 1 <= self.vision_feature_layer <= num_vision_layers:
+        layers = self.vision_feature_layer
+        layers = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        if not layers or any(isinstance(layer, bool) or not isinstance(layer, int)
+                             or not -num_vision_layers - 1 <= layer <= num_vision_layers for layer in layers):
             raise ValueError(
-                f"VisionGPTConfig.vision_feature_layer={self.vision_feature_layer} is out of range for a vision tower "
-                f"with {num_vision_layers} layers (use -1 for the last)."
+                f"VisionGPTConfig.vision_feature_layer={self.vision_feature_layer!r} is out of range for a vision tower "
+                f"with {num_vision_layers} layers: give a layer from {-num_vision_layers - 1} to {num_vision_layers} "
+                "(-1 for the last), or a non-empty list of them."
             )
+        if isinstance(self.vision_feature_layer, tuple):
+            self.vision_feature_layer = list(self.vision_feature_layer)
         for field in ("freeze_vision", "freeze_text"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"VisionGPTConfig.{field}={getattr(self, field)!r} must be True or False.")
@@ -255,6 +264,13 @@ class VisionGPTConfig(PretrainedConfig):
             return math.ceil(self.patch_grid_size / self.patch_merge_size) ** 2
         # SigLIP has no CLS token; ViT, CLIP and DINOv2 prepend one.
         return self.patch_grid_size**2 + (0 if self.vision_config.model_type == "siglip_vision_model" else 1)
+
+    @property
+    def vision_feature_size(self) -> int:
+        """Width of the features the projector reads: the tower's hidden size, times the number of layers that
+        `vision_feature_layer` concatenates."""
+        layers = self.vision_feature_layer
+        return self.vision_config.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
 
     @property
     def patch_grid_size(self) -> int:

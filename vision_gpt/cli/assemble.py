@@ -21,8 +21,9 @@ def add_model_options(parser) -> None:
     group.add_argument("--projector-type", choices=PROJECTOR_TYPES, default="mlp",
                        help="the mapper into the decoder's embedding space")
     group.add_argument("--projector-hidden-act", default="gelu", help="the projector MLP's activation")
-    group.add_argument("--vision-feature-layer", type=int, default=-1,
-                       help="the vision tower's layer whose output the projector reads (-1: the last)")
+    group.add_argument("--vision-feature-layer", type=int, nargs="+", default=[-1], metavar="LAYER",
+                       help="the vision tower's layer whose output the projector reads (-1: the last); several, e.g. "
+                            "4 -1, are concatenated (LLaVA's convention)")
     group.add_argument("--freeze-vision", type=parse_bool, default=True, metavar="BOOL",
                        help="keep the vision tower's weights fixed in training (false: train it too)")
     group.add_argument("--freeze-text", type=parse_bool, default=True, metavar="BOOL",

@@ -41,8 +41,9 @@ class ModelArguments:
     patch_merge_size: int = field(default=2, metadata={"help": "'merged': blocks of m x m patches become one token."})
     projector_type: str = field(default="mlp", metadata={"help": f"One of {list(PROJECTOR_TYPES)}."})
     projector_hidden_act: str = field(default="gelu", metadata={"help": "The projector MLP's activation."})
-    vision_feature_layer: int = field(default=-1, metadata={
-        "help": "The vision tower's layer whose output the projector reads (-1: the last)."})
+    vision_feature_layer: list[int] = field(default_factory=lambda: [-1], metadata={
+        "help": "The vision tower's layer whose output the projector reads (-1: the last); several, e.g. 4 -1, are "
+                "concatenated (LLaVA's convention)."})
     freeze_vision: bool = field(default=True, metadata={"help": "Freeze the vision tower."})
     freeze_text: bool = field(default=True, metadata={
         "help": "Freeze the decoder (cross-attention layers still train)."})
@@ -115,6 +116,9 @@ class CaptionTrainingArguments(TrainingArguments):
     metric_for_best_model: str | None = field(default="loss")
     logging_steps: float = field(default=10)
     learning_rate: float = field(default=5e-4)
+    vision_learning_rate: float | None = field(default=None, metadata={
+        "help": "The vision tower's own learning rate, where it trains (default: --learning_rate), as nanoVLM and "
+                "LLaVA train a tower apart from the projector."})
     remove_unused_columns: bool = field(default=False)
     prediction_loss_only: bool = field(default=True)
     report_to: None | str | list[str] = field(default="auto", metadata={
@@ -123,6 +127,8 @@ class CaptionTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.output_dir is None:
             raise ValueError("--output_dir is required.")
+        if self.vision_learning_rate is not None and not self.vision_learning_rate > 0:
+            raise ValueError(f"--vision_learning_rate must be positive, got {self.vision_learning_rate}.")
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             # A multi-process launch (accelerate launch --multi_gpu / torchrun) on a machine without accelerators:
             # run data-parallel over CPU processes (gloo) instead of silently falling back to one process each.

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, set_seed
 
+from ..assembly.dinov2_port import ported_tower_description
 from ..data.factory import load_captioning_dataset
 from ..data.records import DataReport
 from ..data.shard_splits import SHARD_DATASETS, describe_shards, resolve_data_files, shard_image_ids, shard_images
@@ -353,7 +354,9 @@ def _export_and_push(trainer, processor, model_args, data_args, training_args, d
     repo_id = training_args.hub_model_id or output_dir.name
     folders = export_repo(
         final.to(torch.float32), processor, output_dir, repo_id=repo_id,
-        vision_model=model_args.vision_model or model_args.model_name_or_path,
+        # A tower ported from a package's file says where it came from and under which licences.
+        vision_model=(ported_tower_description(model_args.vision_model)
+                      or model_args.vision_model or model_args.model_name_or_path),
         # A local GGUF file by its name: its folder is this machine's.
         text_model=(Path(model_args.text_model).name if str(model_args.text_model).lower().endswith(".gguf")
                     else model_args.text_model or model_args.model_name_or_path),

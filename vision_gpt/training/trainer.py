@@ -107,16 +107,31 @@ class CaptionTrainer(Trainer):
     def create_optimizer(self, model=None):
         # Parameters that a later stage unfreezes must be in the optimizer from the start (AdamW skips them while
         # they have no gradient), or they would never be updated.
-        if self.optimizer is not None or not self.later_trainable:
+        if self.optimizer is not None:
             return super().create_optimizer(model)
         flags = [p.requires_grad for p in self.later_trainable]
         for parameter in self.later_trainable:
             parameter.requires_grad_(True)
         try:
-            return super().create_optimizer(model)
+            optimizer = super().create_optimizer(model)
         finally:
             for parameter, flag in zip(self.later_trainable, flags):
                 parameter.requires_grad_(flag)
+        if self.args.vision_learning_rate is not None:
+            self._give_the_tower_its_learning_rate(optimizer)
+        return optimizer
+
+    def _give_the_tower_its_learning_rate(self, optimizer) -> None:
+        # Trainer groups parameters by weight decay only; each group's tower parameters move to a group of their own
+        # at --vision_learning_rate, before any step, so the scheduler (built after this) scales both groups alike.
+        tower = {id(p) for p in self.accelerator.unwrap_model(self.model).vision_model.parameters()}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in tower]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in tower]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                           "lr": self.args.vision_learning_rate})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
 
     def _load_weights(self, folder: str) -> None:
         # Trainer reads checkpoint files straight into `load_state_dict`, but transformers 5 saves ViT (and other
