@@ -13,8 +13,9 @@ def evaluate_model(model, processor, images, batch_size: int = 32, max_caption_l
     with a `vision_gpt.evaluation.bertscore.BERTScorer`, CLIPScore and RefCLIPScore with a `vision_gpt.evaluation.clipscore.CLIPScorer`),
     caption statistics (with near duplicates, given a `vision_gpt.evaluation.sentence_embeddings.SentenceEmbedder`),
     object hallucination (CHAIR-i and CHAIR-s, against `instances`, a `vision_gpt.evaluation.chair.InstanceAnnotations`;
-    None where there are none, found in `instances_where`) and perplexity of the references. Returns `{"metrics", "statistics", "perplexity", "predictions"}`; `perplexity` is
-    None for an ONNX Runtime model (`ONNXCaptioner`), which computes no loss.
+    None where there are none, found in `instances_where`) and perplexity of the references. Returns `{"metrics",
+    "statistics", "perplexity", "predictions"}`; `perplexity` is None for an ONNX Runtime model (`ONNXCaptioner`),
+    which computes no loss.
     """
     import torch
     from torch.utils.data import DataLoader
