@@ -15,7 +15,7 @@ VISION_MODEL_TYPES = ("vit", "clip_vision_model", "siglip_vision_model", "dinov2
 # Decoders that `fusion="cross_attention"` can add cross-attention layers to (vision-gpt's own GPT-2).
 CROSS_ATTENTION_TEXT_MODEL_TYPES = ("gpt2",)
 # Decoder-only causal LMs that `fusion="prefix"` takes: those whose causal LM is their base model and one linear head,
-# as the tests check against transformers' own (README: "Decoders"). Others are refused rather than run wrongly: some
+# as the tests check against transformers' own (docs/guides/decoders.md). Others are refused rather than run wrongly: some
 # scale their logits after the head (Cohere, Granite), soft-cap them (Gemma 2), or keep no attention cache (Mamba).
 TEXT_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "opt", "gpt_neox", "phi")
 

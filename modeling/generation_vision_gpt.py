@@ -40,9 +40,11 @@ class VisionGPTGenerationMixin(GenerationMixin):
         (`num_beams`, `do_sample`, `top_p`, `num_return_sequences`, `repetition_penalty`, `generation_config`, ...).
         Each image is encoded once per call, before beams or return sequences are expanded. On x86 CPUs the linear
         layers run oneDNN with pre-packed weights and the MLPs' GELU fused in (see `packed_linear_vision_gpt.py`;
-        `use_packed_linears=False` runs the plain layers), and a bfloat16 model computes its LM head in float32 from
-        the exact upcast of its weight, so that tokens are not chosen among logits rounded to bfloat16
-        (`float32_logits=False` keeps them in bfloat16: faster, and further from the float32 model's captions).
+        `use_packed_linears=False` runs the plain layers). On that packed path a bfloat16 model computes its LM head
+        in float32 from the exact upcast of its weight, so that tokens are not chosen among logits rounded to bfloat16
+        (`float32_logits=False` keeps them in bfloat16: faster, and further from the float32 model's captions); on
+        the plain layers (a GPU, `use_packed_linears=False`, or a CPU whose oneDNN refuses bfloat16) logits stay in
+        the model's dtype.
         Returns the token ids, start token and prompt included (and, with `fusion="prefix"`, the image tokens where
         `input_ids` held them; those added here are left out); decode them with `processor.batch_decode`.
         """

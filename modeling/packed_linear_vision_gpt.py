@@ -12,8 +12,8 @@ weight changes (new tensor, dtype, or an in-place update), so it costs one extra
 
 Two more things happen inside the matrix product, where they cost least:
 - the GELU of a transformer MLP (GPT-2's, ViT's, CLIP's, SigLIP's, DINOv2's, our mapper's) runs as a oneDNN post-op on
-  each output tile while it is in cache, instead of as more passes over a `(tokens, 4 x hidden)` tensor (the README's
-  Speed section has the measured gain);
+  each output tile while it is in cache, instead of as more passes over a `(tokens, 4 x hidden)` tensor (vision-gpt's
+  docs/benchmarks/generate.md has the measured gain);
 - layers named in `float32_layers` (generate passes the LM head) compute from the exact float32 copy of their bfloat16
   weight and return float32, so that the next token is not chosen among logits rounded to bfloat16's 8 bits.
 """
@@ -32,9 +32,11 @@ from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from .gpt2_vision_gpt import VisionGPTConv1D
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
-# layer -> (weight key, packed weight). Kept outside the layers so that copying, pickling or saving a model never
+# layer -> (weight key, packed weight, fingerprint). Kept outside the layers so that copying, pickling or saving a model never
 # meets oneDNN's opaque tensors, and dropped with the layer.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# How many of a weight's values tell a packed copy made before an in-place update from one made after it.
+FINGERPRINT_SAMPLES = 64
 # Guards the depth count and the layer swap of `packed_linears`. Without it, two threads generating with one model (a
 # server captioning two requests at once) can both see depth 0 and swap: the second finds the GELUs already replaced by
 # `nn.Identity`, records nothing to restore, and the model is left without its activations, captioning wrongly from
@@ -83,8 +85,28 @@ def _packed_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch
     key = (module.weight.data_ptr(), module.weight.dtype, _version(module.weight), dtype)
     cached = _PACKED.get(module)
     if cached is None or cached[0] != key:
-        cached = _PACKED[module] = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous()))
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype).contiguous())
+        cached = _PACKED[module] = (key, packed, _fingerprint(module.weight))
     return cached[1]
+
+
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """A few of the weight's values, evenly spaced: (FINGERPRINT_SAMPLES,)."""
+    flat = weight.detach().reshape(-1)
+    steps = min(FINGERPRINT_SAMPLES, flat.numel())
+    # Integer arithmetic: float positions round past the end of a tensor of more than 2**24 values.
+    index = torch.arange(steps, device=flat.device) * (flat.numel() - 1) // max(steps - 1, 1)
+    return flat[index].clone()
+
+
+def _drop_stale_packed_weights(model: nn.Module) -> None:
+    # torch's fused optimizers (transformers' default, adamw_torch_fused) update weights in place without bumping
+    # their version counter, so the key above misses a training step; an update moves nearly every value, and a few
+    # of them, compared when generation starts, catch it.
+    for module in model.modules():
+        cached = _PACKED.get(module)
+        if cached is not None and not torch.equal(_fingerprint(module.weight), cached[2]):
+            del _PACKED[module]
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -207,6 +229,7 @@ def packed_linears(
     with _SWAP_LOCK:
         depth = getattr(model, "_vision_gpt_packed_depth", 0)
         if depth == 0:
+            _drop_stale_packed_weights(model)
             float32_ids = {id(layer) for layer in float32_layers}
             fused = {}  # first layer -> its MLP's activation
             swapped = []

@@ -3,9 +3,9 @@
 The browser is Debian's Chromium (`apt-get install -y chromium`) driven by the Python `playwright` package; Playwright's
 own browser download (`playwright install`) is never used, so nothing is fetched at test time.
 
-Run as a script, it writes the README's screenshot of the app captioning an example image:
+Run as a script, it writes the docs' screenshot of the app captioning an example image:
 
-    python -m tests.browser docs/app_screenshot.png
+    python -m tests.browser docs/images/app_screenshot.png
 """
 
 import os
@@ -135,7 +135,7 @@ def read_errors(page) -> list[str]:
 
 def screenshot_example(output: str, model_dir: str | None = None) -> None:
     """Start the app, caption two example images and save a screenshot: with `model_dir` (e.g. the model that
-    `vision-gpt demo` trained) on the shapes examples, else with the README's tiny random model."""
+    `vision-gpt demo` trained) on the shapes examples, else with a tiny random model."""
     from vision_gpt.app.server import EXAMPLES_DIR, Captioner, build_app
     from vision_gpt.assembly.build import build_tiny
 
@@ -150,7 +150,7 @@ def screenshot_example(output: str, model_dir: str | None = None) -> None:
             model.save_pretrained(folder)
             processor.save_pretrained(folder)
             captioner = Captioner.from_pretrained(folder)
-            captioner.name = "tiny-vision-gpt"  # the README's folder name, not this temporary one
+            captioner.name = "tiny-vision-gpt"  # a readable folder name, not this temporary one
             examples = (EXAMPLES_DIR / "beach.jpg", EXAMPLES_DIR / "shapes_1.jpg")
         demo = build_app(captioner=captioner)
         with running_app(demo) as url, chromium() as browser:
@@ -164,5 +164,5 @@ def screenshot_example(output: str, model_dir: str | None = None) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    screenshot_example(sys.argv[1] if len(sys.argv) > 1 else "docs/app_screenshot.png",
+    screenshot_example(sys.argv[1] if len(sys.argv) > 1 else "docs/images/app_screenshot.png",
                        sys.argv[2] if len(sys.argv) > 2 else None)

@@ -57,7 +57,7 @@ def image_files(tmp_path_factory):
 
 
 def direct_beams(reference, processor, path, num_beams, num_return_sequences, max_new_tokens):
-    """Captions and beam scores straight from `generate`, as the README shows it."""
+    """Captions and beam scores straight from `generate`, as the docs show it."""
     out = reference.generate(**processor(images=[str(path)]), num_beams=num_beams,
                              num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens,
                              output_scores=True, return_dict_in_generate=True)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import vision_gpt
 from vision_gpt.cli import build_parser, main
+from vision_gpt.cli.commands import command_parsers
 from vision_gpt.export.repo import export_repo
 
 from .conftest import tiny_model
@@ -29,9 +30,7 @@ REQUIRED = {"evaluate": ["--model", "m"], "caption": ["--model", "m"], "app": ["
 
 
 def subcommands():
-    parser = build_parser()
-    choices = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
-    return parser, choices
+    return build_parser(), command_parsers()
 
 
 def test_bare_command_lists_every_subcommand_with_what_it_does_and_exits_0(capsys):
@@ -168,3 +167,13 @@ def test_convert_names_a_missing_or_doubled_output_folder(capsys):
     assert "convert needs the output folder: --output-dir DIR." in capsys.readouterr().err
     assert main(["convert", "some/ved", "a", "--output-dir", "b"]) == 2
     assert "Two output folders: --output-dir b and a; give one." in capsys.readouterr().err
+
+
+def test_command_parsers_give_every_subcommand_with_its_summary():
+    # The docs' command-line reference is written from these (docs/hooks/cli_reference.py).
+    parsers = command_parsers()
+    assert list(parsers) == ["demo", "train", "evaluate", "caption", "assemble", "convert", "export-onnx", "push",
+                             "app"]
+    listing = build_parser().format_help()
+    for name, parser in parsers.items():
+        assert parser.summary and parser.summary in " ".join(listing.split()), name

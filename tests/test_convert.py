@@ -2,9 +2,11 @@
 models: same logits, same greedy and beam ids, same default generation, and a saved repo that reloads."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import (
     AutoModel,
@@ -206,6 +208,21 @@ def test_convert_checkpoint_writes_a_repo_that_captions_like_the_original(saved_
     expected = [caption.strip() for caption in processor.tokenizer.batch_decode(theirs, skip_special_tokens=True)]
     assert processor.batch_decode(ours) == expected
     assert torch.equal(model.generate(**inputs), ved.generate(inputs["pixel_values"]))
+
+
+def test_converted_repo_has_a_card_that_credits_the_source(saved_ved, tmp_path):
+    source, _ = saved_ved
+    copy = tmp_path / "source"
+    shutil.copytree(source, copy)
+    ModelCard("---\nlicense: apache-2.0\n---\n# a VED captioner\n").save(copy / "README.md")
+    out = convert_checkpoint(str(copy), str(tmp_path / "converted"), repo_id="me/converted")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0"  # the source card's
+    assert getattr(card.data, "base_model", None) is None  # a local folder is no Hub model
+    assert 'AutoModel.from_pretrained("me/converted", trust_remote_code=True)' in card.text
+    assert "greedy ids equal: True" in card.text and (out / "example.jpg").is_file()
+    assert convert_checkpoint(str(source), str(tmp_path / "mit"), license="mit").joinpath("README.md").is_file()
+    assert ModelCard.load(tmp_path / "mit" / "README.md").data.license == "mit"
 
 
 def test_convert_checkpoint_fp16_saves_half_precision(saved_ved, tmp_path):

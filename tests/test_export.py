@@ -1,6 +1,9 @@
+import re
+
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
 
 from vision_gpt.cli import commands as cli
@@ -20,7 +23,7 @@ def front_matter(readme):
 def test_export_writes_fp32_and_fp16_repos_with_cards(tmp_path, processor):
     model = tiny_model()
     folders = export_repo(model, processor, tmp_path / "repo", repo_id="user/tiny-captioner",
-                          vision_model="tiny-vit", text_model="tiny-gpt2", datasets=["flickr8k"],
+                          vision_model="tiny-vit", text_model="tiny-gpt2", license="mit", datasets=["flickr8k"],
                           dataset_name="Flickr8k", metrics={"BLEU-4": 21.5, "CIDEr": 55.25})
     assert folders == {"fp32": tmp_path / "repo", "fp16": tmp_path / "repo" / "fp16"}
     sizes = {name: (folder / "model.safetensors").stat().st_size for name, folder in folders.items()}
@@ -31,7 +34,7 @@ def test_export_writes_fp32_and_fp16_repos_with_cards(tmp_path, processor):
     assert {m["name"]: m["value"] for m in results["metrics"]} == {"BLEU-4": 21.5, "CIDEr": 55.25}
     assert 'AutoModel.from_pretrained("user/tiny-captioner", trust_remote_code=True)' in text
     assert 'pipeline("image-to-text", model="user/tiny-captioner"' in text
-    assert "{{" not in text
+    assert not re.search(r"{{\w+}}", text)  # every placeholder filled
     fp16_meta, fp16_text = front_matter(folders["fp16"] / "README.md")
     assert "FP16" in fp16_text and fp16_meta["pipeline_tag"] == "image-to-text"
 
@@ -66,11 +69,14 @@ def test_assemble_from_local_towers_builds_model_and_processor(tmp_path, tokeniz
 
 def test_cli_assemble_tiny_exports_and_reloads(tmp_path, capsys):
     assert cli.main(["assemble", "--tiny", "--output_dir", str(tmp_path / "out"), "--fusion", "cross_attention",
-                     "--visual_tokens", "patches"]) == 0
+                     "--visual_tokens", "patches", "--license", "cc-by-4.0", "--language", "en", "fr"]) == 0
     out = capsys.readouterr().out
     assert "fp16:" in out and "generated_text" in out
     assert (tmp_path / "out" / "fp16" / "model.safetensors").is_file()
-    assert (tmp_path / "out" / "README.md").is_file()
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.license == "cc-by-4.0" and card.data.language == ["en", "fr"]
+    # Without --repo-id the card is addressed to the folder's name, never to a path of this machine.
+    assert 'from_pretrained("out", trust_remote_code=True)' in card.text
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):

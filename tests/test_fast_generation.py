@@ -152,6 +152,28 @@ def test_packed_weights_follow_in_place_updates():
 
 
 @needs_packed_kernels
+def test_generation_after_a_fused_optimizer_step_uses_the_new_weights(inputs):
+    # torch's fused AdamW (transformers' default optimizer) updates in place without bumping version counters: the
+    # captions a training run scores after a step must come from the stepped weights, not from stale packed copies.
+    model = tiny_model().eval()
+    pixel_values = inputs["pixel_values"]
+    greedy = dict(max_new_tokens=6, num_beams=1, do_sample=False)
+    model.generate(pixel_values=pixel_values, **greedy)  # packs every layer
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+    layer = model.projector.linear_1 if hasattr(model.projector, "linear_1") else next(
+        m for m in model.projector.modules() if isinstance(m, torch.nn.Linear))
+    version = layer.weight._version
+    ids = torch.randint(0, 100, (pixel_values.shape[0], 5))
+    model.train()
+    model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    assert layer.weight._version == version  # what makes the version counter alone miss the step
+    stepped = model.generate(pixel_values=pixel_values, **greedy)
+    assert torch.equal(stepped, model.generate(pixel_values=pixel_values, use_packed_linears=False, **greedy))
+
+
+@needs_packed_kernels
 def test_gradients_and_the_plain_layers_come_back():
     layer = torch.nn.Linear(8, 4)
     x = torch.randn(3, 8)

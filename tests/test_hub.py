@@ -5,6 +5,7 @@ import socket
 
 import huggingface_hub
 import pytest
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
 from vision_gpt.export.repo import export_repo
@@ -185,3 +186,15 @@ def test_training_run_pushes_its_output_folder(hub, tmp_path, tokenizer, monkeyp
     assert "README.md" in files and "training_config.json" in files and "loss.png" in files
     assert (output / "checkpoint-1").is_dir() and (output / "train.log").is_file()
     assert not [name for name in files if name.startswith("checkpoint-") or name.endswith(".log")]
+
+
+def test_a_card_written_for_the_folder_name_is_readdressed_to_the_pushed_repo(tmp_path, processor, hub):
+    # A training run without --hub-model-id names its card after its folder; `push` tells the card where it went.
+    folder = tmp_path / "run"
+    export_repo(tiny_model(), processor, folder, repo_id="run", license="mit", vision_model="v", text_model="t")
+    push_folder(folder, REPO_ID, token=TOKEN, endpoint=hub.url)
+    for card in ("README.md", "fp16/README.md"):
+        received = ModelCard(hub.repo(REPO_ID).received("main")[card].decode())
+        assert f'AutoModel.from_pretrained("{REPO_ID}", trust_remote_code=True)' in received.text
+        assert received.data.widget[0]["src"] == f"https://huggingface.co/{REPO_ID}/resolve/main/example.jpg"
+        assert (folder / card).read_text() == str(received)  # the folder now says what the Hub holds

@@ -56,14 +56,16 @@ def test_save_writes_a_complete_hub_repo(saved):
         assert (folder / name).read_text() == open(source).read(), f"{name} must be copied verbatim"
 
 
-def test_the_readme_lists_exactly_the_files_a_saved_repo_carries(saved):
+def test_the_docs_list_exactly_the_files_a_saved_repo_carries(saved):
     folder, _, _, _ = saved
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `modeling/` |"))
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    development = (docs / "development.md").read_text()
+    section = development.split("### `modeling/`", 1)[1].split("\n#", 1)[0]
     carried = {f for f in os.listdir(folder) if f.endswith(".py")}
-    assert set(re.findall(r"`(\w+_vision_gpt\.py)`", row)) == carried == REMOTE_FILES
-    number = {7: "seven", 8: "eight", 9: "nine"}.get(len(carried), str(len(carried)))
-    assert f"these {number} files are copied" in row and f"the {number} `modeling/` files" in readme
+    assert set(re.findall(r"`(\w+_vision_gpt\.py)`", section)) == carried == REMOTE_FILES
+    number = {7: "seven", 8: "eight", 9: "nine", 10: "ten"}.get(len(carried), str(len(carried)))
+    assert f"These {number} files are copied verbatim" in section
+    assert f"the {number} files of `vision_gpt.modeling`" in (docs / "guides" / "publishing.md").read_text()
 
 
 def test_tied_embeddings_are_stored_once_and_tied_again(saved):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModel, TrainingArguments
 
@@ -89,12 +90,17 @@ def test_two_step_run_reports_metrics_logs_plots_and_card(two_step_run):
     assert (output / "caption_metrics.png").stat().st_size > 1000
     log = (output / "train.log").read_text()
     assert "Total optimization steps = 2" in log
-    card = (output / "README.md").read_text()
-    meta = yaml.safe_load(card.split("---\n")[1])
-    assert meta["pipeline_tag"] == "image-to-text" and meta["datasets"] == ["flickr8k"]
-    names = {m["name"] for m in meta["model-index"][0]["results"][0]["metrics"]}
-    assert {"loss", "perplexity", "bleu_4", "cider_d"} <= names
-    assert "Training configuration" in card
+    card = ModelCard.load(output / "README.md")
+    assert card.data.pipeline_tag == "image-to-text" and card.data.datasets == ["flickr8k"]
+    results = {result.metric_type: result for result in card.data.eval_results}
+    assert {"loss", "perplexity", "bleu_4", "cider_d"} <= set(results)
+    # Captioned with the run's --generation_num_beams 1 and the default 32 new tokens, on the validation split.
+    assert results["bleu_4"].metric_args == {"num_beams": 1, "max_new_tokens": 32}
+    assert results["bleu_4"].metric_name == "BLEU-4 (greedy, up to 32 new tokens)"
+    assert {result.dataset_split for result in results.values()} == {"validation"}
+    # Local random towers declare no license: "other", and the run still finished.
+    assert card.data.license == "other" and getattr(card.data, "base_model", None) is None
+    assert "Training configuration" in card.text and "minutes of training on" in card.text
     config = json.loads((output / "training_config.json").read_text())
     assert config["training"]["max_steps"] == 2
 

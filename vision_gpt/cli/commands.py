@@ -1,6 +1,7 @@
 """`vision-gpt`: the command line. One parser; each subcommand's flags live in a module of their own here, and each
 job in the package that does the work."""
 
+import argparse
 import sys
 
 from .options import ArgumentParser, HelpFormatter
@@ -16,7 +17,7 @@ Train one on your captions, score it, caption many images, publish it, serve it:
 `vision-gpt COMMAND --help` describes a command's flags."""
 
 
-def build_parser() -> ArgumentParser:
+def _build() -> tuple[ArgumentParser, argparse.Action]:  # (the parser, its subcommands)
     from .. import __version__
     from . import app, assemble, caption, convert, demo, evaluate, export_onnx, push, train
 
@@ -26,7 +27,17 @@ def build_parser() -> ArgumentParser:
     # The order a newcomer meets them: try it, train, score, caption, publish, serve.
     for module in (demo, train, evaluate, caption, assemble, convert, export_onnx, push, app):
         module.register(commands)
-    return parser
+    return parser, commands
+
+
+def build_parser() -> ArgumentParser:
+    return _build()[0]
+
+
+def command_parsers() -> dict[str, ArgumentParser]:
+    """Each subcommand's parser, in the order `vision-gpt --help` lists them (the docs' CLI reference is written from
+    these; `parser.summary` is the command's line in that list)."""
+    return dict(_build()[1].choices)
 
 
 def main(argv=None) -> int:

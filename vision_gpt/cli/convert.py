@@ -2,7 +2,7 @@
 
 import argparse
 
-from .options import add_command
+from .options import add_card_options, add_command
 
 
 def register(subparsers) -> None:
@@ -16,6 +16,7 @@ def register(subparsers) -> None:
     # The output folder's earlier spelling, a second positional.
     parser.add_argument("legacy_output_dir", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument("--fp16", action="store_true", help="save FP16 weights (half the size)")
+    add_card_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     # The parity check's result is logged by convert_checkpoint: show it.
     logging.basicConfig(format="%(message)s")
     logging.getLogger("vision_gpt.export.convert").setLevel(logging.INFO)
-    folder = convert_checkpoint(args.source, output_dir, fp16=args.fp16)
+    folder = convert_checkpoint(args.source, output_dir, fp16=args.fp16, repo_id=args.repo_id, license=args.license)
     print(f"Converted {args.source} into {folder}: load it with AutoModel.from_pretrained({str(folder)!r}, "
           "trust_remote_code=True) or pipeline('image-to-text', ...).")
     return 0

@@ -55,8 +55,10 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def add_command(subparsers, name: str, **kwargs) -> ArgumentParser:
-    """A subcommand with the shared help layout."""
-    return subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    """A subcommand with the shared help layout; its one-line `help` is kept as `summary` for the docs' reference."""
+    command = subparsers.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    command.summary = kwargs.get("help", "")
+    return command
 
 
 def add_loading_options(group, *, model_help: str, runtime: bool = True, device_help: str | None = None) -> None:
@@ -83,3 +85,16 @@ def parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_card_options(parser, languages: bool = False) -> None:
+    """The model card's repo id and license (and languages), for the commands that write a repo."""
+    parser.add_argument("--repo-id", metavar="USER/NAME",
+                        help="the Hub repo the model card's usage lines and widget point to (default: the output "
+                             "folder's name; `vision-gpt push` re-addresses the card to where it uploads)")
+    parser.add_argument("--license", metavar="ID",
+                        help="the model card's license, a Hub license id such as apache-2.0 or mit (default: the "
+                             "license the source models' own cards agree on, else 'other', with a warning)")
+    if languages:
+        parser.add_argument("--language", nargs="+", default=["en"], metavar="CODE",
+                            help="the captions' languages for the model card, as ISO 639-1 codes")

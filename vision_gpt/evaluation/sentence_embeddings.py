@@ -12,7 +12,7 @@ import torch
 from ..assembly.pretrained_files import package_folder
 from .bertscore import check_text_encoder
 
-# Measured with all-MiniLM-L6-v2 (README, "Evaluation"): rewordings that keep every content word scored 0.97-0.99;
+# Measured with all-MiniLM-L6-v2 (docs/guides/evaluation.md): rewordings that keep every content word scored 0.97-0.99;
 # captions differing in one content word (colour, shape, animal, place) 0.65-0.80. 0.95 separates the two. It cannot
 # see word order: "a blue square above a green triangle" and its converse scored 0.986.
 NEAR_DUPLICATE_THRESHOLD = 0.95

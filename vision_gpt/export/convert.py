@@ -22,6 +22,8 @@ from transformers import (
 
 from ..modeling import VisionGPTConfig, VisionGPTForConditionalGeneration, VisionGPTProcessor
 from ..modeling.compat_vision_gpt import load_image_processor
+from .model_card import declared_license, hub_model_id
+from .repo import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +170,16 @@ def check_architecture(config, name: str) -> None:
         )
 
 
-def convert_checkpoint(source: str, output_dir: str, fp16: bool = False) -> Path:
+def convert_checkpoint(source: str, output_dir: str, fp16: bool = False, *, repo_id: str | None = None,
+                       license: str | None = None) -> Path:
     r"""
     Convert a ViT + GPT-2 VisionEncoderDecoder checkpoint (Hub id or folder, with its tokenizer and image processor)
     into a Hub-ready VisionGPT repo in `output_dir`: weights, config, generation config, processor files and the
     remote code that loads them with `trust_remote_code=True`. Before saving, the converted model is checked against
     the original on a random image ([`check_parity`]); the check runs in FP32, and `fp16=True` then saves FP16
-    weights. Returns `output_dir` as a `Path`.
+    weights. The repo's model card names `source` as its base model, takes its license from `source`'s own card
+    unless `license` is given, and is addressed to `repo_id` (default: the folder's name). Returns `output_dir` as a
+    `Path`.
 
     Example:
 
@@ -204,6 +209,20 @@ def convert_checkpoint(source: str, output_dir: str, fp16: bool = False) -> Path
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    write_model_card(
+        model, processor, output_dir, repo_id=repo_id or output_dir.name, license=license,
+        vision_model=f"the ViT encoder of {source}", text_model=f"the GPT-2 decoder of {source}",
+        base_models=[source] if hub_model_id(source) else [], tower_licenses={source: declared_license(source)},
+        weights_description="FP16 `model.safetensors`" if fp16 else "FP32 `model.safetensors`",
+        datasets=None, dataset_name=f"the training data of {source}",
+        training_data=f"Not trained by vision-gpt: the weights are {source}'s, converted. See its model card.",
+        training_description=(f"Converted from the VisionEncoderDecoderModel {source} by `vision-gpt convert`: every "
+                              "weight mapped and checked, then the converted model's logits and greedy tokens "
+                              f"compared with the original's on a random image (max |logit difference| "
+                              f"{report['max_logit_diff']:.2e}, greedy ids equal: {report['greedy_equal']})."),
+        compute_description="None beyond the conversion: the weights were trained elsewhere.",
+        data_limitations=f"what {source} was trained on (see its model card)",
+    )
     return output_dir
 
 

@@ -101,6 +101,7 @@ def push_folder(
     api = huggingface_hub.HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     context = f"pushing '{folder}' to the model repo '{repo_id}' at {api.endpoint}"
 
+    _readdress_cards(folder, repo_id)
     with _errors_name(context, "create_repo"):
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and revision != constants.DEFAULT_REVISION:
@@ -116,6 +117,19 @@ def push_folder(
             ignore_patterns=list(IGNORE_PATTERNS),  # upload_folder appends its own defaults to the list it gets
         )
     return str(info.commit_url or info.oid)
+
+
+def _readdress_cards(folder: Path, repo_id: str) -> None:
+    """A card written for another repo id (a training run without --hub-model-id names it after its folder) points its
+    usage lines and widget at `repo_id`, where it is going: in the folder, so that folder and repo agree."""
+    from .model_card import readdress_model_card
+
+    for card in (folder / "README.md", folder / "fp16" / "README.md"):
+        if card.is_file():
+            text = card.read_text()
+            readdressed = readdress_model_card(text, repo_id)
+            if readdressed != text:
+                card.write_text(readdressed)
 
 
 def _check_model_folder(folder: Path) -> None:

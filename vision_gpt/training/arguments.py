@@ -63,6 +63,17 @@ class ModelArguments:
     save_adapters: bool = field(default=False, metadata={
         "help": "With --lora_r: also write the unmerged model (unmerged/) and its adapters as PEFT writes them "
                 "(adapters/); the exported repo has them merged either way."})
+    # The exported repo's model card (README.md).
+    license: str | None = field(default=None, metadata={
+        "help": "The model card's license, a Hub license id such as apache-2.0 or mit. Default: the license the "
+                "towers' own cards agree on, else 'other' (with a warning)."})
+    language: list[str] = field(default_factory=lambda: ["en"], metadata={
+        "help": "The captions' languages for the model card, as ISO 639-1 codes."})
+    card_dataset: str | None = field(default=None, metadata={
+        "help": "The training data's name in the model card (datasets, model-index). Default: --dataset."})
+    widget_image: str | None = field(default=None, metadata={
+        "help": "An image for the model card's widget on the Hub, copied into the repo. Default: a drawn example "
+                "that ships with vision-gpt."})
 
 
 @dataclass

@@ -7,22 +7,24 @@ Accelerate; this module only builds the model and data, runs `Trainer`, and expo
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import EarlyStoppingCallback, set_seed
 
-from ..assembly.dinov2_port import ported_tower_description
+from ..assembly.dinov2_port import ported_tower_description, ported_tower_license
 from ..data.factory import load_captioning_dataset
 from ..data.records import DataReport
 from ..data.shard_splits import SHARD_DATASETS, describe_shards, resolve_data_files, shard_image_ids, shard_images
 from ..data.torch_datasets import CaptionCollator, CaptionPairDataset, StreamingCaptionDataset
+from ..export.model_card import declared_license
 from ..export.repo import export_repo
 from . import lora
 from .arguments import (
-    BERTSCORE_KEYS,
     CAPTION_METRIC_KEYS,
     NonFiniteLossError,
     build_model_and_processor,
@@ -67,7 +69,7 @@ def _log_everything() -> None:
     transformers.utils.logging.enable_propagation()
 
 
-def _training_description(model_args, data_args, training_args, model, num_pairs, runtime) -> str:
+def _training_description(model_args, data_args, training_args, model, num_pairs) -> str:
     """`num_pairs` is None for streamed shards (their size is not known)."""
     summary = model.parameter_summary()["total"]
     precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
@@ -82,7 +84,7 @@ def _training_description(model_args, data_args, training_args, model, num_pairs
         f"Trained with `vision_gpt.training` on {data}"
         + f", learning rate {training_args.learning_rate:g}, batch size "
         f"{training_args.per_device_train_batch_size} x {training_args.world_size} process(es) x "
-        f"{training_args.gradient_accumulation_steps} accumulation, {precision}, {runtime:.0f} s.",
+        f"{training_args.gradient_accumulation_steps} accumulation, {precision}.",
         f"Trainable parameters at the end: {summary['trainable']:,} of {summary['total']:,}.",
     ]
     if model_args.unfreeze_text_epoch is not None or model_args.unfreeze_vision_epoch is not None:
@@ -97,12 +99,18 @@ def _training_description(model_args, data_args, training_args, model, num_pairs
     return "\n".join(lines)
 
 
-def _evaluation_description(metrics: dict, num_images: int) -> str:
-    if not metrics:
-        return "No validation split was evaluated."
-    rows = [f"| {name} | {value:.2f} |" for name, value in metrics.items()]
-    return (f"On the validation split ({num_images} images captioned for caption metrics; scores 0-100, loss per "
-            "caption token):\n\n| metric | value |\n|---|---|\n" + "\n".join(rows))
+def _compute_description(training_args, runtime: float) -> str:
+    import platform
+
+    from ..inference.hardware import cpu_name
+
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        device = f"{cpu_name()} ({os.cpu_count()} cores)"
+    return (f"{runtime / 60:.1f} minutes of training on {device}, {training_args.world_size} process(es); "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, Python "
+            f"{platform.python_version()}.")
 
 
 def main(argv=None, **parser_kwargs) -> dict:
@@ -348,27 +356,41 @@ def _export_and_push(trainer, processor, model_args, data_args, training_args, d
                         output_dir / "adapters")
         # The exported repo needs no peft: the adapters are merged into the weights they adapt.
         lora.merge_adapters(final)
-    card_metrics = {name.removeprefix("eval_"): value for name, value in metrics.items()
-                    if name.removeprefix("eval_") in {*CAPTION_METRIC_KEYS.values(), *BERTSCORE_KEYS, "loss",
-                                                       "perplexity"}}
+    # The card's metrics by the names papers print (BLEU-4, CIDEr-D, BERTScore-F1).
+    display = {key: name for name, key in CAPTION_METRIC_KEYS.items()} | {
+        "bertscore_precision": "BERTScore-P", "bertscore_recall": "BERTScore-R", "bertscore_f1": "BERTScore-F1",
+        "loss": "loss", "perplexity": "perplexity"}
+    card_metrics = {display[name.removeprefix("eval_")]: value for name, value in metrics.items()
+                    if name.removeprefix("eval_") in display}
     repo_id = training_args.hub_model_id or output_dir.name
+    ported = ported_tower_description(model_args.vision_model)
+    vision_source = model_args.vision_model or model_args.model_name_or_path
+    text_source = model_args.text_model or model_args.model_name_or_path
+    dataset = model_args.card_dataset or data_args.dataset
+    card_fields = {}
+    if model_args.widget_image:
+        card_fields["widget_image"] = model_args.widget_image
     folders = export_repo(
-        final.to(torch.float32), processor, output_dir, repo_id=repo_id,
+        final.to(torch.float32), processor, output_dir, repo_id=repo_id, **card_fields,
         # A tower ported from a package's file says where it came from and under which licences.
-        vision_model=(ported_tower_description(model_args.vision_model)
-                      or model_args.vision_model or model_args.model_name_or_path),
+        vision_model=ported or vision_source,
         # A local GGUF file by its name: its folder is this machine's.
-        text_model=(Path(model_args.text_model).name if str(model_args.text_model).lower().endswith(".gguf")
-                    else model_args.text_model or model_args.model_name_or_path),
+        text_model=(Path(text_source).name if str(text_source).lower().endswith(".gguf") else text_source),
+        # Whose own cards declare the license, where --license does not: a ported tower's is its weights'.
+        tower_licenses={vision_source: ported_tower_license(vision_source) if ported
+                        else declared_license(vision_source), text_source: declared_license(text_source)},
+        license=model_args.license, language=model_args.language,
         merged_adapters=f"LoRA rank {model_args.lora_r}" if model_args.lora_r else None,
         # Shards are no Hub dataset the card could link to.
-        datasets=None if data.streaming else [data_args.dataset],
-        dataset_name=data_args.dataset, metrics=card_metrics,
+        datasets=None if data.streaming and not model_args.card_dataset else [dataset],
+        dataset_name=dataset, dataset_split="validation", metrics=card_metrics, num_scored_images=num_scored,
+        decoding={"num_beams": data_args.generation_num_beams,
+                  "max_new_tokens": data_args.generation_max_new_tokens},
+        training_data=(f"{dataset}: the shards {', '.join(data_args.data_files)}, streamed." if data.streaming
+                       else None),
         training_description=_training_description(model_args, data_args, training_args, final,
-                                                   None if data.streaming else len(trainer.train_dataset), runtime),
-        evaluation_description=_evaluation_description(card_metrics, num_scored),
-        data_limitations=(f"the captions of {', '.join(data_args.data_files)}" if data.streaming
-                          else f"{data_args.dataset} captions"),
+                                                   None if data.streaming else len(trainer.train_dataset)),
+        compute_description=_compute_description(training_args, runtime),
     )
     config = {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
     (output_dir / "training_config.json").write_text(json.dumps(config, indent=2, default=str))
