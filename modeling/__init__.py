@@ -1,6 +1,7 @@
 """The model exactly as it is published: these files are copied verbatim into every exported repo."""
 
 from .configuration_vision_gpt import VisionGPTConfig
+from .generation_vision_gpt import VisionGPTCaptionScores
 from .image_loading_vision_gpt import ImageLoadError, load_image
 from .modeling_vision_gpt import (
     VisionGPTForConditionalGeneration,
@@ -13,6 +14,7 @@ from .processing_vision_gpt import VisionGPTProcessor
 
 __all__ = [
     "ImageLoadError",
+    "VisionGPTCaptionScores",
     "VisionGPTConfig",
     "VisionGPTForConditionalGeneration",
     "VisionGPTImageToTextPipeline",

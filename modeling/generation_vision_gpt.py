@@ -7,15 +7,45 @@ Everything else (greedy, beams, sampling, logits processors, stopping) is `Gener
 """
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationMixin
 from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.utils import ModelOutput
 from transformers.utils import logging as transformers_logging
 
 from .compat_vision_gpt import CACHE_NAME, penalties_skip_ids_outside_vocabulary, resolve_cache_argument
 from .gpt2_vision_gpt import VisionGPTCache
 from .packed_linear_vision_gpt import packed_linears
+
+
+@dataclass
+class VisionGPTCaptionScores(ModelOutput):
+    r"""
+    How far to trust each caption: the output of [`VisionGPTGenerationMixin.score_captions`], and `generate`'s
+    `caption_scores` with `output_caption_scores=True`. One value per caption, each of shape `(num_captions,)`.
+
+    confidence (`torch.FloatTensor`):
+        How sure the decoder was of the caption, given the image: the geometric mean of its token probabilities,
+        `exp(log_prob / num_tokens)`, in (0, 1]. Normalised by length, so that long and short captions compare.
+    grounding (`torch.FloatTensor`):
+        How much the image raised the caption's probability, per token, in nats: the pointwise mutual information
+        `(log_prob - log_prob_without_image) / num_tokens`. Near 0 for a caption the decoder would write for any
+        picture; high for one that only this image explains; negative for one the image argues against.
+    log_prob (`torch.FloatTensor`):
+        `log p(caption | image)`: the sum of the scored tokens' log-probabilities.
+    log_prob_without_image (`torch.FloatTensor`):
+        `log p(caption | no image)`, "no image" being [`VisionGPTGenerationMixin.null_image_embeds`].
+    num_tokens (`torch.LongTensor`):
+        How many tokens were scored: the caption's and its end token, where it has one.
+    """
+
+    confidence: torch.FloatTensor | None = None
+    grounding: torch.FloatTensor | None = None
+    log_prob: torch.FloatTensor | None = None
+    log_prob_without_image: torch.FloatTensor | None = None
+    num_tokens: torch.LongTensor | None = None
 
 
 class VisionGPTGenerationMixin(GenerationMixin):
@@ -32,6 +62,7 @@ class VisionGPTGenerationMixin(GenerationMixin):
         image_embeds: torch.FloatTensor | None = None,
         use_packed_linears: bool = True,
         float32_logits: bool = True,
+        output_caption_scores: bool = False,
         **kwargs,
     ):
         r"""
@@ -47,10 +78,135 @@ class VisionGPTGenerationMixin(GenerationMixin):
         the model's dtype.
         Returns the token ids, start token and prompt included (and, with `fusion="prefix"`, the image tokens where
         `input_ids` held them; those added here are left out); decode them with `processor.batch_decode`.
+        With `output_caption_scores=True` it returns GenerationMixin's output dict (`return_dict_in_generate`) with
+        `caption_scores` added: a [`VisionGPTCaptionScores`] for every returned sequence, what [`score_captions`]
+        gives for its new tokens (up to and including the end token, where the model generated one), from two
+        teacher-forced passes over the finished sequences rather than a second decoding.
         """
         float32_layers = (self.get_output_embeddings(),) if float32_logits else ()
         with packed_linears(self, enabled=use_packed_linears, float32_layers=float32_layers):
-            return self._generate_captions(pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs)
+            if output_caption_scores:
+                if image_embeds is None:
+                    if pixel_values is None and vision_features is None:
+                        raise ValueError("output_caption_scores=True needs the images (`pixel_values`): a caption's "
+                                         "scores compare it with and without its image.")
+                    image_embeds = self._image_embeds(pixel_values=pixel_values, vision_features=vision_features)
+                    pixel_values = vision_features = None
+                kwargs["return_dict_in_generate"] = True
+            output = self._generate_captions(pixel_values, input_ids, attention_mask, vision_features, image_embeds,
+                                             **kwargs)
+        if output_caption_scores:
+            output["caption_scores"] = self._generated_caption_scores(
+                output.sequences, image_embeds, input_ids, attention_mask, kwargs, use_packed_linears)
+        return output
+
+    @torch.no_grad()
+    def score_captions(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        vision_features: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        use_packed_linears: bool = True,
+        **kwargs,
+    ) -> VisionGPTCaptionScores:
+        r"""
+        How far to trust captions of images: a [`VisionGPTCaptionScores`] with each caption's `confidence` and
+        `grounding`, from two teacher-forced passes over the whole batch (with each caption's image, and with no
+        image). Any caption can be scored: the model's own, or ones people wrote (alt texts, dataset captions).
+
+        Takes the processor's training rows, `processor(images=..., suffix=captions)` (`text=` prompts too: only the
+        tokens `labels` marks are scored, the caption and its end token). A caption's scores do not depend on the
+        other rows of the batch or on padding. "No image" is [`null_image_embeds`]: a blank image at the image
+        processor's mean colour.
+
+        Example:
+
+        ```python
+        >>> batch = processor(images=["dog.jpg", "beach.jpg"], suffix=["a dog runs on grass", "a red car"])
+        >>> scores = model.score_captions(**batch)
+        >>> scores.confidence, scores.grounding  # (2,) each
+        ```"""
+        if input_ids is None or labels is None:
+            raise ValueError(
+                "score_captions needs the captions as `input_ids` and `labels` (which tokens to score): pass "
+                "processor(images=..., suffix=captions)."
+            )
+        if image_embeds is None:
+            if pixel_values is None and vision_features is None:
+                raise ValueError("score_captions needs the images: `pixel_values` (or `vision_features` / "
+                                 "`image_embeds`).")
+            image_embeds = self._image_embeds(pixel_values=pixel_values, vision_features=vision_features)
+        if image_embeds.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"Got {image_embeds.shape[0]} images but {input_ids.shape[0]} captions; pass one image "
+                             "per caption.")
+        float32_layers = (self.get_output_embeddings(),)
+        with packed_linears(self, enabled=use_packed_linears, float32_layers=float32_layers):
+            return self._caption_scores(image_embeds, input_ids, attention_mask, labels[:, 1:] != -100)
+
+    def null_image_embeds(self, batch_size: int = 1) -> torch.FloatTensor:
+        """
+        The visual tokens of "no image", `(batch_size, num_image_tokens, D)`: those of a blank image whose
+        `pixel_values` are all zero, which the image processor's normalisation makes its mean colour (ImageNet's grey
+        for ViT). [`score_captions`] reads a caption's probability without the image from them: an input as the
+        decoder was trained on, without anything in it to see.
+        """
+        vision_config = self.config.vision_config
+        size = vision_config.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        pixel_values = torch.zeros(1, getattr(vision_config, "num_channels", 3), *size, device=self.device,
+                                   dtype=self.dtype)
+        return self._image_embeds(pixel_values=pixel_values).expand(batch_size, -1, -1)
+
+    def _caption_scores(self, image_embeds, input_ids, attention_mask, scored) -> VisionGPTCaptionScores:
+        """`scored[:, i]` says whether `input_ids[:, i + 1]` counts: `(B, T - 1)`."""
+        scored = scored & (input_ids[:, 1:] != self.config.image_token_id)
+        num_tokens = scored.sum(-1)
+        if bool((num_tokens == 0).any()):
+            rows = (num_tokens == 0).nonzero().flatten().tolist()
+            raise ValueError(f"Captions {rows} have no token to score (all `labels` are -100 there).")
+        log_prob = self._sequence_log_prob(image_embeds, input_ids, attention_mask, scored)
+        null = self.null_image_embeds(input_ids.shape[0]).to(image_embeds.dtype)
+        log_prob_without_image = self._sequence_log_prob(null, input_ids, attention_mask, scored)
+        count = num_tokens.to(log_prob.dtype)
+        return VisionGPTCaptionScores(
+            confidence=(log_prob / count).exp(), grounding=(log_prob - log_prob_without_image) / count,
+            log_prob=log_prob, log_prob_without_image=log_prob_without_image, num_tokens=num_tokens,
+        )
+
+    def _sequence_log_prob(self, image_embeds, input_ids, attention_mask, scored) -> torch.FloatTensor:
+        """The summed log-probability of the scored tokens, teacher-forced: `(B,)`, in float32."""
+        logits = self(input_ids=input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
+                      use_cache=False).logits[:, :-1]  # (B, T - 1, V): logits[:, i] predicts input_ids[:, i + 1]
+        targets = input_ids[:, 1:].masked_fill(~scored, 0)
+        logits = logits.float()
+        # log_softmax at the targets alone: (B, T - 1), without a second (B, T - 1, V) tensor.
+        token_log_probs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return token_log_probs.masked_fill(~scored, 0.0).sum(-1)
+
+    def _generated_caption_scores(self, sequences, image_embeds, input_ids, attention_mask, generate_kwargs,
+                                  use_packed_linears) -> VisionGPTCaptionScores:
+        """The scores of generate's returned sequences: their new tokens, up to and including the first end token
+        (where the model generated one), teacher-forced as [`score_captions`] scores."""
+        num_sequences, length = sequences.shape
+        copies = num_sequences // image_embeds.shape[0]
+        prompt_length = input_ids.shape[1] if input_ids is not None else 1
+        config = generate_kwargs.get("generation_config") or self.generation_config
+        eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=sequences.device)
+        positions = torch.arange(1, length, device=sequences.device)  # the positions that are predicted
+        is_end = torch.isin(sequences[:, 1:], eos) & (positions >= prompt_length)
+        # Tokens after the first end token are padding; the end token itself counts.
+        after_end = (is_end.cumsum(-1) - is_end.long()) > 0
+        scored = (positions >= prompt_length) & ~after_end  # (N, L - 1)
+        if attention_mask is None:
+            attention_mask = torch.ones(image_embeds.shape[0], prompt_length, dtype=torch.long, device=sequences.device)
+        mask = torch.cat([attention_mask.repeat_interleave(copies, dim=0),
+                          attention_mask.new_ones(num_sequences, length - prompt_length)], dim=1)
+        with packed_linears(self, enabled=use_packed_linears, float32_layers=(self.get_output_embeddings(),)):
+            return self._caption_scores(image_embeds.repeat_interleave(copies, dim=0), sequences, mask, scored)
 
     def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
         user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
@@ -280,4 +436,4 @@ class _without_log_message:
         self.logger.removeFilter(self)
 
 
-__all__ = ["VisionGPTGenerationMixin"]
+__all__ = ["VisionGPTCaptionScores", "VisionGPTGenerationMixin"]

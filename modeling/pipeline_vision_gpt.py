@@ -1,5 +1,6 @@
 """The `image-to-text` pipeline for VisionGPT, shipped through `custom_pipelines` in the model's `config.json`."""
 
+import torch
 from transformers import GenerationConfig, Pipeline
 
 from .compat_vision_gpt import pipeline_generate_kwargs
@@ -10,7 +11,8 @@ class VisionGPTImageToTextPipeline(Pipeline):
     Captions images: `captioner(image)` returns `[{"generated_text": caption}]`; a list of images returns one such
     list per image. Images may be PIL images, paths, URLs (where the network allows), numpy arrays or tensors.
     Generation arguments (`max_new_tokens`, `num_beams`, `do_sample`, `num_return_sequences`, `generate_kwargs`, ...)
-    go to `model.generate`; `prompt` makes every caption start with the given text.
+    go to `model.generate`; `prompt` makes every caption start with the given text. With `return_caption_scores=True`
+    each caption comes with its `confidence` and `grounding` (see `VisionGPTCaptionScores`).
 
     Example:
 
@@ -18,7 +20,9 @@ class VisionGPTImageToTextPipeline(Pipeline):
     >>> from transformers import pipeline
     >>> captioner = pipeline("image-to-text", model="user/vision-gpt-flickr8k", trust_remote_code=True)
     >>> captioner("photo.jpg")
-    [{'generated_text': 'a dog runs through the grass'}]
+    [{'generated_text': '...'}]
+    >>> captioner("photo.jpg", return_caption_scores=True)
+    [{'generated_text': '...', 'confidence': 0.61, 'grounding': 1.93}]
     ```"""
 
     _load_processor = True
@@ -28,9 +32,12 @@ class VisionGPTImageToTextPipeline(Pipeline):
     _pipeline_calls_generate = True
     _default_generation_config = GenerationConfig(max_new_tokens=32)
 
-    def _sanitize_parameters(self, prompt=None, max_new_tokens=None, generate_kwargs=None, **kwargs):
+    def _sanitize_parameters(self, prompt=None, max_new_tokens=None, generate_kwargs=None, return_caption_scores=None,
+                             **kwargs):
         preprocess_params = {} if prompt is None else {"prompt": prompt}
         forward_params = dict(generate_kwargs or {})
+        if return_caption_scores:
+            forward_params["output_caption_scores"] = True
         if max_new_tokens is not None:
             if "max_new_tokens" in forward_params:
                 raise ValueError("`max_new_tokens` was given both directly and in `generate_kwargs`; give it once.")
@@ -47,15 +54,24 @@ class VisionGPTImageToTextPipeline(Pipeline):
 
     def _forward(self, model_inputs, **generate_kwargs):
         generate_kwargs = pipeline_generate_kwargs(self, generate_kwargs)
-        sequences = self.model.generate(**model_inputs, **generate_kwargs)
-        # (B * n, L) -> (B, n, L), so that batching splits return sequences by image.
+        output = self.model.generate(**model_inputs, **generate_kwargs)
+        # (B * n, L) -> (B, n, L), so that batching splits return sequences by image; scores (B * n,) -> (B, n).
         batch_size = model_inputs["pixel_values"].shape[0]
-        return {"sequences": sequences.view(batch_size, -1, sequences.shape[-1])}
+        if isinstance(output, torch.Tensor):
+            return {"sequences": output.view(batch_size, -1, output.shape[-1])}
+        scores = output.caption_scores
+        return {"sequences": output.sequences.view(batch_size, -1, output.sequences.shape[-1]),
+                "confidence": scores.confidence.view(batch_size, -1), "grounding": scores.grounding.view(batch_size, -1)}
 
     def postprocess(self, model_outputs):
         sequences = model_outputs["sequences"]
         sequences = sequences.reshape(-1, sequences.shape[-1])
-        return [{"generated_text": caption} for caption in self.processor.batch_decode(sequences)]
+        captions = [{"generated_text": caption} for caption in self.processor.batch_decode(sequences)]
+        if "confidence" in model_outputs:
+            for caption, confidence, grounding in zip(captions, model_outputs["confidence"].reshape(-1).tolist(),
+                                                      model_outputs["grounding"].reshape(-1).tolist()):
+                caption.update(confidence=confidence, grounding=grounding)
+        return captions
 
 
 __all__ = ["VisionGPTImageToTextPipeline"]

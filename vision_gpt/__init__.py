@@ -5,6 +5,7 @@
 
 from .modeling import (
     ImageLoadError,
+    VisionGPTCaptionScores,
     VisionGPTConfig,
     VisionGPTForConditionalGeneration,
     VisionGPTImageToTextPipeline,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageLoadError",
+    "VisionGPTCaptionScores",
     "VisionGPTCaptioner",
     "VisionGPTConfig",
     "VisionGPTForConditionalGeneration",

@@ -39,7 +39,7 @@ from .outputs import (
     prepare_output,
     row_store,
 )
-from .workers import ImageDecoder, _keep_items, caption_batches, load_captioner, run_settings
+from .workers import ImageDecoder, _keep_items, caption_batches, load_captioner, row_options, run_settings
 
 # Up to this many images (and no --output) the captions are printed as a table; more belong in a resumable file.
 TABLE_LIMIT = 20
@@ -161,17 +161,25 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         # The actors load the model; here only its decoding defaults are needed, to check the flags before Ray starts.
         model = processor = scorer = None
         generate_kwargs, settings = run_settings(args, model_generation_config(args))
+        # The actors load the model; scores come from PyTorch models, which is what Ray runs.
+        options = row_options(args, None)
     else:
         model, processor, scorer = load_captioner(args, device, say)
         generate_kwargs, settings = run_settings(args, model.generation_config)
-    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score))
+        options = row_options(args, model)
+        if options.scores != (not args.no_caption_scores):
+            say("no confidence or grounding columns: ONNX Runtime's captioner implements generation only, not the two "
+                "scoring passes; load the PyTorch model for scores")
+    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score), scores=options.scores,
+                          review=options.review_below is not None)
     if args.seed is not None:
         set_seed(args.seed)
 
     done, store, store_fmt, schema = {}, None, None, None
     if args.output:
         store, store_fmt = row_store(Path(args.output), fmt)
-        schema = parquet_schema(settings["num_captions"], clipscore=bool(args.score)) if fmt == "parquet" else None
+        schema = parquet_schema(settings["num_captions"], clipscore=bool(args.score), scores=options.scores,
+                                review=options.review_below is not None) if fmt == "parquet" else None
         done = _rows_held(args, state, store, store_fmt, schema, columns, say)
     todo = [ref for ref in refs if ref.key not in done]
     skipped = len(refs) - len(todo)
@@ -187,7 +195,7 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         batches = caption_with_ray(args, todo, dataset, say)
     else:
         share, batches = _local_batches(args, state, device, todo, dataset, (model, processor, scorer),
-                                        generate_kwargs, settings, fmt, say)
+                                        generate_kwargs, settings, fmt, say, options)
     sink = None
     if args.output:
         sink = RowWriter(part_path(str(store), state.process_index) if state.num_processes > 1 else store,
@@ -261,7 +269,7 @@ def _rows_held(args, state, store, store_fmt, schema, columns, say) -> dict[str,
     return done
 
 
-def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, settings, fmt, say):
+def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, settings, fmt, say, options):
     """(this process's share of `todo`, its output rows batch by batch): DataLoader workers read the images while the
     model captions the previous batch."""
     model, processor, scorer = loaded
@@ -277,4 +285,4 @@ def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, 
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
     say(f"captioning {len(todo)} images with {args.model} on {device} ({settings['dtype']}{processes}), batch "
         f"size {args.batch_size}, decoding workers: {num_workers}")
-    return share, caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer)
+    return share, caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer, options)

@@ -34,18 +34,32 @@ def row_store(output: Path, fmt: str) -> tuple[Path, str]:
     return output, fmt
 
 
-def parquet_schema(num_captions: int, clipscore: bool = False):
+def parquet_schema(num_captions: int, clipscore: bool = False, scores: bool = False, review: bool = False):
     """The typed columns of a parquet output: a column's type never depends on whether its first row was an error."""
     import pyarrow as pa
 
     types = {"image": pa.string(), "caption": pa.string(), "captions": pa.list_(pa.string()),
+             "confidence": pa.float64(), "grounding": pa.float64(), "truncated": pa.bool_(),
+             "confidences": pa.list_(pa.float64()), "groundings": pa.list_(pa.float64()), "needs_review": pa.bool_(),
              "clipscore": pa.float64(), "error": pa.string(), "model": pa.string(), "num_beams": pa.int64(),
              "max_new_tokens": pa.int64(), "do_sample": pa.bool_(), "temperature": pa.float64(),
              "top_p": pa.float64(), "top_k": pa.int64(), "num_captions": pa.int64(), "dtype": pa.string(),
              "seed": pa.int64()}
-    names = ["image", "caption", *(["captions"] if num_captions > 1 else []), *(["clipscore"] if clipscore else []),
+    names = ["image", "caption", *(["captions"] if num_captions > 1 else []),
+             *_score_columns(num_captions, scores, review, "parquet"), *(["clipscore"] if clipscore else []),
              "error", *SETTINGS]
     return pa.schema([(name, types[name]) for name in names])
+
+
+def _score_columns(num_captions: int, scores: bool, review: bool, fmt: str | None) -> list[str]:
+    """The trust columns: the first caption's scores, then the others' (a list each, or numbered CSV columns)."""
+    if not scores:
+        return []
+    names = ["confidence", "grounding", "truncated"]
+    if num_captions > 1:
+        names += ([f"{score}_{n}" for n in range(2, num_captions + 1) for score in ("confidence", "grounding")]
+                  if fmt == "csv" else ["confidences", "groundings"])
+    return names + (["needs_review"] if review else [])
 
 
 def _parquet_text(value):
@@ -93,9 +107,10 @@ def finish_parquet(output: Path, store: Path, schema) -> int:
     return len(rows)
 
 
-def csv_columns(num_captions: int, clipscore: bool = False) -> list[str]:
+def csv_columns(num_captions: int, clipscore: bool = False, scores: bool = False, review: bool = False) -> list[str]:
     extra = [f"caption_{i}" for i in range(2, num_captions + 1)]
-    return ["image", "caption", *extra, *(["clipscore"] if clipscore else []), "error", *SETTINGS]
+    return ["image", "caption", *extra, *_score_columns(num_captions, scores, review, "csv"),
+            *(["clipscore"] if clipscore else []), "error", *SETTINGS]
 
 
 def part_path(output: str, rank: int) -> Path:
@@ -241,8 +256,11 @@ def prepare_output(output: Path, fmt: str, columns: list[str], retry_errors: boo
     return {row["image"]: bool(row.get("error")) for row in rows}, notes
 
 
-def make_row(key: str, captions: list[str] | None, error: str | None, settings: dict, fmt: str | None) -> dict:
-    """One output row; `captions` (N of them) is None when the image could not be read."""
+def make_row(key: str, captions: list[str] | None, error: str | None, settings: dict, fmt: str | None,
+             trust: list[dict] | None = None, scores: bool = False, review_below: float | None = None) -> dict:
+    """One output row; `captions` (N of them) is None when the image could not be read. With `scores`, `trust` holds
+    each caption's `{"confidence", "grounding", "truncated"}` (None for an unreadable image), and with `review_below`
+    the row says whether its caption's confidence is below it."""
     row = {"image": key, "caption": captions[0] if captions else None}
     num_captions = settings["num_captions"]
     if num_captions > 1:
@@ -250,19 +268,42 @@ def make_row(key: str, captions: list[str] | None, error: str | None, settings: 
             row.update({f"caption_{n}": captions[n - 1] if captions else None for n in range(2, num_captions + 1)})
         else:
             row["captions"] = captions
+    if scores:
+        first = trust[0] if trust else {}
+        row.update(confidence=first.get("confidence"), grounding=first.get("grounding"),
+                   truncated=first.get("truncated"))
+        if num_captions > 1:
+            if fmt == "csv":
+                for n in range(2, num_captions + 1):
+                    for score in ("confidence", "grounding"):
+                        row[f"{score}_{n}"] = trust[n - 1][score] if trust else None
+            else:
+                row["confidences"] = [item["confidence"] for item in trust] if trust else None
+                row["groundings"] = [item["grounding"] for item in trust] if trust else None
+        if review_below is not None:
+            # Never drops a row: a caption to check is marked, and an unreadable image has no caption to check.
+            row["needs_review"] = None if not trust else first["confidence"] < review_below
     return {**row, "error": error, **settings}
 
 
 def format_table(rows: list[dict], header: str) -> str:
-    """The captions as a two-column table; with several captions per image, one numbered line each."""
+    """The captions as a table; with trust scores, each caption's confidence and grounding before it; with several
+    captions per image, one numbered line each."""
     width = max([len("image")] + [len(row["image"]) for row in rows])
-    lines = [header, "", f"{'image':<{width}}  caption", f"{'-' * width}  {'-' * 7}"]
+    scored = any("confidence" in row for row in rows)
+    heading = "confidence  grounding  caption" if scored else "caption"
+    lines = [header, "", f"{'image':<{width}}  {heading}", f"{'-' * width}  {'-' * len(heading)}"]
     for row in rows:
         if row["error"]:
-            texts = [f"ERROR: {row['error']}"]
+            texts, values = [f"ERROR: {row['error']}"], [None]
         else:
             captions = row.get("captions") or [row["caption"]]
             texts = captions if len(captions) == 1 else [f"{i}. {c}" for i, c in enumerate(captions, 1)]
-        for i, text in enumerate(texts):
-            lines.append(f"{row['image'] if i == 0 else '':<{width}}  {text}")
+            values = (list(zip(row.get("confidences") or [row.get("confidence")],
+                               row.get("groundings") or [row.get("grounding")])) if scored else [None] * len(texts))
+        for i, (text, value) in enumerate(zip(texts, values)):
+            scores = ""
+            if scored:
+                scores = f"{value[0]:>10.3f}  {value[1]:>9.3f}  " if value is not None else " " * 23
+            lines.append(f"{row['image'] if i == 0 else '':<{width}}  {scores}{text}")
     return "\n".join(lines)

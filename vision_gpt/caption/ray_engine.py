@@ -22,7 +22,7 @@ from ..data.shards import ShardMember
 # The flags an actor needs to load the model and caption exactly as the local engine does.
 ACTOR_OPTIONS = ("model", "dtype", "runtime", "device", "trust_remote_code", "num_beams", "max_new_tokens", "do_sample",
                  "temperature", "top_p", "top_k", "num_captions", "seed", "score", "clipscore_model",
-                 "max_image_pixels", "cpus_per_worker")
+                 "max_image_pixels", "cpus_per_worker", "no_caption_scores", "review_below")
 
 
 def model_generation_config(args):
@@ -70,7 +70,7 @@ class RayCaptioner:
     def __init__(self, options: dict, output_format: str | None, dataset=None):
         from transformers import set_seed
 
-        from .workers import load_captioner, run_settings
+        from .workers import load_captioner, row_options, run_settings
 
         args = argparse.Namespace(**options)
         if args.cpus_per_worker:
@@ -80,6 +80,7 @@ class RayCaptioner:
         device = torch.device("cuda" if wants_gpu else "cpu")
         self.model, self.processor, self.scorer = load_captioner(args, device)
         self.generate_kwargs, self.settings = run_settings(args, self.model.generation_config)
+        self.options = row_options(args, self.model)
         self.output_format = output_format
         self.max_image_pixels = args.max_image_pixels
         self.dataset = dataset
@@ -96,7 +97,7 @@ class RayCaptioner:
                                self.scorer.image_processor if self.scorer is not None else None)
         items = [decoder[index] for index in range(len(refs))]
         rows = next(caption_batches([items], self.model, self.processor, self.generate_kwargs, self.settings,
-                                    self.output_format, self.scorer))
+                                    self.output_format, self.scorer, self.options))
         out = np.empty(len(rows), dtype=object)
         out[:] = [json.dumps(row) for row in rows]
         return {"row": out}

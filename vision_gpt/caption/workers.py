@@ -2,6 +2,8 @@
 `caption_batches`, which turns each batch into output rows."""
 
 
+from dataclasses import dataclass
+
 import torch
 from PIL import Image
 
@@ -12,6 +14,7 @@ from .inputs import ImageRef
 from ..inference.decoding import check_decoding
 from ..inference.generation import one_line
 from ..inference.loading import ONNX_DTYPES, load_model
+from ..inference.trust import caption_trust, check_threshold
 from .outputs import make_row
 
 
@@ -85,26 +88,56 @@ def _keep_items(items):
     return items
 
 
+@dataclass(frozen=True)
+class RowOptions:
+    """What every row holds besides its captions: trust scores (`scores`), and the review mark below a confidence."""
+
+    scores: bool = True
+    review_below: float | None = None
+
+
+def row_options(args, model) -> RowOptions:
+    """The flags' `RowOptions` for `model`: no scores with --no-caption-scores, or where the runtime gives none (ONNX
+    Runtime's captioner implements generation only, not the scoring passes)."""
+    check_threshold("confidence", args.review_below, "--review-below")
+    scores = not args.no_caption_scores
+    if scores and model is not None and not isinstance(model, torch.nn.Module):
+        scores = False
+    if args.review_below is not None and not scores:
+        raise ValueError("--review-below marks rows by their confidence score, which "
+                         + ("--no-caption-scores turns off" if args.no_caption_scores else
+                            "--runtime onnx does not compute (ONNX Runtime's captioner implements generation only)")
+                         + "; drop one of them.")
+    return RowOptions(scores=scores, review_below=args.review_below)
+
+
 def caption_batches(loader, model, processor, generate_kwargs: dict, settings: dict, fmt: str | None,
-                    scorer=None):
+                    scorer=None, options: RowOptions = RowOptions(scores=False)):
     """Yield the rows of each batch of `loader` (an `ImageDecoder`'s): readable images are captioned in one `generate`
-    call, the others become error rows. With a `scorer` (a `CLIPScorer`), each row also gets the CLIPScore of its
-    first caption."""
+    call, the others become error rows. With `options.scores`, every caption gets its confidence and grounding (two
+    teacher-forced passes after generation); with a `scorer` (a `CLIPScorer`), each row also gets the CLIPScore of
+    its first caption."""
     num_captions = settings["num_captions"]
     for items in loader:
         good = [(key, pixels) for key, pixels, error in items if error is None]
-        captions, scores = {}, {}
+        captions, scores, trust = {}, {}, {}
         if good:
             own = [pixels[0] if scorer is not None else pixels for _, pixels in good]
             pixel_values = torch.stack(own).to(device=model.device, dtype=model.dtype)  # (B, C, H, W)
-            sequences = model.generate(pixel_values=pixel_values, **generate_kwargs)  # (B * N, L), by image
+            output = model.generate(pixel_values=pixel_values, **generate_kwargs,
+                                    **({"output_caption_scores": True} if options.scores else {}))
+            sequences = output.sequences if options.scores else output  # (B * N, L), by image
             texts = [one_line(text) for text in processor.batch_decode(sequences)]
             captions = {key: texts[i * num_captions:(i + 1) * num_captions] for i, (key, _) in enumerate(good)}
+            if options.scores:
+                per_caption = caption_trust(model, processor, pixel_values, output, texts)
+                trust = {key: per_caption[i * num_captions:(i + 1) * num_captions] for i, (key, _) in enumerate(good)}
             if scorer is not None:
                 values = scorer.score_pixels(torch.stack([pixels[1] for _, pixels in good]),
                                              [captions[key][0] for key, _ in good])
                 scores = {key: round(value, 2) for (key, _), value in zip(good, values)}
-        rows = [make_row(key, captions.get(key), error, settings, fmt) for key, _, error in items]
+        rows = [make_row(key, captions.get(key), error, settings, fmt, trust.get(key), options.scores,
+                         options.review_below) for key, _, error in items]
         if scorer is not None:
             for row in rows:
                 row["clipscore"] = scores.get(row["image"])

@@ -30,6 +30,15 @@ output columns:
   caption       the caption (with --num-captions N: the first, the best one for beam search)
   captions      JSONL and parquet with --num-captions N > 1: the list of all N captions
   caption_2..N  CSV with --num-captions N > 1: the other captions, one column each
+  confidence    how sure the model was of the caption: the geometric mean of its token
+                probabilities given the image, 0-1 (not with --no-caption-scores or --runtime onnx)
+  grounding     how much the image raised the caption's probability: log p(caption | image) -
+                log p(caption | no image), per token, in nats; near 0 for a caption that would
+                fit any picture
+  truncated     true when the caption was cut at --max-new-tokens (its score has no end token)
+  confidences, groundings   JSONL and parquet with --num-captions N > 1: every caption's
+  confidence_2..N, grounding_2..N   CSV with --num-captions N > 1
+  needs_review  with --review-below T: true where confidence < T
   error         why the image could not be captioned (empty when it was)
   model, num_beams, max_new_tokens, do_sample, temperature, top_p, top_k, num_captions,
   dtype, seed   the settings that produced the caption (sampling ones only with --do-sample)
@@ -83,6 +92,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                           help="captions per image (needs --num-beams >= N, or --do-sample)")
     decoding.add_argument("--seed", type=int, help="random seed, for repeatable --do-sample captions")
     scoring = parser.add_argument_group("scoring (no references needed)")
+    scoring.add_argument("--no-caption-scores", action="store_true",
+                         help="leave out the confidence, grounding and truncated columns (two teacher-forced passes "
+                              "per batch after generation)")
+    scoring.add_argument("--review-below", type=float, metavar="T",
+                         help="add a needs_review column: true where the caption's confidence is below T (0-1); no "
+                              "row is dropped")
     scoring.add_argument("--score", choices=["clip"],
                          help="add a clipscore column: the CLIPScore (Hessel et al., 2021; 0-100) of each image's "
                               "first caption, how well it fits the image in CLIP's embedding space")

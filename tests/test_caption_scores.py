@@ -1,0 +1,224 @@
+"""Trust scores for captions: `score_captions`, and `generate(..., output_caption_scores=True)`."""
+
+import pytest
+import torch
+
+from .conftest import random_images, tiny_model
+
+FUSIONS = ["prefix", "cross_attention"]
+CAPTIONS = ["a dog runs", "two red squares on a black background", "a", "the cat sleeps on a sofa by the window"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return random_images(4, seed=5)
+
+
+def rows_for(sequences, prompt_length, eos):
+    """score_captions' labels for generated sequences: their new tokens up to and including the first end token."""
+    labels = sequences.clone()
+    labels[:, :prompt_length] = -100
+    for row in labels:
+        ends = (row[prompt_length:] == eos).nonzero()
+        if len(ends):
+            row[prompt_length + int(ends[0]) + 1:] = -100
+    return labels
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_scores_are_probabilities_and_log_ratios(fusion, processor, images):
+    model = tiny_model(fusion=fusion)
+    scores = model.score_captions(**processor(images=images, suffix=CAPTIONS))
+    assert scores.confidence.shape == scores.grounding.shape == (4,)
+    assert bool(((scores.confidence > 0) & (scores.confidence <= 1)).all())
+    tokens = [len(processor.tokenizer(caption)["input_ids"]) + 1 for caption in CAPTIONS]  # the caption, its end
+    assert scores.num_tokens.tolist() == tokens
+    torch.testing.assert_close(scores.confidence, (scores.log_prob / scores.num_tokens).exp())
+    torch.testing.assert_close(scores.grounding, (scores.log_prob - scores.log_prob_without_image) / scores.num_tokens)
+    # The images move the scores (a decoder that ignored them would give grounding 0 everywhere).
+    assert scores.grounding.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_no_image_is_the_null_image_and_grounds_nothing(fusion, processor, images):
+    model = tiny_model(fusion=fusion)
+    batch = processor(images=images, suffix=CAPTIONS)
+    null = model.null_image_embeds(len(CAPTIONS))
+    scores = model.score_captions(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"], image_embeds=null)
+    assert scores.grounding.abs().max() == 0
+    blank = model.get_image_features(pixel_values=torch.zeros_like(batch["pixel_values"][:1])).pooler_output
+    torch.testing.assert_close(model.null_image_embeds(1), blank)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_captions_scores_do_not_depend_on_its_batch_or_padding(fusion, padding_side, processor, images):
+    model = tiny_model(fusion=fusion)
+    batched = model.score_captions(**processor(images=images, suffix=CAPTIONS, padding_side=padding_side))
+    for index, (image, caption) in enumerate(zip(images, CAPTIONS)):
+        alone = model.score_captions(**processor(images=[image], suffix=[caption]))
+        for name in ("confidence", "grounding", "log_prob", "log_prob_without_image"):
+            torch.testing.assert_close(getattr(batched, name)[index], getattr(alone, name)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("decoding", [dict(num_beams=1), dict(num_beams=3, num_return_sequences=2),
+                                      dict(do_sample=True, num_beams=1, num_return_sequences=2, top_k=20)])
+def test_generate_returns_the_scores_that_score_captions_gives_its_sequences(fusion, decoding, processor, images):
+    model = tiny_model(fusion=fusion)
+    inputs = processor(images=images)
+    torch.manual_seed(0)
+    output = model.generate(**inputs, max_new_tokens=6, output_caption_scores=True, **decoding)
+    copies = output.sequences.shape[0] // len(images)
+    labels = rows_for(output.sequences, 1, model.generation_config.eos_token_id)
+    again = model.score_captions(pixel_values=inputs["pixel_values"].repeat_interleave(copies, dim=0),
+                                 input_ids=output.sequences, attention_mask=torch.ones_like(output.sequences),
+                                 labels=labels)
+    for name in ("confidence", "grounding", "num_tokens"):
+        torch.testing.assert_close(getattr(output.caption_scores, name), getattr(again, name), atol=1e-5, rtol=1e-5)
+
+
+def test_the_end_token_counts_only_where_the_model_generated_it(processor, images):
+    model = tiny_model()
+    eos = model.generation_config.eos_token_id
+    inputs = processor(images=images)
+    output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=1, output_caption_scores=True)
+    ended = (output.sequences[:, 1:] == eos).any(-1)
+    assert not bool(ended.any())  # min_new_tokens: no row could end
+    assert output.caption_scores.num_tokens.tolist() == [3] * len(images)
+    # Forcing the end token first: the one scored token is that end token.
+    output = model.generate(**inputs, max_new_tokens=3, num_beams=1, output_caption_scores=True,
+                            begin_suppress_tokens=None, forced_bos_token_id=eos)
+    assert output.caption_scores.num_tokens.tolist() == [1] * len(images)
+
+
+def test_prompted_generation_scores_only_the_new_tokens(processor, images):
+    model = tiny_model(fusion="cross_attention")
+    inputs = processor(images=images[:2], text=["a photo of", "two"])
+    output = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, num_beams=1, output_caption_scores=True)
+    assert output.caption_scores.num_tokens.tolist() == [4, 4]
+
+
+def test_bad_input_is_named(processor, images):
+    model = tiny_model()
+    batch = processor(images=images[:2], suffix=CAPTIONS[:2])
+    with pytest.raises(ValueError, match="suffix=captions"):
+        model.score_captions(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="needs the images"):
+        model.score_captions(input_ids=batch["input_ids"], labels=batch["labels"])
+    with pytest.raises(ValueError, match="2 captions"):
+        model.score_captions(pixel_values=processor(images=images[:3])["pixel_values"], input_ids=batch["input_ids"],
+                             labels=batch["labels"])
+    with pytest.raises(ValueError, match="needs the images"):
+        model.generate(input_ids=batch["input_ids"][:, :1], output_caption_scores=True, max_new_tokens=2)
+
+
+# ----- the caption job's columns -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, images):
+    folder = tmp_path_factory.mktemp("scored-images")
+    for index, image in enumerate(images):
+        image.save(folder / f"img_{index}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def read_jsonl(path):
+    import json
+
+    return {row["image"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.mark.parametrize("max_new_tokens", [3, 12])
+def test_each_rows_scores_are_those_of_the_text_it_holds(tiny_model_dir, processor, image_folder, tmp_path,
+                                                         max_new_tokens):
+    from PIL import Image
+
+    from vision_gpt.cli import main
+    from vision_gpt.inference.trust import score_texts
+    from vision_gpt.modeling import VisionGPTForConditionalGeneration
+
+    output = tmp_path / "rows.jsonl"
+    assert main(["caption", str(image_folder), "--model", str(tiny_model_dir), "--output", str(output),
+                 "--num-beams", "1", "--max-new-tokens", str(max_new_tokens), "--num-workers", "0"]) == 1  # broken
+    rows = read_jsonl(output)
+    bad = rows.pop(str(image_folder / "broken.jpg"))
+    assert bad["error"] and bad["confidence"] is None and bad["grounding"] is None
+    model = VisionGPTForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    keys = sorted(rows)
+    pixel_values = processor(images=[Image.open(key).convert("RGB") for key in keys])["pixel_values"]
+    again = score_texts(model, processor, pixel_values, [rows[key]["caption"] for key in keys],
+                        [rows[key]["truncated"] for key in keys])
+    for index, key in enumerate(keys):
+        assert rows[key]["confidence"] == pytest.approx(float(again.confidence[index]), abs=1e-4)
+        assert rows[key]["grounding"] == pytest.approx(float(again.grounding[index]), abs=1e-4)
+    # This random model never writes its end token within these lengths: every caption is cut, and scored so.
+    assert all(rows[key]["truncated"] for key in keys)
+
+
+def test_review_below_marks_rows_and_drops_none(tiny_model_dir, image_folder, tmp_path):
+    from vision_gpt.cli import main
+
+    output = tmp_path / "rows.csv"
+    assert main(["caption", str(image_folder), "--model", str(tiny_model_dir), "--output", str(output),
+                 "--max-new-tokens", "4", "--num-captions", "2", "--num-beams", "2", "--review-below", "0.5",
+                 "--num-workers", "0"]) == 1
+    import csv
+
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 5  # four images and the broken file: nothing dropped
+    header = list(rows[0])
+    assert header[:8] == ["image", "caption", "caption_2", "confidence", "grounding", "truncated",
+                          "confidence_2", "grounding_2"] and "needs_review" in header
+    for row in rows:
+        if row["error"]:
+            assert row["needs_review"] == "" and row["confidence"] == ""
+        else:
+            assert row["needs_review"] == str(float(row["confidence"]) < 0.5)
+
+
+def test_scores_can_be_left_out_and_bad_thresholds_are_named(tiny_model_dir, image_folder, tmp_path, capsys):
+    from vision_gpt.cli import main
+
+    output = tmp_path / "rows.jsonl"
+    assert main(["caption", str(image_folder / "img_0.png"), "--model", str(tiny_model_dir), "--output", str(output),
+                 "--max-new-tokens", "3", "--no-caption-scores", "--num-workers", "0"]) == 0
+    row = next(iter(read_jsonl(output).values()))
+    assert "confidence" not in row and "grounding" not in row
+    assert main(["caption", str(image_folder), "--model", str(tiny_model_dir), "--review-below", "1.5"]) == 2
+    assert "--review-below 1.5 is outside the range of confidence scores, [0, 1]" in capsys.readouterr().err
+    assert main(["caption", str(image_folder), "--model", str(tiny_model_dir), "--review-below", "0.2",
+                 "--no-caption-scores"]) == 2
+    assert "--no-caption-scores turns off" in capsys.readouterr().err
+
+
+def test_pipeline_returns_scores_when_asked(processor, images):
+    from vision_gpt import VisionGPTImageToTextPipeline
+
+    model = tiny_model(fusion="cross_attention")
+    captioner = VisionGPTImageToTextPipeline(model=model, processor=processor)
+    plain = captioner(images[:2], max_new_tokens=5, num_beams=1)
+    scored = captioner(images[:2], max_new_tokens=5, num_beams=1, return_caption_scores=True, batch_size=2)
+    assert [row[0]["generated_text"] for row in plain] == [row[0]["generated_text"] for row in scored]
+    assert set(plain[0][0]) == {"generated_text"}
+    inputs = processor(images=images[:2])
+    expected = model.generate(**inputs, max_new_tokens=5, num_beams=1, output_caption_scores=True).caption_scores
+    for index, row in enumerate(scored):
+        assert row[0]["confidence"] == pytest.approx(float(expected.confidence[index]), abs=1e-5)
+        assert row[0]["grounding"] == pytest.approx(float(expected.grounding[index]), abs=1e-5)
+
+
+def test_onnx_runtime_rows_say_they_have_no_scores():
+    from argparse import Namespace
+
+    from vision_gpt.caption.workers import row_options
+
+    onnx_captioner = object()  # not a torch module: what --runtime onnx loads
+    assert row_options(Namespace(review_below=None, no_caption_scores=False), onnx_captioner).scores is False
+    with pytest.raises(ValueError, match="--runtime onnx does not compute"):
+        row_options(Namespace(review_below=0.3, no_caption_scores=False), onnx_captioner)
+    with pytest.raises(ValueError, match=r"--review-below nan is outside"):
+        row_options(Namespace(review_below=float("nan"), no_caption_scores=False), tiny_model())
