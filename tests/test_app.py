@@ -22,7 +22,7 @@ from transformers import AutoModel
 
 from vision_gpt.app import server as app_module
 from vision_gpt.app.server import (DEFAULT_QUEUE_SIZE, EXAMPLES_DIR, Captioner, DecodingSettings, build_app,
-                                   caption_request)
+                                   caption_request, render_results)
 from vision_gpt.cli import build_parser
 
 from . import browser
@@ -111,6 +111,24 @@ def test_greedy_and_sampled_scores_are_the_models_average_token_log_prob(caption
     for caption, ids in zip(sampled, expected):
         # Scored by the model itself (before temperature and top-p), as the page says.
         assert caption.score == pytest.approx(forward_average_log_prob(reference, processor, path, ids), abs=1e-4)
+
+
+def test_captions_carry_the_trust_scores_of_their_text(captioner, reference, processor, image_files):
+    from vision_gpt.inference.trust import score_texts
+
+    images, _ = captioner.load_inputs(image_files, "")
+    results = captioner.caption([item.image for item in images], DecodingSettings(**SETTINGS))
+    for path, captions in zip(image_files, results):
+        pixel_values = processor(images=[str(path)] * len(captions))["pixel_values"]
+        # Cut at max_new_tokens or not: the one scoring of the written text with the end token where it ended.
+        ended = [processor.tokenizer.eos_token_id in ids for ids in reference.generate(
+            **processor(images=[str(path)]), num_beams=3, num_return_sequences=3, max_new_tokens=10)[:, 1:].tolist()]
+        again = score_texts(reference, processor, pixel_values, [c.text for c in captions],
+                            [not end for end in ended])
+        assert [c.confidence for c in captions] == pytest.approx(again.confidence.tolist(), abs=1e-4)
+        assert [c.grounding for c in captions] == pytest.approx(again.grounding.tolist(), abs=1e-4)
+    page = render_results(results, ["a.png", "b.png"])
+    assert "<th>confidence</th><th>grounding</th>" in page and f"{results[0][0].grounding:.3f}" in page
 
 
 def test_bfloat16_model_captions_with_finite_scores(tiny_model_dir, image_files):

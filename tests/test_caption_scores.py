@@ -222,3 +222,62 @@ def test_onnx_runtime_rows_say_they_have_no_scores():
         row_options(Namespace(review_below=0.3, no_caption_scores=False), onnx_captioner)
     with pytest.raises(ValueError, match=r"--review-below nan is outside"):
         row_options(Namespace(review_below=float("nan"), no_caption_scores=False), tiny_model())
+
+
+# ----- --score-captions: existing captions, scored -------------------------------------------------------------------
+
+
+def test_score_captions_reproduces_a_caption_runs_rows_and_keeps_every_row(tiny_model_dir, image_folder, tmp_path):
+    from vision_gpt.cli import main
+
+    captioned = tmp_path / "captions.jsonl"
+    assert main(["caption", str(image_folder), "--model", str(tiny_model_dir), "--output", str(captioned),
+                 "--max-new-tokens", "5", "--num-beams", "1", "--num-workers", "0"]) == 1
+    scored = tmp_path / "scored.jsonl"
+    # The caption run's own file, its error row included; decoding flags are accepted and change nothing.
+    assert main(["caption", "--score-captions", str(captioned), "--model", str(tiny_model_dir), "--output",
+                 str(scored), "--num-beams", "4", "--review-below", "0.5", "--num-workers", "0"]) == 1
+    before, after = read_jsonl(captioned), read_jsonl(scored)
+    assert sorted(before) == sorted(after)
+    for key, row in after.items():
+        assert list(row) == ["image", "caption", "confidence", "grounding", "truncated", "needs_review", "error",
+                             "model", "dtype"]
+        if before[key]["error"]:
+            assert row["error"] and row["confidence"] is None and row["needs_review"] is None
+        else:
+            assert row["confidence"] == pytest.approx(before[key]["confidence"], abs=1e-4)
+            assert row["grounding"] == pytest.approx(before[key]["grounding"], abs=1e-4)
+            assert row["needs_review"] == (row["confidence"] < 0.5)
+
+
+def test_score_captions_reads_csv_limits_to_given_images_and_names_bad_files(tiny_model_dir, image_folder, tmp_path,
+                                                                              capsys):
+    from vision_gpt.cli import main
+
+    table = tmp_path / "alt.csv"
+    table.write_text("image,caption\n"
+                     f"{image_folder / 'img_0.png'},a red square\n"
+                     f"{image_folder / 'img_1.png'},two dogs on a beach\n"
+                     f"{tmp_path / 'gone.png'},a missing picture\n")
+    scored = tmp_path / "scored.csv"
+    assert main(["caption", "--score-captions", str(table), str(image_folder / "img_1.png"), "--model",
+                 str(tiny_model_dir), "--output", str(scored), "--num-workers", "0"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(scored.open()))
+    assert [row["image"] for row in rows] == [str(image_folder / "img_1.png")]
+    assert rows[0]["caption"] == "two dogs on a beach" and 0 < float(rows[0]["confidence"]) <= 1
+    # A listed image that is not there is an error row, not a crash.
+    assert main(["caption", "--score-captions", str(table), "--model", str(tiny_model_dir), "--output",
+                 str(tmp_path / "all.jsonl"), "--num-workers", "0"]) == 1
+    assert "gone.png" in read_jsonl(tmp_path / "all.jsonl")[str(tmp_path / "gone.png")]["error"]
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.jpg", "caption": "a dog"}\n{"image": "b.jpg"}\n')
+    assert main(["caption", "--score-captions", str(bad), "--model", str(tiny_model_dir)]) == 2
+    assert f"{bad} line 2: 'caption' is missing" in capsys.readouterr().err
+    bad.write_text('{"image": "a.jpg", "caption": "a dog"}\n{"image": "./a.jpg", "caption": "a cat"}\n')
+    assert main(["caption", "--score-captions", str(bad), "--model", str(tiny_model_dir)]) == 2
+    assert "lines 1 and 2 both name the image 'a.jpg'" in capsys.readouterr().err
+    assert main(["caption", "--score-captions", str(table), "--model", str(tiny_model_dir), "--engine", "ray"]) == 2
+    assert "cannot be combined with --engine ray" in capsys.readouterr().err

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..inference.decoding import FLAGS, check_decoding
 from ..inference.generation import average_log_probs
+from ..inference.trust import caption_trust
 from ..inference.loading import load_model
 
 logger = logging.getLogger(__name__)
@@ -78,10 +79,13 @@ class DecodingSettings:
 
 @dataclass
 class Caption:
-    """One caption and its score: the average log-probability per generated token (closer to 0 is more confident)."""
+    """One caption and its score: the average log-probability per generated token (closer to 0 is more confident);
+    and, with a PyTorch model, its trust scores (`VisionGPTCaptionScores`): `confidence` (0-1) and `grounding`."""
 
     text: str
     score: float
+    confidence: float | None = None
+    grounding: float | None = None
 
 
 def generate_kwargs(settings: DecodingSettings) -> tuple[dict, list[str]]:
@@ -265,6 +269,10 @@ class Captioner:
         check_decoding({name: kwargs.get(name) for name in FLAGS}, self.model.generation_config)
         count = kwargs["num_return_sequences"]
         inputs = self.processor(images=list(images)).to(self.model.device)
+        # Trust scores come from the PyTorch model's two scoring passes; ONNX Runtime's captioner has none.
+        scored = isinstance(self.model, torch.nn.Module)
+        if scored:
+            kwargs["output_caption_scores"] = True
         with self._slots:
             if settings.do_sample:
                 with _SAMPLING_LOCK:
@@ -280,7 +288,10 @@ class Captioner:
             eos = self.model.generation_config.eos_token_id
             scores = average_log_probs(output, eos if isinstance(eos, list) else [eos])
         texts = self.processor.batch_decode(output.sequences)
-        captions = [Caption(text, float(score)) for text, score in zip(texts, scores.tolist())]
+        trust = (caption_trust(self.model, self.processor, inputs["pixel_values"], output, texts) if scored
+                 else [{}] * len(texts))
+        captions = [Caption(text, float(score), row.get("confidence"), row.get("grounding"))
+                    for text, score, row in zip(texts, scores.tolist(), trust)]
         # generate returns the `count` captions of each image together, each image's best first.
         return [captions[i * count:(i + 1) * count] for i in range(len(images))], notes
 
@@ -383,7 +394,10 @@ INTRO = """\
 
 Upload one or more images (or click an example below), choose how captions are decoded, and press **Caption**.
 Each image gets its best caption first, then the alternatives. The **score** is the average log-probability per
-token under the model: 0 would be certain, and the closer to 0, the more confident the model is.
+token under the model: 0 would be certain, and the closer to 0, the more confident the model is. **Confidence** is
+the same certainty as a probability (0-1), and **grounding** is how much the image raised the caption's probability
+(near 0: the model would say it of any picture). Low values say which captions to check; a caption the model is
+sure of can still be wrong.
 """
 
 SETTINGS_HELP = """\
@@ -412,11 +426,15 @@ def render_results(results, names) -> str:
     parts = ['<div class="vg-results">']
     for name, captions in zip(names, results):
         parts.append(f'<section class="vg-result" data-image="{html.escape(name)}"><h3>{html.escape(name)}</h3>')
-        parts.append("<table><thead><tr><th>#</th><th>caption</th><th>score</th></tr></thead><tbody>")
+        parts.append("<table><thead><tr><th>#</th><th>caption</th><th>score</th><th>confidence</th>"
+                     "<th>grounding</th></tr></thead><tbody>")
         for rank, caption in enumerate(captions, 1):
             row_class = "vg-candidate vg-best" if rank == 1 else "vg-candidate"
+            trust = "".join(f'<td class="vg-score vg-{name}">{"" if value is None else f"{value:.3f}"}</td>'
+                            for name, value in (("confidence", caption.confidence),
+                                                ("grounding", caption.grounding)))
             parts.append(f'<tr class="{row_class}"><td>{rank}</td><td class="vg-caption">{html.escape(caption.text)}'
-                         f'</td><td class="vg-score">{caption.score:.3f}</td></tr>')
+                         f'</td><td class="vg-score">{caption.score:.3f}</td>{trust}</tr>')
         parts.append("</tbody></table></section>")
     parts.append("</div>")
     return "".join(parts)

@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inference.loading import check_runtime, resolve_device
-from .inputs import IMAGE_EXTENSIONS, collect_inputs, load_dataset_split
+from .inputs import IMAGE_EXTENSIONS, ImageRef, collect_inputs, load_dataset_split
 from .output_lock import OutputLock
 from .outputs import (
+    SCORE_FILE_SETTINGS,
     SETTINGS,
     RowWriter,
     _repair,
@@ -38,7 +39,9 @@ from .outputs import (
     part_path,
     prepare_output,
     row_store,
+    score_file_columns,
 )
+from .score_file import read_caption_file, score_batches
 from .workers import ImageDecoder, _keep_items, caption_batches, load_captioner, row_options, run_settings
 
 # Up to this many images (and no --output) the captions are printed as a table; more belong in a resumable file.
@@ -96,9 +99,16 @@ def run(args) -> int:
         if state.is_main_process:
             print(message, file=sys.stderr, flush=True)
 
-    if not (args.images or args.from_file or args.dataset):
+    if not (args.images or args.from_file or args.dataset or args.score_captions):
         raise ValueError("Nothing to caption: give image files, folders or glob patterns, --from-file LIST, or "
                          "--dataset NAME_OR_FOLDER.")
+    if args.score_captions:
+        clash = ("--dataset" if args.dataset else "--engine ray" if args.engine == "ray" else
+                 "--no-caption-scores" if args.no_caption_scores else "--score clip" if args.score else
+                 "--runtime onnx" if args.runtime == "onnx" else None)
+        if clash:
+            raise ValueError(f"--score-captions scores the captions of its file with the PyTorch model, on this "
+                             f"machine; it cannot be combined with {clash}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.clipscore_model and not args.score:
@@ -124,7 +134,18 @@ def run(args) -> int:
     # With Ray, the actors take the devices of the nodes they run on, which the driver's machine may lack.
     device = torch.device("cpu") if args.engine == "ray" else _resolve_device(args.device, state)
 
-    refs = collect_inputs(args.images, args.from_file, args.image_column, args.id_column)
+    captions = None
+    if args.score_captions:
+        captions = read_caption_file(args.score_captions)
+        refs = [ImageRef(key, key) for key in captions]
+        if args.images or args.from_file:  # positional inputs limit the scoring to those images
+            wanted = {ref.key for ref in collect_inputs(args.images, args.from_file, args.image_column,
+                                                         args.id_column)}
+            refs = [ref for ref in refs if ref.key in wanted]
+            if not refs:
+                raise ValueError(f"None of the images given is in {args.score_captions}; nothing to score.")
+    else:
+        refs = collect_inputs(args.images, args.from_file, args.image_column, args.id_column)
     dataset = None
     if args.dataset:
         dataset, dataset_refs = load_dataset_split(args.dataset, args.split, args.image_column, args.id_column)
@@ -146,13 +167,13 @@ def run(args) -> int:
         for note in _on_main(state, lambda: lock.acquire()):
             say(note)
     try:
-        return _caption(args, state, device, refs, dataset, fmt, say)
+        return _caption(args, state, device, refs, dataset, fmt, say, captions)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _caption(args, state, device, refs, dataset, fmt, say) -> int:
+def _caption(args, state, device, refs, dataset, fmt, say, captions=None) -> int:
     from transformers import set_seed
 
     if args.engine == "ray":
@@ -170,8 +191,13 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         if options.scores != (not args.no_caption_scores):
             say("no confidence or grounding columns: ONNX Runtime's captioner implements generation only, not the two "
                 "scoring passes; load the PyTorch model for scores")
-    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score), scores=options.scores,
-                          review=options.review_below is not None)
+    review = options.review_below is not None
+    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score), scores=options.scores, review=review)
+    if captions is not None:
+        # Scoring given captions: generation settings have no effect, and rows record the model and dtype only.
+        settings = {name: settings[name] for name in SCORE_FILE_SETTINGS}
+        settings["num_captions"] = 0
+        columns = score_file_columns(review)
     if args.seed is not None:
         set_seed(args.seed)
 
@@ -179,7 +205,7 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
     if args.output:
         store, store_fmt = row_store(Path(args.output), fmt)
         schema = parquet_schema(settings["num_captions"], clipscore=bool(args.score), scores=options.scores,
-                                review=options.review_below is not None) if fmt == "parquet" else None
+                                review=review) if fmt == "parquet" else None
         done = _rows_held(args, state, store, store_fmt, schema, columns, say)
     todo = [ref for ref in refs if ref.key not in done]
     skipped = len(refs) - len(todo)
@@ -195,7 +221,7 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
         batches = caption_with_ray(args, todo, dataset, say)
     else:
         share, batches = _local_batches(args, state, device, todo, dataset, (model, processor, scorer),
-                                        generate_kwargs, settings, fmt, say, options)
+                                        generate_kwargs, settings, fmt, say, options, captions)
     sink = None
     if args.output:
         sink = RowWriter(part_path(str(store), state.process_index) if state.num_processes > 1 else store,
@@ -233,7 +259,7 @@ def _caption(args, state, device, refs, dataset, fmt, say) -> int:
             _on_main(state, lambda: finish_parquet(Path(args.output), store, schema))
     else:
         table_rows = _gather(state, table_rows)
-        header = "  ".join(f"{name}={settings[name]}" for name in SETTINGS if settings[name] is not None)
+        header = "  ".join(f"{name}={settings[name]}" for name in SETTINGS if settings.get(name) is not None)
         if state.is_main_process:
             print(format_table(table_rows, header), flush=True)
 
@@ -269,7 +295,8 @@ def _rows_held(args, state, store, store_fmt, schema, columns, say) -> dict[str,
     return done
 
 
-def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, settings, fmt, say, options):
+def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, settings, fmt, say, options,
+                   captions=None):
     """(this process's share of `todo`, its output rows batch by batch): DataLoader workers read the images while the
     model captions the previous batch."""
     model, processor, scorer = loaded
@@ -283,6 +310,9 @@ def _local_batches(args, state, device, todo, dataset, loaded, generate_kwargs, 
         decoder, batch_size=args.batch_size, num_workers=num_workers, collate_fn=_keep_items,
         pin_memory=device.type == "cuda")
     processes = f", {state.num_processes} processes" if state.num_processes > 1 else ""
-    say(f"captioning {len(todo)} images with {args.model} on {device} ({settings['dtype']}{processes}), batch "
+    doing = "scoring the captions of" if captions is not None else "captioning"
+    say(f"{doing} {len(todo)} images with {args.model} on {device} ({settings['dtype']}{processes}), batch "
         f"size {args.batch_size}, decoding workers: {num_workers}")
+    if captions is not None:
+        return share, score_batches(loader, model, processor, captions, settings, options)
     return share, caption_batches(loader, model, processor, generate_kwargs, settings, fmt, scorer, options)

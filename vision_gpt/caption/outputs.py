@@ -48,7 +48,18 @@ def parquet_schema(num_captions: int, clipscore: bool = False, scores: bool = Fa
     names = ["image", "caption", *(["captions"] if num_captions > 1 else []),
              *_score_columns(num_captions, scores, review, "parquet"), *(["clipscore"] if clipscore else []),
              "error", *SETTINGS]
+    if num_captions == 0:  # --score-captions: the captions given, scored
+        names = score_file_columns(review)
     return pa.schema([(name, types[name]) for name in names])
+
+
+# What a `--score-captions` row records besides its scores: decoding settings have no effect there.
+SCORE_FILE_SETTINGS = ("model", "dtype")
+
+
+def score_file_columns(review: bool = False) -> list[str]:
+    """The columns of `--score-captions` rows, in every format."""
+    return ["image", "caption", *_score_columns(1, True, review, None), "error", *SCORE_FILE_SETTINGS]
 
 
 def _score_columns(num_captions: int, scores: bool, review: bool, fmt: str | None) -> list[str]:

@@ -49,6 +49,8 @@ examples:
   vision-gpt caption --from-file paths.txt --model ./my-model --output captions.jsonl --dtype bf16
   vision-gpt caption --dataset ./my_dataset --split test --model ./my-model --output test.jsonl
   vision-gpt caption "shards/{000000..000099}.tar" --model ./my-model --output captions.parquet
+  vision-gpt caption --score-captions alt_texts.csv --model ./my-model --output audit.jsonl \
+      --review-below 0.3                              (score existing captions, flag the doubtful)
   accelerate launch --multi-gpu --num-processes 4 -m vision_gpt.cli caption photos/ \\
       --model ./my-model --output captions.jsonl      (each GPU captions a quarter)
   vision-gpt caption data/*.parquet --model ./my-model --output captions.parquet \\
@@ -95,6 +97,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     scoring.add_argument("--no-caption-scores", action="store_true",
                          help="leave out the confidence, grounding and truncated columns (two teacher-forced passes "
                               "per batch after generation)")
+    scoring.add_argument("--score-captions", metavar="FILE",
+                         help="score the captions in FILE instead of generating any: JSONL or CSV with 'image' and "
+                              "'caption' fields, one caption per image (an output of this command works); positional "
+                              "inputs, when given, limit the scoring to those images; decoding flags have no effect")
     scoring.add_argument("--review-below", type=float, metavar="T",
                          help="add a needs_review column: true where the caption's confidence is below T (0-1); no "
                               "row is dropped")
