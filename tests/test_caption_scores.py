@@ -211,17 +211,14 @@ def test_pipeline_returns_scores_when_asked(processor, images):
         assert row[0]["grounding"] == pytest.approx(float(expected.grounding[index]), abs=1e-5)
 
 
-def test_onnx_runtime_rows_say_they_have_no_scores():
+def test_thresholds_outside_the_range_are_named():
     from argparse import Namespace
 
     from vision_gpt.caption.workers import row_options
 
-    onnx_captioner = object()  # not a torch module: what --runtime onnx loads
-    assert row_options(Namespace(review_below=None, no_caption_scores=False), onnx_captioner).scores is False
-    with pytest.raises(ValueError, match="--runtime onnx does not compute"):
-        row_options(Namespace(review_below=0.3, no_caption_scores=False), onnx_captioner)
     with pytest.raises(ValueError, match=r"--review-below nan is outside"):
-        row_options(Namespace(review_below=float("nan"), no_caption_scores=False), tiny_model())
+        row_options(Namespace(review_below=float("nan"), no_caption_scores=False, rerank=None))
+    assert row_options(Namespace(review_below=0.3, no_caption_scores=False, rerank=None)).review_below == 0.3
 
 
 # ----- --score-captions: existing captions, scored -------------------------------------------------------------------
@@ -281,3 +278,31 @@ def test_score_captions_reads_csv_limits_to_given_images_and_names_bad_files(tin
     assert "lines 1 and 2 both name the image 'a.jpg'" in capsys.readouterr().err
     assert main(["caption", "--score-captions", str(table), "--model", str(tiny_model_dir), "--engine", "ray"]) == 2
     assert "cannot be combined with --engine ray" in capsys.readouterr().err
+
+
+def test_rerank_keeps_the_candidate_with_the_best_score(tiny_model_dir, processor, image_folder, tmp_path, capsys):
+    from PIL import Image
+
+    from vision_gpt.cli import main
+    from vision_gpt.inference.generation import one_line
+    from vision_gpt.inference.trust import caption_trust, rerank_value
+    from vision_gpt.modeling import VisionGPTForConditionalGeneration
+
+    output = tmp_path / "reranked.jsonl"
+    assert main(["caption", str(image_folder / "img_0.png"), str(image_folder / "img_1.png"), "--model",
+                 str(tiny_model_dir), "--output", str(output), "--num-beams", "3", "--max-new-tokens", "5",
+                 "--rerank", "combined", "--num-workers", "0"]) == 0
+    rows = read_jsonl(output)
+    model = VisionGPTForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    for key, row in rows.items():
+        pixel_values = processor(images=[Image.open(key).convert("RGB")])["pixel_values"]
+        beams = model.generate(pixel_values=pixel_values, num_beams=3, num_return_sequences=3, max_new_tokens=5,
+                               output_caption_scores=True)
+        texts = [one_line(text) for text in processor.batch_decode(beams.sequences)]
+        trust = caption_trust(model, processor, pixel_values, beams, texts)
+        best = max(range(3), key=lambda index: rerank_value(trust[index], "combined"))
+        assert row["caption"] == texts[best] and row["rerank"] == "combined"
+        assert row["confidence"] == pytest.approx(trust[best]["confidence"], abs=1e-4)
+    assert main(["caption", str(image_folder / "img_0.png"), "--model", str(tiny_model_dir), "--num-beams", "1",
+                 "--rerank", "grounding"]) == 2
+    assert "--rerank grounding chooses among candidates" in capsys.readouterr().err

@@ -291,6 +291,27 @@ def test_sampling_repeats_under_a_seed_and_top_k_1_is_greedy(exported, processor
     assert torch.equal(captioner.generate(pixel_values, do_sample=True, top_k=1, max_new_tokens=6), greedy)
 
 
+def test_caption_scores_equal_pytorchs(exported, processor):
+    model, folder = exported
+    captioner = ONNXCaptioner(folder)
+    images = random_images(3, seed=8)
+    batch = processor(images=images, suffix=["a dog runs", "two red squares on grass", "a"])
+    theirs = model.score_captions(**batch, use_packed_linears=False)
+    ours = captioner.score_captions(**batch)
+    for name in ("confidence", "grounding", "log_prob", "log_prob_without_image"):
+        torch.testing.assert_close(getattr(ours, name).float(), getattr(theirs, name).float(), atol=1e-4, rtol=1e-4)
+    assert ours.num_tokens.tolist() == theirs.num_tokens.tolist()
+    # generate's scores of its own captions: the same two passes over its sequences.
+    pixel_values = processor(images=images)["pixel_values"]
+    output = captioner.generate(pixel_values, num_beams=2, num_return_sequences=2, max_new_tokens=5,
+                                output_caption_scores=True)
+    expected = model.generate(pixel_values=pixel_values, num_beams=2, num_return_sequences=2, max_new_tokens=5,
+                              use_packed_linears=False, output_caption_scores=True)
+    assert torch.equal(output.sequences, expected.sequences)
+    torch.testing.assert_close(output.caption_scores.grounding.float(), expected.caption_scores.grounding.float(),
+                               atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def cross_attention_export(tmp_path_factory, processor):
     """A saved PyTorch model and its export (fp32 and int8), for the commands, which load folders."""
@@ -320,6 +341,10 @@ def test_caption_command_with_the_onnx_runtime_writes_the_same_rows(cross_attent
     assert {key: row["captions"] for key, row in rows["onnx"].items()} == {
         key: row["captions"] for key, row in rows["torch"].items()}
     assert {row["dtype"] for row in rows["onnx"].values()} == {"onnx-fp32"}
+    for key, row in rows["onnx"].items():  # the trust scores too
+        if not row["error"]:
+            assert row["confidences"] == pytest.approx(rows["torch"][key]["confidences"], abs=1e-4)
+            assert row["groundings"] == pytest.approx(rows["torch"][key]["groundings"], abs=1e-4)
     assert "not an image" in rows["onnx"][str(folder / "broken.png")]["error"]
     output = tmp_path / "int8.jsonl"
     assert cli.main(["caption", str(folder / "0.png"), "--model", str(exported), "--runtime", "onnx", "--dtype", "int8",

@@ -80,7 +80,7 @@ class DecodingSettings:
 @dataclass
 class Caption:
     """One caption and its score: the average log-probability per generated token (closer to 0 is more confident);
-    and, with a PyTorch model, its trust scores (`VisionGPTCaptionScores`): `confidence` (0-1) and `grounding`."""
+    and its trust scores (`VisionGPTCaptionScores`): `confidence` (0-1) and `grounding`."""
 
     text: str
     score: float
@@ -269,10 +269,7 @@ class Captioner:
         check_decoding({name: kwargs.get(name) for name in FLAGS}, self.model.generation_config)
         count = kwargs["num_return_sequences"]
         inputs = self.processor(images=list(images)).to(self.model.device)
-        # Trust scores come from the PyTorch model's two scoring passes; ONNX Runtime's captioner has none.
-        scored = isinstance(self.model, torch.nn.Module)
-        if scored:
-            kwargs["output_caption_scores"] = True
+        kwargs["output_caption_scores"] = True
         with self._slots:
             if settings.do_sample:
                 with _SAMPLING_LOCK:
@@ -288,8 +285,7 @@ class Captioner:
             eos = self.model.generation_config.eos_token_id
             scores = average_log_probs(output, eos if isinstance(eos, list) else [eos])
         texts = self.processor.batch_decode(output.sequences)
-        trust = (caption_trust(self.model, self.processor, inputs["pixel_values"], output, texts) if scored
-                 else [{}] * len(texts))
+        trust = caption_trust(self.model, self.processor, inputs["pixel_values"], output, texts)
         captions = [Caption(text, float(score), row.get("confidence"), row.get("grounding"))
                     for text, score, row in zip(texts, scores.tolist(), trust)]
         # generate returns the `count` captions of each image together, each image's best first.

@@ -42,7 +42,8 @@ from .outputs import (
     score_file_columns,
 )
 from .score_file import read_caption_file, score_batches
-from .workers import ImageDecoder, _keep_items, caption_batches, load_captioner, row_options, run_settings
+from .workers import (ImageDecoder, _keep_items, caption_batches, load_captioner, rerank_settings, row_options,
+                      run_settings)
 
 # Up to this many images (and no --output) the captions are printed as a table; more belong in a resumable file.
 TABLE_LIMIT = 20
@@ -104,11 +105,11 @@ def run(args) -> int:
                          "--dataset NAME_OR_FOLDER.")
     if args.score_captions:
         clash = ("--dataset" if args.dataset else "--engine ray" if args.engine == "ray" else
-                 "--no-caption-scores" if args.no_caption_scores else "--score clip" if args.score else
-                 "--runtime onnx" if args.runtime == "onnx" else None)
+                 "--no-caption-scores" if args.no_caption_scores else "--score clip" if args.score else None)
+        clash = clash or ("--rerank" if args.rerank else None)
         if clash:
-            raise ValueError(f"--score-captions scores the captions of its file with the PyTorch model, on this "
-                             f"machine; it cannot be combined with {clash}.")
+            raise ValueError(f"--score-captions scores the captions of its file on this machine; it cannot be "
+                             f"combined with {clash}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.clipscore_model and not args.score:
@@ -183,16 +184,15 @@ def _caption(args, state, device, refs, dataset, fmt, say, captions=None) -> int
         model = processor = scorer = None
         generate_kwargs, settings = run_settings(args, model_generation_config(args))
         # The actors load the model; scores come from PyTorch models, which is what Ray runs.
-        options = row_options(args, None)
+        options = rerank_settings(row_options(args), dict(generate_kwargs), settings)  # checked here, set per actor
     else:
         model, processor, scorer = load_captioner(args, device, say)
         generate_kwargs, settings = run_settings(args, model.generation_config)
-        options = row_options(args, model)
-        if options.scores != (not args.no_caption_scores):
-            say("no confidence or grounding columns: ONNX Runtime's captioner implements generation only, not the two "
-                "scoring passes; load the PyTorch model for scores")
+        options = rerank_settings(row_options(args, model), generate_kwargs, settings)
     review = options.review_below is not None
-    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score), scores=options.scores, review=review)
+    reranked = options.rerank is not None
+    columns = csv_columns(settings["num_captions"], clipscore=bool(args.score), scores=options.scores, review=review,
+                          rerank=reranked)
     if captions is not None:
         # Scoring given captions: generation settings have no effect, and rows record the model and dtype only.
         settings = {name: settings[name] for name in SCORE_FILE_SETTINGS}
@@ -205,7 +205,7 @@ def _caption(args, state, device, refs, dataset, fmt, say, captions=None) -> int
     if args.output:
         store, store_fmt = row_store(Path(args.output), fmt)
         schema = parquet_schema(settings["num_captions"], clipscore=bool(args.score), scores=options.scores,
-                                review=review) if fmt == "parquet" else None
+                                review=review, rerank=reranked) if fmt == "parquet" else None
         done = _rows_held(args, state, store, store_fmt, schema, columns, say)
     todo = [ref for ref in refs if ref.key not in done]
     skipped = len(refs) - len(todo)

@@ -34,19 +34,21 @@ def row_store(output: Path, fmt: str) -> tuple[Path, str]:
     return output, fmt
 
 
-def parquet_schema(num_captions: int, clipscore: bool = False, scores: bool = False, review: bool = False):
+def parquet_schema(num_captions: int, clipscore: bool = False, scores: bool = False, review: bool = False,
+                   rerank: bool = False):
     """The typed columns of a parquet output: a column's type never depends on whether its first row was an error."""
     import pyarrow as pa
 
     types = {"image": pa.string(), "caption": pa.string(), "captions": pa.list_(pa.string()),
              "confidence": pa.float64(), "grounding": pa.float64(), "truncated": pa.bool_(),
              "confidences": pa.list_(pa.float64()), "groundings": pa.list_(pa.float64()), "needs_review": pa.bool_(),
+             "rerank": pa.string(),
              "clipscore": pa.float64(), "error": pa.string(), "model": pa.string(), "num_beams": pa.int64(),
              "max_new_tokens": pa.int64(), "do_sample": pa.bool_(), "temperature": pa.float64(),
              "top_p": pa.float64(), "top_k": pa.int64(), "num_captions": pa.int64(), "dtype": pa.string(),
              "seed": pa.int64()}
     names = ["image", "caption", *(["captions"] if num_captions > 1 else []),
-             *_score_columns(num_captions, scores, review, "parquet"), *(["clipscore"] if clipscore else []),
+             *_score_columns(num_captions, scores, review, "parquet", rerank), *(["clipscore"] if clipscore else []),
              "error", *SETTINGS]
     if num_captions == 0:  # --score-captions: the captions given, scored
         names = score_file_columns(review)
@@ -62,15 +64,16 @@ def score_file_columns(review: bool = False) -> list[str]:
     return ["image", "caption", *_score_columns(1, True, review, None), "error", *SCORE_FILE_SETTINGS]
 
 
-def _score_columns(num_captions: int, scores: bool, review: bool, fmt: str | None) -> list[str]:
-    """The trust columns: the first caption's scores, then the others' (a list each, or numbered CSV columns)."""
+def _score_columns(num_captions: int, scores: bool, review: bool, fmt: str | None, rerank: bool = False) -> list[str]:
+    """The trust columns: the first caption's scores, then the others' (a list each, or numbered CSV columns), the
+    review mark, and the score the captions were reranked by."""
     if not scores:
         return []
     names = ["confidence", "grounding", "truncated"]
     if num_captions > 1:
         names += ([f"{score}_{n}" for n in range(2, num_captions + 1) for score in ("confidence", "grounding")]
                   if fmt == "csv" else ["confidences", "groundings"])
-    return names + (["needs_review"] if review else [])
+    return names + (["needs_review"] if review else []) + (["rerank"] if rerank else [])
 
 
 def _parquet_text(value):
@@ -118,9 +121,10 @@ def finish_parquet(output: Path, store: Path, schema) -> int:
     return len(rows)
 
 
-def csv_columns(num_captions: int, clipscore: bool = False, scores: bool = False, review: bool = False) -> list[str]:
+def csv_columns(num_captions: int, clipscore: bool = False, scores: bool = False, review: bool = False,
+                rerank: bool = False) -> list[str]:
     extra = [f"caption_{i}" for i in range(2, num_captions + 1)]
-    return ["image", "caption", *extra, *_score_columns(num_captions, scores, review, "csv"),
+    return ["image", "caption", *extra, *_score_columns(num_captions, scores, review, "csv", rerank),
             *(["clipscore"] if clipscore else []), "error", *SETTINGS]
 
 
@@ -268,7 +272,8 @@ def prepare_output(output: Path, fmt: str, columns: list[str], retry_errors: boo
 
 
 def make_row(key: str, captions: list[str] | None, error: str | None, settings: dict, fmt: str | None,
-             trust: list[dict] | None = None, scores: bool = False, review_below: float | None = None) -> dict:
+             trust: list[dict] | None = None, scores: bool = False, review_below: float | None = None,
+             rerank: str | None = None) -> dict:
     """One output row; `captions` (N of them) is None when the image could not be read. With `scores`, `trust` holds
     each caption's `{"confidence", "grounding", "truncated"}` (None for an unreadable image), and with `review_below`
     the row says whether its caption's confidence is below it."""
@@ -294,6 +299,8 @@ def make_row(key: str, captions: list[str] | None, error: str | None, settings: 
         if review_below is not None:
             # Never drops a row: a caption to check is marked, and an unreadable image has no caption to check.
             row["needs_review"] = None if not trust else first["confidence"] < review_below
+        if rerank is not None:
+            row["rerank"] = rerank
     return {**row, "error": error, **settings}
 
 

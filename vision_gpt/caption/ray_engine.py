@@ -22,7 +22,7 @@ from ..data.shards import ShardMember
 # The flags an actor needs to load the model and caption exactly as the local engine does.
 ACTOR_OPTIONS = ("model", "dtype", "runtime", "device", "trust_remote_code", "num_beams", "max_new_tokens", "do_sample",
                  "temperature", "top_p", "top_k", "num_captions", "seed", "score", "clipscore_model",
-                 "max_image_pixels", "cpus_per_worker", "no_caption_scores", "review_below")
+                 "max_image_pixels", "cpus_per_worker", "no_caption_scores", "review_below", "rerank")
 
 
 def model_generation_config(args):
@@ -70,7 +70,7 @@ class RayCaptioner:
     def __init__(self, options: dict, output_format: str | None, dataset=None):
         from transformers import set_seed
 
-        from .workers import load_captioner, row_options, run_settings
+        from .workers import load_captioner, rerank_settings, row_options, run_settings
 
         args = argparse.Namespace(**options)
         if args.cpus_per_worker:
@@ -80,7 +80,7 @@ class RayCaptioner:
         device = torch.device("cuda" if wants_gpu else "cpu")
         self.model, self.processor, self.scorer = load_captioner(args, device)
         self.generate_kwargs, self.settings = run_settings(args, self.model.generation_config)
-        self.options = row_options(args, self.model)
+        self.options = rerank_settings(row_options(args, self.model), self.generate_kwargs, self.settings)
         self.output_format = output_format
         self.max_image_pixels = args.max_image_pixels
         self.dataset = dataset

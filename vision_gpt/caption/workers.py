@@ -14,7 +14,7 @@ from .inputs import ImageRef
 from ..inference.decoding import check_decoding
 from ..inference.generation import one_line
 from ..inference.loading import ONNX_DTYPES, load_model
-from ..inference.trust import caption_trust, check_threshold
+from ..inference.trust import caption_trust, check_threshold, rerank_value
 from .outputs import make_row
 
 
@@ -94,21 +94,31 @@ class RowOptions:
 
     scores: bool = True
     review_below: float | None = None
+    # Order each image's candidates by this score and keep the best `num_captions` (None: generate's order).
+    rerank: str | None = None
+    candidates: int = 1
 
 
-def row_options(args, model) -> RowOptions:
-    """The flags' `RowOptions` for `model`: no scores with --no-caption-scores, or where the runtime gives none (ONNX
-    Runtime's captioner implements generation only, not the scoring passes)."""
+def row_options(args, model=None) -> RowOptions:
+    """The flags' `RowOptions`: scores unless --no-caption-scores (PyTorch and ONNX Runtime models both score)."""
     check_threshold("confidence", args.review_below, "--review-below")
-    scores = not args.no_caption_scores
-    if scores and model is not None and not isinstance(model, torch.nn.Module):
-        scores = False
-    if args.review_below is not None and not scores:
-        raise ValueError("--review-below marks rows by their confidence score, which "
-                         + ("--no-caption-scores turns off" if args.no_caption_scores else
-                            "--runtime onnx does not compute (ONNX Runtime's captioner implements generation only)")
-                         + "; drop one of them.")
-    return RowOptions(scores=scores, review_below=args.review_below)
+    for flag, value in (("--review-below", args.review_below), ("--rerank", args.rerank)):
+        if value is not None and args.no_caption_scores:
+            raise ValueError(f"{flag} reads the caption scores, which --no-caption-scores turns off; drop one of them.")
+    return RowOptions(scores=not args.no_caption_scores, review_below=args.review_below, rerank=args.rerank)
+
+
+def rerank_settings(options: RowOptions, generate_kwargs: dict, settings: dict) -> RowOptions:
+    """With --rerank, generate's candidates per image: every beam (or every sample), of which the best
+    `num_captions` by the score are kept; `generate_kwargs` asks for them all."""
+    if options.rerank is None:
+        return options
+    candidates = settings["num_beams"] if not settings["do_sample"] else settings["num_captions"]
+    if candidates <= settings["num_captions"] and not settings["do_sample"] or candidates < 2:
+        raise ValueError(f"--rerank {options.rerank} chooses among candidates: give --num-beams above "
+                         f"--num-captions ({settings['num_captions']}), or --do-sample with --num-captions 2 or more.")
+    generate_kwargs["num_return_sequences"] = candidates
+    return RowOptions(options.scores, options.review_below, options.rerank, candidates)
 
 
 def caption_batches(loader, model, processor, generate_kwargs: dict, settings: dict, fmt: str | None,
@@ -126,18 +136,25 @@ def caption_batches(loader, model, processor, generate_kwargs: dict, settings: d
             pixel_values = torch.stack(own).to(device=model.device, dtype=model.dtype)  # (B, C, H, W)
             output = model.generate(pixel_values=pixel_values, **generate_kwargs,
                                     **({"output_caption_scores": True} if options.scores else {}))
-            sequences = output.sequences if options.scores else output  # (B * N, L), by image
+            sequences = output.sequences if options.scores else output  # (B * K, L), by image
             texts = [one_line(text) for text in processor.batch_decode(sequences)]
-            captions = {key: texts[i * num_captions:(i + 1) * num_captions] for i, (key, _) in enumerate(good)}
-            if options.scores:
-                per_caption = caption_trust(model, processor, pixel_values, output, texts)
-                trust = {key: per_caption[i * num_captions:(i + 1) * num_captions] for i, (key, _) in enumerate(good)}
+            per_caption = caption_trust(model, processor, pixel_values, output, texts) if options.scores else None
+            k = options.candidates if options.rerank else num_captions
+            for i, (key, _) in enumerate(good):
+                pairs = list(zip(texts[i * k:(i + 1) * k], per_caption[i * k:(i + 1) * k] if per_caption else
+                                 [None] * k))
+                if options.rerank:  # best first by the score; a stable sort keeps generate's order on ties
+                    pairs = sorted(pairs, key=lambda pair: -rerank_value(pair[1], options.rerank))
+                pairs = pairs[:num_captions]
+                captions[key] = [text for text, _ in pairs]
+                if per_caption:
+                    trust[key] = [row for _, row in pairs]
             if scorer is not None:
                 values = scorer.score_pixels(torch.stack([pixels[1] for _, pixels in good]),
                                              [captions[key][0] for key, _ in good])
                 scores = {key: round(value, 2) for (key, _), value in zip(good, values)}
         rows = [make_row(key, captions.get(key), error, settings, fmt, trust.get(key), options.scores,
-                         options.review_below) for key, _, error in items]
+                         options.review_below, options.rerank) for key, _, error in items]
         if scorer is not None:
             for row in rows:
                 row["clipscore"] = scores.get(row["image"])

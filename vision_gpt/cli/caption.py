@@ -101,6 +101,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                          help="score the captions in FILE instead of generating any: JSONL or CSV with 'image' and "
                               "'caption' fields, one caption per image (an output of this command works); positional "
                               "inputs, when given, limit the scoring to those images; decoding flags have no effect")
+    scoring.add_argument("--rerank", choices=["confidence", "grounding", "combined"],
+                         help="keep the candidates with the best score rather than beam search's (all --num-beams "
+                              "beams, or the --num-captions samples with --do-sample, are candidates); combined is "
+                              "log(confidence) + grounding")
     scoring.add_argument("--review-below", type=float, metavar="T",
                          help="add a needs_review column: true where the caption's confidence is below T (0-1); no "
                               "row is dropped")

@@ -147,7 +147,7 @@ class ONNXCaptioner:
     def generate(self, pixel_values, num_beams: int | None = None, max_new_tokens: int | None = None,
                  num_return_sequences: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 return_dict_in_generate: bool = False, **ignored):
+                 return_dict_in_generate: bool = False, output_caption_scores: bool = False, **ignored):
         """
         Token ids `(B * num_return_sequences, 1 + new tokens)`, start token first, finished rows padded, each image's
         sequences together and best first, as `model.generate` returns them (a torch tensor for a torch input, else
@@ -185,11 +185,61 @@ class ONNXCaptioner:
             sampler = _Sampler(_first(temperature, config.get("temperature"), 1.0), _first(top_k, config.get("top_k"), 0),
                                _first(top_p, config.get("top_p"), 1.0), seed) if do_sample else None
             ids, scores = self._decode(np.repeat(visual, num_return_sequences, axis=0), max_new_tokens, sampler)
+        caption_scores = None
+        if output_caption_scores:
+            # The new tokens up to and including the first end token, as the PyTorch model scores them.
+            _, eos, _ = self._special_tokens()
+            labels = ids.copy()
+            labels[:, 0] = -100
+            ended = np.isin(ids[:, 1:], eos)
+            after_end = (np.cumsum(ended, axis=1) - ended) > 0
+            labels[:, 1:][after_end] = -100
+            caption_scores = self.score_captions(np.repeat(pixels, len(ids) // len(pixels), axis=0), ids,
+                                                 np.ones_like(ids), labels)
         if is_torch:
             import torch
 
             ids, scores = torch.from_numpy(ids), torch.from_numpy(scores)
-        return ONNXGenerateOutput(ids, scores) if return_dict_in_generate else ids
+        if return_dict_in_generate or output_caption_scores:
+            return ONNXGenerateOutput(ids, scores, caption_scores=caption_scores)
+        return ids
+
+    def score_captions(self, pixel_values=None, input_ids=None, attention_mask=None, labels=None, **ignored):
+        """
+        What the PyTorch model's `score_captions` computes (`VisionGPTCaptionScores`: confidence, grounding, ...), from
+        the same two teacher-forced passes through the decoder graph: with each caption's image, and with the blank
+        image whose `pixel_values` are all zero ("no image").
+        """
+        import torch
+
+        from ..modeling.generation_vision_gpt import VisionGPTCaptionScores
+
+        if input_ids is None or labels is None or pixel_values is None:
+            raise ValueError("score_captions needs the images and the captions as `input_ids` and `labels`: pass "
+                             "processor(images=..., suffix=captions).")
+        pixels = _numpy(pixel_values)
+        ids, labels = _numpy(input_ids).astype(np.int64), _numpy(labels).astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else _numpy(attention_mask).astype(np.int64)
+        scored = labels[:, 1:] != -100  # (N, T - 1): scored[:, i] says whether ids[:, i + 1] counts
+        count = scored.sum(-1)
+        if (count == 0).any():
+            raise ValueError(f"Captions {np.flatnonzero(count == 0).tolist()} have no token to score.")
+        visual = self.encode(pixels)
+        null = np.repeat(self.encode(np.zeros_like(pixels[:1])), len(ids), axis=0)
+        with_image, without = (self._sequence_log_prob(v, ids, mask, scored) for v in (visual, null))
+        result = {"log_prob": with_image, "log_prob_without_image": without, "num_tokens": count,
+                  "confidence": np.exp(with_image / count), "grounding": (with_image - without) / count}
+        return VisionGPTCaptionScores(**{name: torch.from_numpy(np.asarray(value)) for name, value in result.items()})
+
+    def _sequence_log_prob(self, visual, ids, mask, scored) -> np.ndarray:
+        """The summed log-probability of the scored tokens, from one decoder call over whole sequences: `(N,)`."""
+        prefix = visual.shape[1] if self.fusion == "prefix" else 0
+        full_mask = np.concatenate([np.ones((len(ids), prefix), np.int64), mask], axis=1)
+        logits, _ = self.step(ids, full_mask, visual, self.empty_past(len(ids)))
+        log_probs = _log_softmax(logits[:, -ids.shape[1]:-1].astype(np.float32))  # (N, T - 1, V)
+        targets = np.where(scored, ids[:, 1:], 0)
+        token = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        return np.where(scored, token, 0.0).sum(-1).astype(np.float64)
 
     def _special_tokens(self):
         config = self.generation_settings
@@ -347,6 +397,7 @@ class ONNXGenerateOutput:
     sequences: Any
     sequences_scores: Any
     logits: None = None  # scores are computed here, so callers need no logits
+    caption_scores: Any = None  # with output_caption_scores=True, a VisionGPTCaptionScores
 
 
 class _Sampler:
@@ -384,6 +435,12 @@ class _Sampler:
 
         draws = torch.rand((probs.shape[0], 1), generator=self.generator, dtype=torch.float64).numpy()
         return np.minimum((cumulative < draws).sum(-1), probs.shape[-1] - 1)
+
+
+def _numpy(array) -> np.ndarray:
+    if type(array).__module__.startswith("torch"):
+        return array.detach().cpu().float().numpy() if array.is_floating_point() else array.detach().cpu().numpy()
+    return np.asarray(array)
 
 
 def _first(*values):

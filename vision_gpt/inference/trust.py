@@ -7,10 +7,23 @@ pieces, whitespace that `one_line` collapsed), the row's text is scored instead,
 always reproduces its scores. A caption cut at `max_new_tokens` has no end token, and is scored without one: its row
 says `truncated`."""
 
+import math
+
 import torch
 
 # The range of each score, for thresholds given on the command line.
 SCORE_RANGES = {"confidence": (0.0, 1.0), "grounding": (float("-inf"), float("inf"))}
+# What `--rerank` can order a caption's candidates by.
+RERANK_SCORES = ("confidence", "grounding", "combined")
+
+
+def rerank_value(row: dict, score: str) -> float:
+    """A caption's value for reranking by `score`. `combined` is log(confidence) + grounding, the mean over its tokens
+    of 2 log p(token | image) - log p(token | no image): its likelihood with the image's part counted twice, the
+    contrast of visual contrastive decoding (Leng et al., 2024) with alpha = 1."""
+    if score == "combined":
+        return math.log(max(row["confidence"], 1e-30)) + row["grounding"]
+    return row[score]
 
 
 @torch.no_grad()
@@ -67,4 +80,4 @@ def check_threshold(name: str, value: float | None, flag: str) -> None:
                          f"{name} is a geometric-mean token probability. Pick a threshold such as 0.3.")
 
 
-__all__ = ["SCORE_RANGES", "caption_trust", "check_threshold", "score_texts"]
+__all__ = ["RERANK_SCORES", "SCORE_RANGES", "caption_trust", "check_threshold", "rerank_value", "score_texts"]
