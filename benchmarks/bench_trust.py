@@ -158,25 +158,29 @@ def print_tables(results: list[dict]) -> None:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Selective captioning: CHAIR-s (top row) and the share of captions naming a wrong colour (bottom row) of the
+    captions kept, against the share kept, per model and score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.6), squeeze=False)
-    for axis, result in zip(axes[0], results):
-        for score in SCORES:
-            rows = result["selective"][score]
-            axis.plot([100 * r["coverage"] for r in rows], [r["CHAIR-s"] or 0 for r in rows], marker="o",
-                      label=score)
-        axis.set_title(result["model"])
-        axis.set_xlabel("captions kept, highest score first (%)")
-        axis.set_ylabel("CHAIR-s of the kept captions (%)")
-        axis.invert_xaxis()
-        axis.grid(alpha=0.3)
-        axis.legend()
+    figure, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 6.4), squeeze=False)
+    for column, result in enumerate(results):
+        for row, (key, label) in enumerate((("CHAIR-s", "CHAIR-s"), ("wrong_colour_pct", "wrong colour"))):
+            axis = axes[row][column]
+            for score in SCORES:
+                rows = result["selective"][score]
+                axis.plot([100 * r["coverage"] for r in rows], [r[key] or 0 for r in rows], marker="o", label=score)
+            count = result["hallucinated"] if key == "CHAIR-s" else result["wrong_colour"]
+            axis.set_title(f"{result['model']}: {count} of {result['num_captions']} wrong")
+            axis.set_xlabel("captions kept, highest score first (%)")
+            axis.set_ylabel(f"{label} of the kept captions (%)")
+            axis.invert_xaxis()
+            axis.grid(alpha=0.3)
+            axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=90)
 
 
 def main(argv=None) -> None:
@@ -186,7 +190,11 @@ def main(argv=None) -> None:
                         help="a model to measure, named for the tables; give it several times")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-dir", type=Path, default=Path("trust-bench"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from --output-dir/trust.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        plot(json.loads((args.output_dir / "trust.json").read_text()), args.output_dir / "selective_captioning.png")
+        return
     models = []
     for spec in args.model:
         name, _, path = spec.partition("=")
