@@ -19,7 +19,6 @@ and writes `trust.json` and `selective_captioning.png` into `--output-dir`.
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,16 +31,10 @@ from vision_gpt.evaluation.chair import caption_hallucinations, compute_chair, f
 from vision_gpt.evaluation.metrics import compute_caption_metrics
 from vision_gpt.inference.generation import one_line
 from vision_gpt.inference.loading import load_model
-from vision_gpt.inference.trust import caption_trust
+from vision_gpt.inference.trust import caption_trust, rerank_value
 
 COVERAGES = (1.0, 0.9, 0.8, 0.5)
 SCORES = ("confidence", "grounding", "combined")
-
-
-def combined(confidence: float, grounding: float) -> float:
-    """log(confidence) + grounding = mean over tokens of [2 log p(t | image) - log p(t | no image)]: the caption's
-    likelihood with the image's contribution counted twice (visual contrastive decoding's contrast, alpha = 1)."""
-    return math.log(max(confidence, 1e-30)) + grounding
 
 
 def auroc(clean: list[float], wrong: list[float]) -> float | None:
@@ -66,7 +59,7 @@ def captions_with_scores(model, processor, records, batch_size: int, **generate_
         for i in range(len(chunk)):
             rows = [{"caption": texts[j], **trust[j]} for j in range(i * copies, (i + 1) * copies)]
             for row in rows:
-                row["combined"] = combined(row["confidence"], row["grounding"])
+                row["combined"] = rerank_value(row, "combined")
             out.append(rows)
     return out
 

@@ -47,6 +47,24 @@ class VisionGPTCaptionScores(ModelOutput):
     log_prob_without_image: torch.FloatTensor | None = None
     num_tokens: torch.LongTensor | None = None
 
+    @classmethod
+    def from_log_probs(cls, log_prob, log_prob_without_image, num_tokens) -> "VisionGPTCaptionScores":
+        """The scores from the two passes' summed log-probabilities and the number of tokens scored, `(N,)` each."""
+        count = num_tokens.to(log_prob.dtype)
+        return cls(confidence=(log_prob / count).exp(), grounding=(log_prob - log_prob_without_image) / count,
+                   log_prob=log_prob, log_prob_without_image=log_prob_without_image, num_tokens=num_tokens)
+
+
+def generated_tokens(sequences: torch.LongTensor, prompt_length: int, eos_token_ids) -> torch.BoolTensor:
+    """Which tokens of generate's `sequences` `(N, L)` are its caption's, as `(N, L - 1)` aligned with the predicted
+    positions 1..L-1: those after the prompt, up to and including the first end token (what follows it is padding)."""
+    eos = torch.tensor(list(eos_token_ids), dtype=sequences.dtype, device=sequences.device)
+    positions = torch.arange(1, sequences.shape[1], device=sequences.device)
+    new = positions >= prompt_length
+    is_end = torch.isin(sequences[:, 1:], eos) & new
+    after_end = (is_end.cumsum(-1) - is_end.long()) > 0
+    return new & ~after_end
+
 
 class VisionGPTGenerationMixin(GenerationMixin):
     """`generate` for [`VisionGPTForConditionalGeneration`]: images in, captions out, every decoding strategy of
@@ -142,9 +160,8 @@ class VisionGPTGenerationMixin(GenerationMixin):
         if image_embeds.shape[0] != input_ids.shape[0]:
             raise ValueError(f"Got {image_embeds.shape[0]} images but {input_ids.shape[0]} captions; pass one image "
                              "per caption.")
-        float32_layers = (self.get_output_embeddings(),)
-        with packed_linears(self, enabled=use_packed_linears, float32_layers=float32_layers):
-            return self._caption_scores(image_embeds, input_ids, attention_mask, labels[:, 1:] != -100)
+        return self._caption_scores(image_embeds, input_ids, attention_mask, labels[:, 1:] != -100,
+                                    use_packed_linears)
 
     def null_image_embeds(self, batch_size: int = 1) -> torch.FloatTensor:
         """
@@ -160,21 +177,20 @@ class VisionGPTGenerationMixin(GenerationMixin):
                                    dtype=self.dtype)
         return self._image_embeds(pixel_values=pixel_values).expand(batch_size, -1, -1)
 
-    def _caption_scores(self, image_embeds, input_ids, attention_mask, scored) -> VisionGPTCaptionScores:
-        """`scored[:, i]` says whether `input_ids[:, i + 1]` counts: `(B, T - 1)`."""
+    def _caption_scores(self, image_embeds, input_ids, attention_mask, scored,
+                        use_packed_linears=True) -> VisionGPTCaptionScores:
+        """`scored[:, i]` says whether `input_ids[:, i + 1]` counts: `(B, T - 1)`. The LM head computes in float32
+        whatever `generate` was asked for, so that a caption's scores are the same from every path."""
         scored = scored & (input_ids[:, 1:] != self.config.image_token_id)
         num_tokens = scored.sum(-1)
         if bool((num_tokens == 0).any()):
             rows = (num_tokens == 0).nonzero().flatten().tolist()
             raise ValueError(f"Captions {rows} have no token to score (all `labels` are -100 there).")
-        log_prob = self._sequence_log_prob(image_embeds, input_ids, attention_mask, scored)
-        null = self.null_image_embeds(input_ids.shape[0]).to(image_embeds.dtype)
-        log_prob_without_image = self._sequence_log_prob(null, input_ids, attention_mask, scored)
-        count = num_tokens.to(log_prob.dtype)
-        return VisionGPTCaptionScores(
-            confidence=(log_prob / count).exp(), grounding=(log_prob - log_prob_without_image) / count,
-            log_prob=log_prob, log_prob_without_image=log_prob_without_image, num_tokens=num_tokens,
-        )
+        with packed_linears(self, enabled=use_packed_linears, float32_layers=(self.get_output_embeddings(),)):
+            log_prob = self._sequence_log_prob(image_embeds, input_ids, attention_mask, scored)
+            null = self.null_image_embeds(input_ids.shape[0]).to(image_embeds.dtype)
+            log_prob_without_image = self._sequence_log_prob(null, input_ids, attention_mask, scored)
+        return VisionGPTCaptionScores.from_log_probs(log_prob, log_prob_without_image, num_tokens)
 
     def _sequence_log_prob(self, image_embeds, input_ids, attention_mask, scored) -> torch.FloatTensor:
         """The summed log-probability of the scored tokens, teacher-forced: `(B,)`, in float32."""
@@ -195,18 +211,13 @@ class VisionGPTGenerationMixin(GenerationMixin):
         prompt_length = input_ids.shape[1] if input_ids is not None else 1
         config = generate_kwargs.get("generation_config") or self.generation_config
         eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=sequences.device)
-        positions = torch.arange(1, length, device=sequences.device)  # the positions that are predicted
-        is_end = torch.isin(sequences[:, 1:], eos) & (positions >= prompt_length)
-        # Tokens after the first end token are padding; the end token itself counts.
-        after_end = (is_end.cumsum(-1) - is_end.long()) > 0
-        scored = (positions >= prompt_length) & ~after_end  # (N, L - 1)
+        scored = generated_tokens(sequences, prompt_length, [eos] if isinstance(eos, int) else eos or [])
         if attention_mask is None:
             attention_mask = torch.ones(image_embeds.shape[0], prompt_length, dtype=torch.long, device=sequences.device)
         mask = torch.cat([attention_mask.repeat_interleave(copies, dim=0),
                           attention_mask.new_ones(num_sequences, length - prompt_length)], dim=1)
-        with packed_linears(self, enabled=use_packed_linears, float32_layers=(self.get_output_embeddings(),)):
-            return self._caption_scores(image_embeds.repeat_interleave(copies, dim=0), sequences, mask, scored)
+        return self._caption_scores(image_embeds.repeat_interleave(copies, dim=0), sequences, mask, scored,
+                                    use_packed_linears)
 
     def _generate_captions(self, pixel_values, input_ids, attention_mask, vision_features, image_embeds, **kwargs):
         user_cache = resolve_cache_argument(kwargs.pop("cache", None), kwargs.pop("past_key_values", None), "generate")
@@ -436,4 +447,4 @@ class _without_log_message:
         self.logger.removeFilter(self)
 
 
-__all__ = ["VisionGPTCaptionScores", "VisionGPTGenerationMixin"]
+__all__ = ["VisionGPTCaptionScores", "VisionGPTGenerationMixin", "generated_tokens"]

@@ -104,9 +104,9 @@ def run(args) -> int:
         raise ValueError("Nothing to caption: give image files, folders or glob patterns, --from-file LIST, or "
                          "--dataset NAME_OR_FOLDER.")
     if args.score_captions:
-        clash = ("--dataset" if args.dataset else "--engine ray" if args.engine == "ray" else
-                 "--no-caption-scores" if args.no_caption_scores else "--score clip" if args.score else None)
-        clash = clash or ("--rerank" if args.rerank else None)
+        clashes = {"--dataset": args.dataset, "--engine ray": args.engine == "ray",
+                   "--no-caption-scores": args.no_caption_scores, "--score clip": args.score, "--rerank": args.rerank}
+        clash = next((flag for flag, given in clashes.items() if given), None)
         if clash:
             raise ValueError(f"--score-captions scores the captions of its file on this machine; it cannot be "
                              f"combined with {clash}.")

@@ -14,7 +14,7 @@ from .inputs import ImageRef
 from ..inference.decoding import check_decoding
 from ..inference.generation import one_line
 from ..inference.loading import ONNX_DTYPES, load_model
-from ..inference.trust import caption_trust, check_threshold, rerank_value
+from ..inference.trust import caption_trust, check_confidence_threshold, rerank_value
 from .outputs import make_row
 
 
@@ -101,7 +101,7 @@ class RowOptions:
 
 def row_options(args, model=None) -> RowOptions:
     """The flags' `RowOptions`: scores unless --no-caption-scores (PyTorch and ONNX Runtime models both score)."""
-    check_threshold("confidence", args.review_below, "--review-below")
+    check_confidence_threshold(args.review_below, "--review-below")
     for flag, value in (("--review-below", args.review_below), ("--rerank", args.rerank)):
         if value is not None and args.no_caption_scores:
             raise ValueError(f"{flag} reads the caption scores, which --no-caption-scores turns off; drop one of them.")
@@ -113,8 +113,10 @@ def rerank_settings(options: RowOptions, generate_kwargs: dict, settings: dict) 
     `num_captions` by the score are kept; `generate_kwargs` asks for them all."""
     if options.rerank is None:
         return options
-    candidates = settings["num_beams"] if not settings["do_sample"] else settings["num_captions"]
-    if candidates <= settings["num_captions"] and not settings["do_sample"] or candidates < 2:
+    # Beam search returns its beams, best first; sampling draws the --num-captions captions, which are all kept.
+    candidates = settings["num_captions"] if settings["do_sample"] else settings["num_beams"]
+    too_few = candidates < 2 if settings["do_sample"] else candidates <= settings["num_captions"]
+    if too_few:
         raise ValueError(f"--rerank {options.rerank} chooses among candidates: give --num-beams above "
                          f"--num-captions ({settings['num_captions']}), or --do-sample with --num-captions 2 or more.")
     generate_kwargs["num_return_sequences"] = candidates

@@ -188,12 +188,13 @@ class ONNXCaptioner:
         caption_scores = None
         if output_caption_scores:
             # The new tokens up to and including the first end token, as the PyTorch model scores them.
+            import torch
+
+            from ..modeling.generation_vision_gpt import generated_tokens
+
             _, eos, _ = self._special_tokens()
             labels = ids.copy()
-            labels[:, 0] = -100
-            ended = np.isin(ids[:, 1:], eos)
-            after_end = (np.cumsum(ended, axis=1) - ended) > 0
-            labels[:, 1:][after_end] = -100
+            labels[:, 1:][~generated_tokens(torch.from_numpy(ids), 1, eos.tolist()).numpy()] = -100
             caption_scores = self.score_captions(np.repeat(pixels, len(ids) // len(pixels), axis=0), ids,
                                                  np.ones_like(ids), labels)
         if is_torch:
@@ -226,10 +227,8 @@ class ONNXCaptioner:
             raise ValueError(f"Captions {np.flatnonzero(count == 0).tolist()} have no token to score.")
         visual = self.encode(pixels)
         null = np.repeat(self.encode(np.zeros_like(pixels[:1])), len(ids), axis=0)
-        with_image, without = (self._sequence_log_prob(v, ids, mask, scored) for v in (visual, null))
-        result = {"log_prob": with_image, "log_prob_without_image": without, "num_tokens": count,
-                  "confidence": np.exp(with_image / count), "grounding": (with_image - without) / count}
-        return VisionGPTCaptionScores(**{name: torch.from_numpy(np.asarray(value)) for name, value in result.items()})
+        with_image, without = (torch.from_numpy(self._sequence_log_prob(v, ids, mask, scored)) for v in (visual, null))
+        return VisionGPTCaptionScores.from_log_probs(with_image, without, torch.from_numpy(count))
 
     def _sequence_log_prob(self, visual, ids, mask, scored) -> np.ndarray:
         """The summed log-probability of the scored tokens, from one decoder call over whole sequences: `(N,)`."""

@@ -11,8 +11,6 @@ import math
 
 import torch
 
-# The range of each score, for thresholds given on the command line.
-SCORE_RANGES = {"confidence": (0.0, 1.0), "grounding": (float("-inf"), float("inf"))}
 # What `--rerank` can order a caption's candidates by.
 RERANK_SCORES = ("confidence", "grounding", "combined")
 
@@ -70,14 +68,11 @@ def caption_trust(model, processor, pixel_values: torch.Tensor, output, texts: l
     return rows
 
 
-def check_threshold(name: str, value: float | None, flag: str) -> None:
-    """A threshold outside its score's range is an error that names the flag and the range."""
-    if value is None:
-        return
-    low, high = SCORE_RANGES[name]
-    if not low <= value <= high:
-        raise ValueError(f"{flag} {value:g} is outside the range of {name} scores, [{low:g}, {high:g}]: "
-                         f"{name} is a geometric-mean token probability. Pick a threshold such as 0.3.")
+def check_confidence_threshold(value: float | None, flag: str) -> None:
+    """A confidence threshold outside [0, 1] (or NaN) is an error that names the flag and the range."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{flag} {value:g} is outside the range of confidence scores, [0, 1]: confidence is a "
+                         "geometric-mean token probability. Pick a threshold such as 0.3.")
 
 
-__all__ = ["RERANK_SCORES", "SCORE_RANGES", "caption_trust", "check_threshold", "rerank_value", "score_texts"]
+__all__ = ["RERANK_SCORES", "caption_trust", "check_confidence_threshold", "rerank_value", "score_texts"]

@@ -377,8 +377,10 @@ def _export_and_push(trainer, processor, model_args, data_args, training_args, d
         # A local GGUF file by its name: its folder is this machine's.
         text_model=(Path(text_source).name if str(text_source).lower().endswith(".gguf") else text_source),
         # Whose own cards declare the license, where --license does not: a ported tower's is its weights'.
-        tower_licenses={vision_source: ported_tower_license(vision_source) if ported
-                        else declared_license(vision_source), text_source: declared_license(text_source)},
+        # (read only when --license is not given: a Hub card is a download)
+        tower_licenses=None if model_args.license else {
+            vision_source: ported_tower_license(vision_source) if ported else declared_license(vision_source),
+            text_source: declared_license(text_source)},
         license=model_args.license, language=model_args.language,
         merged_adapters=f"LoRA rank {model_args.lora_r}" if model_args.lora_r else None,
         # Shards are no Hub dataset the card could link to.
