@@ -153,6 +153,7 @@ def test_config_files_give_the_same_arguments_as_flags(setup, tmp_path):
     (["--metric_for_best_model", "bertscore_f1", "--caption_metrics", "true"],
      "--metric_for_best_model bertscore_f1 needs --bertscore_model"),
     (["--bertscore_model", "/no/such/bert"], "--bertscore_model scores the captions of --caption_metrics"),
+    (["--widget_image", "/no/such/example.jpg"], "--widget_image '/no/such/example.jpg' is not a file"),
     (["--bertscore_model", "/no/such/bert", "--caption_metrics", "true"],
      "--bertscore_model '/no/such/bert' could not be loaded"),
 ])

@@ -251,6 +251,9 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
         if not Path(data_args.data_dir).is_dir():
             raise ValueError(f"--data_dir '{data_args.data_dir}' is not a folder")
     validate_lora_arguments(model_args, training_args)
+    # Read at export, after training: a wrong path must stop the run before it starts, not after.
+    if model_args.widget_image and not Path(model_args.widget_image).is_file():
+        raise ValueError(f"--widget_image '{model_args.widget_image}' is not a file")
     for name in ("unfreeze_text_epoch", "unfreeze_vision_epoch"):
         value = getattr(model_args, name)
         if value is not None and value < 0:
