@@ -9,7 +9,7 @@ from .modeling_vision_gpt import (
     VisionGPTPreTrainedModel,
     VisionGPTProjector,
 )
-from .pipeline_vision_gpt import VisionGPTImageToTextPipeline
+from .pipeline_vision_gpt import VisionGPTImageTextToTextPipeline, VisionGPTImageToTextPipeline
 from .processing_vision_gpt import VisionGPTProcessor
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "VisionGPTCaptionScores",
     "VisionGPTConfig",
     "VisionGPTForConditionalGeneration",
+    "VisionGPTImageTextToTextPipeline",
     "VisionGPTImageToTextPipeline",
     "VisionGPTOutput",
     "VisionGPTPreTrainedModel",

@@ -132,8 +132,8 @@ class VisionGPTConfig(PretrainedConfig):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if getattr(self, name, None) is None:
                 setattr(self, name, getattr(self.text_config, name, None))
-        # What makes a saved folder load with trust_remote_code, from AutoModel, AutoModelForImageTextToText and
-        # pipeline("image-to-text") alike (transformers 5 checks custom_pipelines before redirecting that task).
+        # What makes a saved folder load with trust_remote_code, from AutoModel, AutoModelForImageTextToText and both
+        # pipelines alike (transformers 5 checks custom_pipelines before redirecting the image-to-text task).
         model_class = "modeling_vision_gpt.VisionGPTForConditionalGeneration"
         self.auto_map = {
             "AutoConfig": "configuration_vision_gpt.VisionGPTConfig",
@@ -142,14 +142,14 @@ class VisionGPTConfig(PretrainedConfig):
             "AutoProcessor": "processing_vision_gpt.VisionGPTProcessor",
             **(getattr(self, "auto_map", None) or {}),
         }
-        self.custom_pipelines = {
-            "image-to-text": {
-                "impl": "pipeline_vision_gpt.VisionGPTImageToTextPipeline",
-                "pt": ["AutoModelForImageTextToText"],
-                "type": "multimodal",
-            },
-            **(getattr(self, "custom_pipelines", None) or {}),
-        }
+        # A saved config keeps the pipelines it declares: they name classes in the pipeline file saved beside it, and a
+        # repo saved before the image-text-to-text one existed must not point transformers at a class it lacks.
+        if not getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = {
+                task: {"impl": f"pipeline_vision_gpt.{impl}", "pt": ["AutoModelForImageTextToText"], "type": "multimodal"}
+                for task, impl in (("image-to-text", "VisionGPTImageToTextPipeline"),
+                                   ("image-text-to-text", "VisionGPTImageTextToTextPipeline"))
+            }
         if self.pad_token_id is None:
             # GPT-2 has no pad token; padding reuses eos and is told apart by the attention mask, never by its id.
             eos = self.eos_token_id

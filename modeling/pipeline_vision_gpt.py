@@ -1,7 +1,8 @@
-"""The `image-to-text` pipeline for VisionGPT, shipped through `custom_pipelines` in the model's `config.json`."""
+"""VisionGPT's `image-to-text` and `image-text-to-text` pipelines, shipped through `custom_pipelines` in the model's
+`config.json`."""
 
 import torch
-from transformers import GenerationConfig, Pipeline
+from transformers import GenerationConfig, ImageTextToTextPipeline, Pipeline
 
 from .compat_vision_gpt import pipeline_generate_kwargs
 
@@ -74,4 +75,58 @@ class VisionGPTImageToTextPipeline(Pipeline):
         return captions
 
 
-__all__ = ["VisionGPTImageToTextPipeline"]
+class VisionGPTImageTextToTextPipeline(ImageTextToTextPipeline):
+    r"""
+    transformers' `image-text-to-text` pipeline (a prompt, or chat messages, with images), which can also return each
+    answer's trust scores: with `return_caption_scores=True` every output dict has `confidence` and `grounding` next to
+    `generated_text`, for the generated tokens only (the prompt is not scored; see `VisionGPTCaptionScores`). Without
+    it, it is transformers' pipeline unchanged.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> answerer = pipeline("image-text-to-text", model="user/vision-gpt-flickr8k", trust_remote_code=True)
+    >>> answerer(images="photo.jpg", text="a photo of", return_caption_scores=True)
+    [{'input_text': 'a photo of', 'generated_text': 'a photo of ...', 'confidence': 0.58, 'grounding': 1.71}]
+    ```"""
+
+    def _sanitize_parameters(self, return_caption_scores=None, **kwargs):
+        preprocess_params, forward_params, postprocess_params = super()._sanitize_parameters(**kwargs)
+        if return_caption_scores:
+            forward_params["return_caption_scores"] = True
+        return preprocess_params, forward_params, postprocess_params
+
+    def _forward(self, model_inputs, generate_kwargs=None, return_caption_scores=False):
+        if not return_caption_scores:
+            return super()._forward(model_inputs, generate_kwargs=generate_kwargs)
+        prompt_text = model_inputs.pop("text")
+        input_ids = model_inputs["input_ids"]
+        generate_kwargs = pipeline_generate_kwargs(self, dict(generate_kwargs or {}))
+        output = self.model.generate(**model_inputs, **generate_kwargs, output_caption_scores=True)
+        sequences, scores = output.sequences, output.caption_scores
+        if sequences.shape[0] > input_ids.shape[0]:
+            # Several returns per prompt: (B * n, L) -> (B, n, L) and scores (B * n,) -> (B, n), so that batching
+            # splits them by prompt, as transformers' own pipeline shapes them.
+            batch_size = input_ids.shape[0]
+            sequences = sequences.view(batch_size, -1, sequences.shape[-1])
+            scores.confidence, scores.grounding = scores.confidence.view(batch_size, -1), scores.grounding.view(
+                batch_size, -1)
+        return {"generated_sequence": sequences, "prompt_text": prompt_text, "input_ids": input_ids,
+                "confidence": scores.confidence, "grounding": scores.grounding}
+
+    def postprocess(self, model_outputs, **postprocess_params):
+        confidence, grounding = model_outputs.pop("confidence", None), model_outputs.pop("grounding", None)
+        if confidence is None:
+            return super().postprocess(model_outputs, **postprocess_params)
+        # Flat (n, L) sequences: every transformers release's postprocess reads them, one record per sequence in
+        # order (older releases, 5.12 among them, keep only the first of several returns, and so the first score).
+        sequences = model_outputs["generated_sequence"]
+        model_outputs = {**model_outputs, "generated_sequence": sequences.reshape(-1, sequences.shape[-1])}
+        records = super().postprocess(model_outputs, **postprocess_params)
+        for record, value, pmi in zip(records, confidence.reshape(-1).tolist(), grounding.reshape(-1).tolist()):
+            record.update(confidence=value, grounding=pmi)
+        return records
+
+
+__all__ = ["VisionGPTImageTextToTextPipeline", "VisionGPTImageToTextPipeline"]

@@ -65,12 +65,17 @@ def test_cross_attention_has_no_prefix_and_sets_gpt2_flag():
     assert tiny_config().text_config.add_cross_attention is False
 
 
-def test_saved_config_declares_auto_classes_and_the_image_to_text_pipeline():
+def test_saved_config_declares_auto_classes_and_both_pipelines():
     config = tiny_config().to_dict()
     assert config["auto_map"]["AutoModel"] == "modeling_vision_gpt.VisionGPTForConditionalGeneration"
     assert config["auto_map"]["AutoModelForImageTextToText"] == config["auto_map"]["AutoModel"]
     assert config["auto_map"]["AutoProcessor"] == "processing_vision_gpt.VisionGPTProcessor"
     assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_vision_gpt.VisionGPTImageToTextPipeline"
+    assert config["custom_pipelines"]["image-text-to-text"]["impl"] == (
+        "pipeline_vision_gpt.VisionGPTImageTextToTextPipeline")
+    # A loaded config keeps what it declares: a repo saved before a pipeline existed has no file that defines it.
+    older = {**config, "custom_pipelines": {"image-to-text": config["custom_pipelines"]["image-to-text"]}}
+    assert set(VisionGPTConfig.from_dict(older).custom_pipelines) == {"image-to-text"}
 
 
 @pytest.mark.parametrize(

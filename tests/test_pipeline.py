@@ -96,6 +96,45 @@ def test_image_text_to_text_continues_a_prompt_as_generate_does(answerer):
     assert placed[0]["generated_text"] == new
 
 
+def test_image_text_to_text_returns_the_scores_generate_gives_when_asked(answerer):
+    # The repo's own pipeline (custom_pipelines), loaded through its remote code.
+    assert type(answerer).__name__ == "VisionGPTImageTextToTextPipeline"
+    model, processor = answerer.model, answerer.processor
+    images, prompts = random_images(2, seed=23), ["a photo of", "two"]
+    plain = answerer(images=images, text=prompts, **greedy())
+    assert set(plain[0]) == {"input_text", "generated_text"}
+    scored = answerer(images=images, text=prompts, return_caption_scores=True, batch_size=2, **greedy())
+    assert [row["generated_text"] for row in scored] == [row["generated_text"] for row in plain]
+    output = model.generate(**processor(images=images, text=prompts), max_new_tokens=5, num_beams=1,
+                            output_caption_scores=True)
+    for row, confidence, grounding in zip(scored, output.caption_scores.confidence, output.caption_scores.grounding):
+        assert row["confidence"] == pytest.approx(float(confidence), abs=1e-5)
+        assert row["grounding"] == pytest.approx(float(grounding), abs=1e-5)
+    # Several returns per image: one record each, each with the scores of its own sequence.
+    beams = dict(max_new_tokens=5, generate_kwargs={"num_beams": 3, "num_return_sequences": 2})
+    returned = answerer(images=images[0], text=prompts[0], return_caption_scores=True, **beams)
+    output = model.generate(**processor(images=images[:1], text=prompts[:1]), max_new_tokens=5, num_beams=3,
+                            num_return_sequences=2, output_caption_scores=True)
+    # Older transformers (5.12) return only the first of several sequences per prompt; each keeps its own score.
+    assert 1 <= len(returned) <= 2
+    expected = output.caption_scores.confidence.tolist()[:len(returned)]
+    assert [row["confidence"] for row in returned] == pytest.approx(expected, abs=1e-5)
+
+
+def test_image_text_to_text_scores_with_the_package_installed_and_no_remote_code(answerer, tmp_path):
+    from vision_gpt import VisionGPTImageTextToTextPipeline
+
+    answerer.model.save_pretrained(tmp_path)
+    answerer.processor.save_pretrained(tmp_path)
+    # The repo declares its own pipeline, so transformers asks for trust_remote_code unless the class is given.
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        pipeline("image-text-to-text", model=str(tmp_path))
+    installed = pipeline("image-text-to-text", model=str(tmp_path), pipeline_class=VisionGPTImageTextToTextPipeline)
+    image = random_images(1, seed=24)[0]
+    expected = answerer(images=image, text="a photo of", return_caption_scores=True, **greedy())
+    assert installed(images=image, text="a photo of", return_caption_scores=True, **greedy()) == expected
+
+
 def test_image_text_to_text_takes_chat_messages_with_an_image(answerer):
     import copy
 

@@ -48,7 +48,9 @@ def test_save_writes_a_complete_hub_repo(saved):
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "vision_gpt"
     assert set(config["auto_map"]) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoProcessor"}
-    assert config["custom_pipelines"]["image-to-text"]["impl"] == "pipeline_vision_gpt.VisionGPTImageToTextPipeline"
+    assert {task: entry["impl"] for task, entry in config["custom_pipelines"].items()} == {
+        "image-to-text": "pipeline_vision_gpt.VisionGPTImageToTextPipeline",
+        "image-text-to-text": "pipeline_vision_gpt.VisionGPTImageTextToTextPipeline"}
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["max_new_tokens"] == 32 and generation["num_beams"] == 3
     for name in REMOTE_FILES:
