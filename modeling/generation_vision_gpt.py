@@ -371,6 +371,10 @@ class VisionGPTGenerationMixin(GenerationMixin):
         # attention enough; GPT-2 here builds its own from the 2D mask, which also covers the visual prefix.
         if kwargs.get("attention_mask") is not None:
             inputs["attention_mask"] = kwargs["attention_mask"]
+        # `stop_strings` needs generate's `tokenizer`, which some transformers releases leave among the model kwargs
+        # they forward to the model (built-in models ignore unknown arguments; ours names them as an error).
+        for name in ("tokenizer", "assistant_tokenizer"):
+            inputs.pop(name, None)
         return inputs
 
     def _num_copies(self, generate_kwargs) -> int:

@@ -202,7 +202,7 @@ def test_urls_offline_private_or_not_http_get_a_clear_message_fast(captioner):
     started = time.perf_counter()
     status, results, _ = request(captioner, [], "http://images.example.invalid/dog.jpg")
     assert time.perf_counter() - started < 7
-    assert "Could not fetch http://images.example.invalid/dog.jpg" in status and "upload it instead" in status
+    assert "Could not fetch http://images.example.invalid/dog.jpg" in status and "send the file instead" in status
     assert results == ""
     status, _, _ = request(captioner, [], "http://127.0.0.1:9/cat.png\nfile:///etc/passwd")
     assert "private or local network (127.0.0.1)" in status

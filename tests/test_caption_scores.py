@@ -306,3 +306,26 @@ def test_rerank_keeps_the_candidate_with_the_best_score(tiny_model_dir, processo
     assert main(["caption", str(image_folder / "img_0.png"), "--model", str(tiny_model_dir), "--num-beams", "1",
                  "--rerank", "grounding"]) == 2
     assert "--rerank grounding chooses among candidates" in capsys.readouterr().err
+
+
+def test_rerank_of_samples_keeps_the_best_of_num_candidates(tiny_model_dir, image_folder, tmp_path, capsys):
+    from vision_gpt.cli import main
+
+    images = [str(image_folder / "img_0.png"), str(image_folder / "img_1.png")]
+    common = ["--model", str(tiny_model_dir), "--do-sample", "--num-beams", "1", "--seed", "7", "--max-new-tokens", "5",
+              "--num-workers", "0", "--rerank", "confidence", "--num-candidates", "4"]
+    all_four, best = tmp_path / "all.jsonl", tmp_path / "best.jsonl"
+    assert main(["caption", *images, *common, "--num-captions", "4", "--output", str(all_four)]) == 0
+    assert main(["caption", *images, *common, "--output", str(best)]) == 0
+    for key, row in read_jsonl(best).items():
+        ranked = read_jsonl(all_four)[key]
+        # The same seeded samples: one run keeps all four, best first; the other keeps the best one.
+        assert ranked["confidences"] == sorted(ranked["confidences"], reverse=True)
+        assert row["caption"] == ranked["captions"][0] and row["rerank"] == "confidence"
+    for extra, message in ((["--num-candidates", "2", "--num-captions", "3"], "--num-candidates 2 is fewer than"),
+                           (["--num-beams", "3", "--no-do-sample", "--num-candidates", "3"], "--num-candidates counts"),
+                           ):
+        assert main(["caption", images[0], *common[:-2], *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["caption", images[0], "--model", str(tiny_model_dir), "--num-candidates", "3"]) == 2
+    assert "--num-candidates is how many samples --rerank chooses from" in capsys.readouterr().err

@@ -343,3 +343,15 @@ def test_labels_that_copy_input_ids_ignore_the_image_tokens(processor, images):
     ours = model(pixel_values=batch["pixel_values"], input_ids=ids, attention_mask=mask, labels=labels).loss
     legacy = model(**batch).loss  # the same captions, the image before the text
     torch.testing.assert_close(ours, legacy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_stop_strings_end_a_caption_where_the_string_appears(fusion, processor):
+    # generate's `tokenizer` (which stop_strings needs) never reaches the model's forward.
+    model = tiny_model(fusion=fusion)
+    inputs = processor(images=random_images(2, seed=31))
+    free = processor.batch_decode(model.generate(**inputs, max_new_tokens=8, num_beams=1))[0]
+    stop = free[: len(free) // 2][-3:]  # ends in the caption's first half
+    stopped = model.generate(**inputs, max_new_tokens=8, num_beams=1, stop_strings=[stop], tokenizer=processor.tokenizer)
+    text = processor.batch_decode(stopped)[0]
+    assert stop in text and free.startswith(text) and len(text) < len(free)

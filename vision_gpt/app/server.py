@@ -18,17 +18,11 @@ app is built, so the rest of the command line works without it.
 """
 
 import html
-import ipaddress
 import logging
 import os
-import socket
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +30,7 @@ from ..inference.decoding import FLAGS, check_decoding
 from ..inference.generation import average_log_probs
 from ..inference.trust import caption_trust
 from ..inference.loading import load_model
+from ..inference.remote_images import InputError, fetch_url, image_from_bytes, readable_size
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +128,6 @@ def _clamp(value, low, high):
     return max(low, min(high, value))
 
 
-class InputError(ValueError):
-    """An input the app refuses: too large, too many, an unreadable file, an unreachable URL."""
-
-
 @dataclass
 class LoadedImage:
     name: str  # what the user calls it: the uploaded file's name or the URL
@@ -223,7 +214,7 @@ class Captioner:
             try:
                 size = os.path.getsize(path)
                 if size > self.max_upload_bytes:
-                    raise InputError(f"{name} is {_size(size)}; the limit is {_size(self.max_upload_bytes)} per "
+                    raise InputError(f"{name} is {readable_size(size)}; the limit is {readable_size(self.max_upload_bytes)} per "
                                      "file. Downscale or recompress it and try again.")
                 image = load_image(path)
             except (ImageLoadError, InputError, OSError) as error:
@@ -234,7 +225,7 @@ class Captioner:
         for url in url_list:
             try:
                 data = self.fetch_url(url)
-                image = load_image(_image_from_bytes(data, url))
+                image = load_image(image_from_bytes(data, url))
             except (ImageLoadError, InputError) as error:
                 errors.append(str(error))
                 continue
@@ -246,13 +237,8 @@ class Captioner:
         Download an image URL within `url_timeout` seconds and the upload size limit. Offline, this fails at once
         (or after the timeout) with a message that says to upload the file instead, never a hang.
         """
-        future = _url_pool().submit(_download, url, self.max_upload_bytes, self.url_timeout, self.allow_private_urls)
-        try:
-            # Socket timeouts bound each read, not the whole download, and name lookups have none: cap everything.
-            return future.result(timeout=self.url_timeout + 1)
-        except FutureTimeout:
-            raise InputError(f"Fetching {_short(url)} took longer than {self.url_timeout:g} s. This server may have no "
-                             "internet access; download the image and upload it instead.") from None
+        return fetch_url(url, max_bytes=self.max_upload_bytes, timeout=self.url_timeout,
+                         allow_private=self.allow_private_urls)
 
     # ----- captioning --------------------------------------------------------------------------------------------
 
@@ -290,99 +276,6 @@ class Captioner:
                     for text, score, row in zip(texts, scores.tolist(), trust)]
         # generate returns the `count` captions of each image together, each image's best first.
         return [captions[i * count:(i + 1) * count] for i in range(len(images))], notes
-
-
-def _image_from_bytes(data: bytes, url: str):
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    from ..modeling import ImageLoadError
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        reason = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else str(error)
-        raise ImageLoadError(f"{_short(url)} did not return a readable image ({reason}).") from None
-    return image
-
-
-_URL_POOL = None
-_URL_POOL_LOCK = threading.Lock()
-
-
-def _url_pool() -> ThreadPoolExecutor:
-    # A shared pool, not one per request: leaving a `with ThreadPoolExecutor()` block waits for a stuck download.
-    global _URL_POOL
-    with _URL_POOL_LOCK:
-        if _URL_POOL is None:
-            _URL_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vision-gpt-url")
-        return _URL_POOL
-
-
-def _size(num_bytes: int) -> str:
-    return f"{num_bytes / MB:.3g} MB" if num_bytes >= MB else f"{num_bytes / 1024:.3g} KB"
-
-
-def _short(url: str, limit: int = 80) -> str:
-    return url if len(url) <= limit else url[: limit - 3] + "..."
-
-
-def _check_url(url: str, allow_private: bool) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"{_short(url)} is not an http:// or https:// address.")
-    if allow_private:
-        return
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, parts.port or 443)}
-    except OSError as error:
-        raise InputError(f"Could not fetch {_short(url)}: the host name did not resolve ({error.strerror or error}). "
-                         "This server may have no internet access; download the image and upload it instead.") from None
-    for address in addresses:
-        if not ipaddress.ip_address(address.split("%")[0]).is_global:
-            raise InputError(f"{_short(url)} points into a private or local network ({address}); this app only "
-                             "fetches public addresses.")
-
-
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to addresses that the first URL would have been allowed to use."""
-
-    def __init__(self, allow_private: bool):
-        self.allow_private = allow_private
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        _check_url(newurl, self.allow_private)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _download(url: str, max_bytes: int, timeout: float, allow_private: bool) -> bytes:
-    _check_url(url, allow_private)
-    opener = urllib.request.build_opener(_CheckedRedirects(allow_private))
-    request = urllib.request.Request(url, headers={"User-Agent": "vision-gpt-app"})
-    deadline = time.monotonic() + timeout
-    too_big = InputError(f"{_short(url)} is larger than the {_size(max_bytes)} limit.")
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
-                raise too_big
-            chunks, received = [], 0
-            while chunk := response.read(64 * 1024):
-                received += len(chunk)
-                if received > max_bytes:
-                    raise too_big
-                if time.monotonic() > deadline:
-                    raise InputError(f"Fetching {_short(url)} took longer than {timeout:g} s.")
-                chunks.append(chunk)
-    except InputError:
-        raise
-    except Exception as error:  # URLError, HTTPError, socket timeouts, TLS errors: the reason is what matters
-        reason = getattr(error, "reason", None) or error
-        raise InputError(f"Could not fetch {_short(url)}: {reason}. This server may have no internet access; "
-                         "download the image and upload it instead.") from None
-    return b"".join(chunks)
 
 
 INTRO = """\
@@ -520,7 +413,7 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
     # An ONNX captioner takes float32 pixels whatever its graphs compute in; `precision` names its graphs.
     model_dtype = getattr(captioner.model, "precision", None) or str(captioner.model.dtype).removeprefix("torch.")
     limits = (f"Model: `{captioner.name}` ({model_dtype}, {captioner.model.device.type}). Up to "
-              f"{captioner.max_images} images at a time, {_size(captioner.max_upload_bytes)} each. When others are "
+              f"{captioner.max_images} images at a time, {readable_size(captioner.max_upload_bytes)} each. When others are "
               f"captioning, your request waits in line (up to {queue_size} can wait); if the line is full, the page "
               "says the app is busy: try again in a minute.")
 

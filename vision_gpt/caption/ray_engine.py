@@ -22,7 +22,8 @@ from ..data.shards import ShardMember
 # The flags an actor needs to load the model and caption exactly as the local engine does.
 ACTOR_OPTIONS = ("model", "dtype", "runtime", "device", "trust_remote_code", "num_beams", "max_new_tokens", "do_sample",
                  "temperature", "top_p", "top_k", "num_captions", "seed", "score", "clipscore_model",
-                 "max_image_pixels", "cpus_per_worker", "no_caption_scores", "review_below", "rerank")
+                 "max_image_pixels", "cpus_per_worker", "no_caption_scores", "review_below", "rerank",
+                 "num_candidates")
 
 
 def model_generation_config(args):

@@ -97,6 +97,8 @@ class RowOptions:
     # Order each image's candidates by this score and keep the best `num_captions` (None: generate's order).
     rerank: str | None = None
     candidates: int = 1
+    # With --do-sample, the samples drawn per image for reranking (None: --num-captions, reordered).
+    num_candidates: int | None = None
 
 
 def row_options(args, model=None) -> RowOptions:
@@ -105,7 +107,11 @@ def row_options(args, model=None) -> RowOptions:
     for flag, value in (("--review-below", args.review_below), ("--rerank", args.rerank)):
         if value is not None and args.no_caption_scores:
             raise ValueError(f"{flag} reads the caption scores, which --no-caption-scores turns off; drop one of them.")
-    return RowOptions(scores=not args.no_caption_scores, review_below=args.review_below, rerank=args.rerank)
+    num_candidates = getattr(args, "num_candidates", None)
+    if num_candidates is not None and args.rerank is None:
+        raise ValueError("--num-candidates is how many samples --rerank chooses from: give --rerank too.")
+    return RowOptions(scores=not args.no_caption_scores, review_below=args.review_below, rerank=args.rerank,
+                      num_candidates=num_candidates)
 
 
 def rerank_settings(options: RowOptions, generate_kwargs: dict, settings: dict) -> RowOptions:
@@ -113,14 +119,25 @@ def rerank_settings(options: RowOptions, generate_kwargs: dict, settings: dict) 
     `num_captions` by the score are kept; `generate_kwargs` asks for them all."""
     if options.rerank is None:
         return options
-    # Beam search returns its beams, best first; sampling draws the --num-captions captions, which are all kept.
-    candidates = settings["num_captions"] if settings["do_sample"] else settings["num_beams"]
-    too_few = candidates < 2 if settings["do_sample"] else candidates <= settings["num_captions"]
+    # Beam search returns its beams, best first; sampling draws --num-candidates captions (default --num-captions).
+    if settings["do_sample"]:
+        candidates = options.num_candidates or settings["num_captions"]
+        if options.num_candidates is not None and candidates < settings["num_captions"]:
+            raise ValueError(f"--num-candidates {candidates} is fewer than --num-captions "
+                             f"({settings['num_captions']}): the best --num-captions are kept from the candidates.")
+        too_few = candidates < 2
+    else:
+        if options.num_candidates is not None:
+            raise ValueError("--num-candidates counts samples, with --do-sample; beam search's candidates are its "
+                             "--num-beams beams.")
+        candidates = settings["num_beams"]
+        too_few = candidates <= settings["num_captions"]
     if too_few:
         raise ValueError(f"--rerank {options.rerank} chooses among candidates: give --num-beams above "
-                         f"--num-captions ({settings['num_captions']}), or --do-sample with --num-captions 2 or more.")
+                         f"--num-captions ({settings['num_captions']}), or --do-sample with --num-candidates (or "
+                         "--num-captions) 2 or more.")
     generate_kwargs["num_return_sequences"] = candidates
-    return RowOptions(options.scores, options.review_below, options.rerank, candidates)
+    return RowOptions(options.scores, options.review_below, options.rerank, candidates, options.num_candidates)
 
 
 def caption_batches(loader, model, processor, generate_kwargs: dict, settings: dict, fmt: str | None,

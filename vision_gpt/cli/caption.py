@@ -103,8 +103,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                               "inputs, when given, limit the scoring to those images; decoding flags have no effect")
     scoring.add_argument("--rerank", choices=["confidence", "grounding", "combined"],
                          help="keep the candidates with the best score rather than beam search's (all --num-beams "
-                              "beams, or the --num-captions samples with --do-sample, are candidates); combined is "
+                              "beams, or the --num-candidates samples with --do-sample, are candidates); combined is "
                               "log(confidence) + grounding")
+    scoring.add_argument("--num-candidates", type=int, metavar="K",
+                         help="with --rerank and --do-sample: samples drawn per image, of which the best "
+                              "--num-captions are kept (default: --num-captions, only reordered)")
     scoring.add_argument("--review-below", type=float, metavar="T",
                          help="add a needs_review column: true where the caption's confidence is below T (0-1); no "
                               "row is dropped")
