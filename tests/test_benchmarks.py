@@ -170,6 +170,19 @@ def test_app_burst_benchmark_reports_each_burst_and_the_servers_memory(tiny_mode
         assert all(float(row[8]) > 100 for row in rows), "the server's resident memory, in MB (torch alone is more)"
 
 
+def test_serve_benchmark_reports_batched_and_one_at_a_time_servers(tiny_model_dir, capsys):
+    pytest.importorskip("ray.serve", reason="the server needs Ray Serve: pip install -e '.[serve]'")
+    load("bench_serve").main(["--model", str(tiny_model_dir), "--requests", "4", "--clients", "4", "--batch-sizes",
+                              "4", "1", "--max-tokens", "3"])
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| 4 |", "| 1 |"))]
+    assert [row[:2] for row in rows] == [["4", "no"], ["4", "yes"], ["1", "no"], ["1", "yes"]]
+    for size, streamed, rate, p50, p90, first, mean_batch in rows:
+        assert float(rate) > 0 and 0 < float(p50) <= float(p90)
+        assert 1 <= float(mean_batch) <= int(size)
+        assert (first != "") == (streamed == "yes")
+
+
 def test_scale_benchmark_times_each_engine_and_reports_where_it_overtakes(capsys):
     pytest.importorskip("ray", reason="Ray Data is in the test extras; `pip install 'ray[data]'`")
     results = load("bench_scale").main(["--quick", "--images", "8", "--batch-size", "2", "--runs", "cli", "ray1"])

@@ -173,7 +173,7 @@ def test_command_parsers_give_every_subcommand_with_its_summary():
     # The docs' command-line reference is written from these (docs/hooks/cli_reference.py).
     parsers = command_parsers()
     assert list(parsers) == ["demo", "train", "evaluate", "caption", "assemble", "convert", "export-onnx", "push",
-                             "app"]
+                             "app", "serve"]
     listing = build_parser().format_help()
     for name, parser in parsers.items():
         assert parser.summary and parser.summary in " ".join(listing.split()), name

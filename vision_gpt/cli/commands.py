@@ -13,19 +13,20 @@ Train one on your captions, score it, caption many images, publish it, serve it:
   vision-gpt demo                                   everything, offline, on a generated dataset
   vision-gpt train configs/flickr8k.yaml            train (under accelerate launch for several GPUs)
   vision-gpt caption photos/ --model ./my-model     captions for files, folders, shards, datasets
+  vision-gpt serve ./my-model                       an OpenAI-compatible API for programs
 
 `vision-gpt COMMAND --help` describes a command's flags."""
 
 
 def _build() -> tuple[ArgumentParser, argparse.Action]:  # (the parser, its subcommands)
     from .. import __version__
-    from . import app, assemble, caption, convert, demo, evaluate, export_onnx, push, train
+    from . import app, assemble, caption, convert, demo, evaluate, export_onnx, push, serve, train
 
     parser = ArgumentParser(prog="vision-gpt", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"vision-gpt {__version__}")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     # The order a newcomer meets them: try it, train, score, caption, publish, serve.
-    for module in (demo, train, evaluate, caption, assemble, convert, export_onnx, push, app):
+    for module in (demo, train, evaluate, caption, assemble, convert, export_onnx, push, app, serve):
         module.register(commands)
     return parser, commands
 

@@ -38,7 +38,10 @@ def image_from_bytes(data: bytes, name: str, max_pixels: int | None = None):
             raise ImageLoadError(f"{_short(name)} is {width} x {height} pixels, more than the {limit:,}-pixel limit "
                                  "(a decompression bomb, or a photo to downscale first).")
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # PIL's own guard, from the header, beyond twice its limit
+        raise ImageLoadError(f"{_short(name)} is too large to decode ({error}): a decompression bomb, or a photo to "
+                             "downscale first.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, ImageLoadError):
             raise
         reason = "not an image PIL can read" if isinstance(error, UnidentifiedImageError) else str(error)
