@@ -90,6 +90,7 @@ def test_settings_a_request_leaves_out_come_from_the_generation_config(engine):
     ({"n": 9}, 400, "'n' is 9; this server returns at most 8"),
     ({"max_tokens": 257}, 400, "'max_tokens' is 257; this server generates at most 256"),
     ({"max_tokens": 0}, 400, "Invalid 'max_tokens'"),
+    ({"max_tokens": 96}, 400, "decoder reads 96 positions and the prompt takes 1: ask for at most 95 tokens"),
     ({"temperature": 3}, 400, "Invalid 'temperature'"),
     ({"tools": [{"type": "function"}]}, 400, "does not support 'tools'"),
     ({"logprobs": True}, 400, "does not support 'logprobs'"),
@@ -134,6 +135,14 @@ def test_images_that_are_not_data_urls_or_not_images_are_named(engine, url, mess
     with pytest.raises(OpenAIError, match=message) as caught:
         engine.job_for(parse_request(body(url=url)))
     assert caught.value.status == 400 and caught.value.param == "messages[0].content[0]"
+
+
+def test_url_images_when_allowed_are_fetched_from_public_addresses_only(engine):
+    allowing = CaptionEngine(engine.model, engine.processor, ServeLimits(allow_url_images=True, url_timeout=2))
+    for url in ("http://127.0.0.1:9/photo.jpg", "http://10.0.0.7/photo.jpg", "http://localhost/photo.jpg"):
+        with pytest.raises(OpenAIError, match="private or local network") as caught:
+            allowing.job_for(parse_request(body(url=url)))
+        assert caught.value.status == 400
 
 
 def test_truncated_and_oversized_images_are_refused_before_captioning(engine):
@@ -317,10 +326,10 @@ def server(tmp_path_factory, processor):
     port = free_port()
     options = ServeOptions(model=str(folder), served_model_name="tiny", api_key=API_KEY, max_batch_size=8,
                            batch_timeout_ms=50, threads=2,
-                           limits=ServeLimits(max_body_bytes=2**20, max_image_pixels=1_000_000, max_queue=64))
+                           limits=ServeLimits(max_body_bytes=2**20, max_image_pixels=1_000_000))
     run(options, port=port, num_cpus=2, blocking=False)
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "model": model, "processor": processor}
+        yield {"url": f"http://127.0.0.1:{port}", "model": model, "processor": processor, "folder": str(folder)}
     finally:
         import ray
 
@@ -428,6 +437,28 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
     # A bad request in a stream is refused before any event, with its status.
     code, reply = post(server, json.dumps(body(url=truncated_jpeg(), stream=True)).encode())
     assert code == 400 and "not a readable image" in reply["error"]["message"]
+
+
+def test_a_full_queue_answers_429_and_the_server_recovers(server):
+    # A second app on the same Ray Serve, room for one request: of 8 sent at once, those that arrive while one is
+    # being captioned are told to retry.
+    from ray import serve
+
+    from vision_gpt.serving.server import build_app
+
+    options = ServeOptions(model=server["folder"], served_model_name="tiny", max_batch_size=1, threads=2,
+                           limits=ServeLimits(max_queue=1))
+    serve.run(build_app(options), name="busy", route_prefix="/busy", blocking=False)
+    busy_server = {**server, "url": server["url"] + "/busy"}
+    payload = json.dumps(body(random_images(1, seed=57)[0], temperature=0, max_tokens=90)).encode()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: post(busy_server, payload), range(8)))
+    statuses = [code for code, _ in replies]
+    assert set(statuses) == {200, 429}, statuses
+    busy = next(reply for code, reply in replies if code == 429)
+    assert busy["error"]["type"] == "rate_limit_error" and "--max-queue 1" in busy["error"]["message"]
+    assert post(busy_server, payload)[0] == 200
+    serve.delete("busy")
 
 
 def test_models_and_health(server):

@@ -90,6 +90,13 @@ class CaptionEngine:
         # ONNX Runtime's captioner has no streamer, prompts or stop strings: its captions arrive whole.
         self.is_torch = isinstance(model, torch.nn.Module)
         self.num_visual_tokens = self._count_visual_tokens()
+        text_config = getattr(getattr(model, "config", None), "text_config", None)
+        # The decoder's positions: the prompt (with the visual prefix, where the image is read as tokens) and the new
+        # tokens must fit in them.
+        self.max_positions = getattr(text_config, "n_positions", None) or getattr(
+            text_config, "max_position_embeddings", None)
+        config = getattr(model, "config", None)
+        self.prefix_positions = int(config.num_prefix_tokens) if getattr(config, "fusion", None) == "prefix" else 0
 
     @classmethod
     def from_pretrained(cls, model_path_or_id: str, *, limits: ServeLimits | None = None, dtype: str = "float32",
@@ -142,13 +149,27 @@ class CaptionEngine:
                                                             return_dict=True, return_tensors="pt")
             except ValueError as error:
                 raise OpenAIError(400, f"This model cannot read these messages: {error}", param="messages") from None
+            self._check_length(inputs["input_ids"].shape[1], decoding, request)
             return Job(images[0], None, messages, decoding, stream=request.stream, inputs=inputs)
         if not self.is_torch and any(text.strip() for _, text in texts):
             raise OpenAIError(400, "The ONNX Runtime captioner takes no text prompt: send the image alone.",
                               param="messages")
         # A captioner continues the text of the user's messages, or captions when there is none.
         prompt = " ".join(text.strip() for role, text in texts if role == "user" and text.strip()) or None
+        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        self._check_length(self.prefix_positions + 1 + prompt_tokens, decoding, request)
         return Job(images[0], prompt, None, decoding, stream=request.stream)
+
+    def _check_length(self, prompt_positions: int, decoding: Decoding, request: ChatCompletionRequest) -> None:
+        """The prompt and the new tokens must fit in the decoder's positions (GPT-2 small: 1024)."""
+        room = None if self.max_positions is None else self.max_positions - prompt_positions
+        if room is None or decoding.max_new_tokens <= room:
+            return
+        name = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+        asked = (f"'{name}' is {decoding.max_new_tokens}" if request.max_completion_tokens or request.max_tokens
+                 else f"The model's default of {decoding.max_new_tokens} new tokens is too many")
+        raise OpenAIError(400, f"{asked}, but this model's decoder reads {self.max_positions} positions and the prompt "
+                               f"takes {prompt_positions}: ask for at most {max(room, 0)} tokens.", param=name)
 
     @staticmethod
     def _hf_message(message, image) -> dict:
