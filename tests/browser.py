@@ -109,13 +109,14 @@ def upload(page, *paths) -> None:
 
 def press_caption(page) -> None:
     """Press Caption and wait until the answer to this press is on the page (not the previous one)."""
-    # Every answer stamps the status box with a fresh `data-done` value, even when its text repeats the last one.
+    # Every finished answer stamps the status box with a fresh `data-done` value, even when its text repeats the last
+    # one; the updates while captions are being written have none.
     stamp = page.locator("#status .vg-status")
     before = stamp.get_attribute("data-done") if stamp.count() else None
     page.click("#caption-button")
     page.wait_for_function(
         "before => { const s = document.querySelector('#status .vg-status');"
-        " return s !== null && s.dataset.done !== before; }", arg=before)
+        " return s !== null && s.dataset.done !== undefined && s.dataset.done !== before; }", arg=before)
 
 
 def read_results(page) -> dict[str, list[tuple[str, float]]]:

@@ -113,6 +113,43 @@ def test_greedy_and_sampled_scores_are_the_models_average_token_log_prob(caption
         assert caption.score == pytest.approx(forward_average_log_prob(reference, processor, path, ids), abs=1e-4)
 
 
+def test_greedy_and_sampled_captions_stream_as_they_are_written(captioner, image_files):
+    images = [item.image for item in captioner.load_inputs(image_files, "")[0]]
+    for settings in (DecodingSettings(num_beams=1, num_captions=1, max_new_tokens=12),
+                     DecodingSettings(num_beams=1, num_captions=2, max_new_tokens=12, do_sample=True, seed=4)):
+        updates = list(captioner.stream(images, settings, every=0))
+        kinds = [kind for kind, _ in updates]
+        assert kinds[-1] == "final" and kinds.count("partial") >= 2, kinds
+        final = [[caption.text for caption in captions] for captions in updates[-1][1][0]]
+        assert final == [[c.text for c in row] for row in captioner.run(images, settings)[0]]
+        previous = None
+        for _, texts in updates[:-1]:
+            # Every update shows text the finished caption starts with, and never takes text back.
+            for row_now, row_final in zip(texts, final):
+                assert all(done.strip().startswith(now) for now, done in zip(row_now, row_final))
+            if previous is not None:
+                assert all(now.startswith(before) for row_now, row_before in zip(texts, previous)
+                           for now, before in zip(row_now, row_before))
+            previous = texts
+    # Beam search's captions are known only at the end: one answer, no partial ones.
+    assert [kind for kind, _ in captioner.stream(images, DecodingSettings(**SETTINGS), every=0)] == ["final"]
+
+
+def test_the_caption_button_shows_the_captions_while_they_are_written(captioner, image_files):
+    class EveryStep(Captioner):  # the page updates at most every 0.1 s; a tiny model is faster than that
+        def stream(self, images, settings, every=0.1):
+            yield from super().stream(images, settings, every=0)
+
+    answers = list(caption_request(EveryStep(captioner.model, captioner.processor), image_files[:1], "", 1, 1, 12,
+                                   False, 1.0, 0.9, 0))
+    assert len(answers) >= 3 and "Captioned 1 image" in answers[-1][0] and answers[-1][2]
+    final = shown_captions(answers[-1][1])
+    for status, results, gallery in answers[:-1]:
+        assert "Writing the caption" in status and "data-done" not in status and gallery == []
+        (name, (text,)), = shown_captions(results).items()
+        assert final[name][0].strip().startswith(text)
+
+
 def test_captions_carry_the_trust_scores_of_their_text(captioner, reference, processor, image_files):
     from vision_gpt.inference.trust import score_texts
 
@@ -169,8 +206,9 @@ def test_impossible_settings_are_adjusted_with_a_note(captioner, image_files):
 
 
 def request(captioner, files, urls=""):
-    """The Caption button's handler with short settings; returns (status HTML, results HTML, gallery)."""
-    return caption_request(captioner, files, urls, 2, 2, 4, False, 1.0, 0.9, 0)
+    """The Caption button's handler with short settings; returns its last answer (status HTML, results HTML,
+    gallery)."""
+    return list(caption_request(captioner, files, urls, 2, 2, 4, False, 1.0, 0.9, 0))[-1]
 
 
 def test_bad_files_get_one_line_messages_and_good_ones_are_still_captioned(captioner, image_files, tmp_path):
@@ -258,7 +296,7 @@ def test_app_subcommand_defaults_are_safe():
     args = app_args("--model", "some/model")
     assert (args.host, args.share, args.max_upload_mb, args.max_images, args.dtype) == (
         "127.0.0.1", False, 10, 8, "float32")
-    assert (args.max_queue, args.concurrency) == (DEFAULT_QUEUE_SIZE, 1) and DEFAULT_QUEUE_SIZE >= 64
+    assert (args.max_queue, args.concurrency) == (DEFAULT_QUEUE_SIZE, None) and DEFAULT_QUEUE_SIZE >= 64
     assert args.func.__name__ == "run"
     args = app_args("--model", "m", "--max_upload_mb", "2", "--dtype", "bfloat16", "--no-urls")
     assert (args.max_upload_mb, args.dtype, args.no_urls) == (2, "bfloat16", True)
@@ -283,6 +321,18 @@ def test_app_command_passes_queue_flags_to_the_page(flags, monkeypatch):
 def test_app_command_refuses_bad_queue_flags_before_loading_the_model(flags, message, monkeypatch, capsys):
     monkeypatch.setattr(app_module, "build_app", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     args = app_args("--model", "some/model", *flags)
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "some/model", "--server", "http://127.0.0.1:8000/v1"], "error: give a model (--model) or a server "
+                                                                        "to caption through (--server), not both"),
+    ([], "error: --model is required (or --server)"),
+])
+def test_app_command_takes_a_model_or_a_server(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(app_module, "build_app", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    args = app_args(*flags)
     assert args.func(args) == 2
     assert capsys.readouterr().err.strip() == message
 
@@ -560,10 +610,10 @@ class HeldCaptioner(Captioner):
         super().__init__(*args, **kwargs)
         self.started, self.release = threading.Event(), threading.Event()
 
-    def run(self, images, settings):
+    def stream(self, images, settings, every=0.1):
         self.started.set()
         assert self.release.wait(60), "the test never released the held request"
-        return super().run(images, settings)
+        yield from super().stream(images, settings, every)
 
 
 @pytest.fixture

@@ -216,6 +216,23 @@ def test_streamed_text_joins_to_the_reply_with_and_without_stop_strings(engine):
     assert stop not in cut[0].texts[0] and text.startswith(cut[0].texts[0]) and cut[0].finish_reasons == ["stop"]
 
 
+def test_trust_scores_come_with_each_choice_when_asked(engine):
+    images = random_images(2, seed=46)
+    plain, _ = run_jobs(engine, [engine.job_for(parse_request(body(images[0], temperature=0)))])
+    assert plain[0].scores is None
+    for fields, kwargs in (({"temperature": 0}, {"num_beams": 1}),
+                           ({"use_beam_search": True, "best_of": 3, "n": 2}, {"num_beams": 3,
+                                                                            "num_return_sequences": 2})):
+        jobs = [engine.job_for(parse_request(body(image, return_caption_scores=True, stream=True, **fields)))
+                for image in images]
+        replies, _ = run_jobs(engine, jobs)
+        expected = engine.model.generate(**engine.processor(images=images), max_new_tokens=6,
+                                         output_caption_scores=True, **kwargs).caption_scores
+        got = [score for reply in replies for score in reply.scores]
+        assert [s["confidence"] for s in got] == pytest.approx(expected.confidence.tolist(), abs=1e-5)
+        assert [s["grounding"] for s in got] == pytest.approx(expected.grounding.tolist(), abs=1e-5)
+
+
 def test_a_text_stream_sends_only_text_that_cannot_change(tokenizer):
     from vision_gpt.inference.streaming import TextStream
 
@@ -361,6 +378,12 @@ def test_the_openai_client_gets_generates_caption(server):
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.prompt_tokens == server["model"].null_image_embeds(1).shape[1] + 1
     assert reply.usage.completion_tokens >= 1
+    scored = client(server).chat.completions.create(model="tiny", messages=messages(image), temperature=0,
+                                                    extra_body={"return_caption_scores": True})
+    expected_scores = server["model"].generate(**server["processor"](images=[image]), max_new_tokens=6, num_beams=1,
+                                               output_caption_scores=True).caption_scores
+    assert scored.choices[0].model_extra["confidence"] == pytest.approx(float(expected_scores.confidence[0]), abs=1e-5)
+    assert scored.choices[0].model_extra["grounding"] == pytest.approx(float(expected_scores.grounding[0]), abs=1e-5)
     prompted = client(server).chat.completions.create(model="tiny", messages=messages(image, "a photo of"),
                                                       max_tokens=4, temperature=0)
     assert prompted.choices[0].message.content == generated_text(server["model"], server["processor"], [image],
@@ -459,6 +482,37 @@ def test_a_full_queue_answers_429_and_the_server_recovers(server):
     assert busy["error"]["type"] == "rate_limit_error" and "--max-queue 1" in busy["error"]["message"]
     assert post(busy_server, payload)[0] == 200
     serve.delete("busy")
+
+
+def test_the_web_app_in_front_of_the_server_gets_and_streams_its_captions(server):
+    pytest.importorskip("gradio", reason="the app needs Gradio: pip install -e '.[app]'")
+    from vision_gpt.app.remote import RemoteCaptioner
+    from vision_gpt.app.server import DecodingSettings, InputError, build_app
+
+    remote = RemoteCaptioner(server["url"] + "/v1", api_key=API_KEY)
+    assert remote.served_model == "tiny" and server["url"] in remote.description
+    images = random_images(2, seed=58)
+    for settings, kwargs in ((DecodingSettings(num_beams=1, num_captions=1, max_new_tokens=6), {"num_beams": 1}),
+                             (DecodingSettings(num_beams=3, num_captions=2, max_new_tokens=6),
+                              {"num_beams": 3, "num_return_sequences": 2})):
+        updates = list(remote.stream(images, settings, every=0))
+        results, notes = updates[-1][1]
+        expected = generated_text(server["model"], server["processor"], images, max_new_tokens=6, **kwargs)
+        assert [caption.text for row in results for caption in row] == expected
+        scores = server["model"].generate(**server["processor"](images=images), max_new_tokens=6,
+                                          output_caption_scores=True, **kwargs).caption_scores
+        assert [c.confidence for row in results for c in row] == pytest.approx(scores.confidence.tolist(), abs=1e-5)
+        assert all(c.score == pytest.approx(torch.tensor(c.confidence).log().item()) for row in results for c in row)
+        if kwargs["num_beams"] == 1:  # greedy captions stream; each update is a start of the final text
+            partial = [texts for kind, texts in updates if kind == "partial"]
+            assert partial and all(done.text.startswith(now[0]) for texts in partial
+                                   for now, done in zip(texts, [row[0] for row in results]))
+    assert "`tiny`, served by" in build_app(captioner=remote).captioner.description
+    remote.client.api_key = "wrong-key"
+    with pytest.raises(InputError, match="The server refused the request: .*API key"):
+        list(remote.stream(images[:1], DecodingSettings(num_beams=1, num_captions=1)))
+    with pytest.raises(ValueError, match="Could not list the models of"):
+        RemoteCaptioner(server["url"] + "/v1", api_key="wrong-key")
 
 
 def test_models_and_health(server):

@@ -78,7 +78,7 @@ class Caption:
     and its trust scores (`VisionGPTCaptionScores`): `confidence` (0-1) and `grounding`."""
 
     text: str
-    score: float
+    score: float | None  # None while the caption is being written
     confidence: float | None = None
     grounding: float | None = None
 
@@ -155,7 +155,7 @@ class Captioner:
                  concurrency: int = 1):
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1 (generations at once), got {concurrency}.")
-        self.model = model.eval()
+        self.model = model.eval() if model is not None else None  # None: captions come from a server (remote.py)
         self.processor = processor
         self.name = name
         self.max_upload_bytes = int(max_upload_mb * MB)
@@ -182,6 +182,13 @@ class Captioner:
                                       trust_remote_code=trust_remote_code)
         name = f"{model_path_or_id} (ONNX Runtime)" if runtime == "onnx" else str(model_path_or_id)
         return cls(model, processor, name=name, **kwargs)
+
+    @property
+    def description(self) -> str:
+        """What the page says runs the captions: the model, its precision and device."""
+        # An ONNX captioner takes float32 pixels whatever its graphs compute in; `precision` names its graphs.
+        dtype = getattr(self.model, "precision", None) or str(self.model.dtype).removeprefix("torch.")
+        return f"`{self.name}` ({dtype}, {self.model.device.type})"
 
     @property
     def default_settings(self) -> DecodingSettings:
@@ -248,7 +255,23 @@ class Captioner:
 
     def run(self, images, settings: DecodingSettings) -> tuple[list[list[Caption]], list[str]]:
         """Caption a list of RGB images in one batch; returns one list of captions per image, and the notes."""
+        for kind, payload in self.stream(images, settings):
+            if kind == "final":
+                return payload
+        raise RuntimeError("captioning ended without captions")
+
+    def stream(self, images, settings: DecodingSettings, every: float = 0.1):
+        """
+        `run`, as the captions are written: yields `("partial", texts)`, one list of caption texts so far per image
+        (the text each finished caption will start with), at most every `every` seconds while greedy decoding or
+        sampling runs, then `("final", (captions, notes))` as `run` returns them. Beam search, whose best captions are
+        known only at the end, and ONNX Runtime models yield only the final captions.
+        """
+        import queue
+
         import torch
+
+        from ..inference.streaming import StepStreamer, TextStream
 
         kwargs, notes = generate_kwargs(settings)
         # The panel's sliders keep settings in range; the one check still guards callers that build settings by hand.
@@ -256,26 +279,69 @@ class Captioner:
         count = kwargs["num_return_sequences"]
         inputs = self.processor(images=list(images)).to(self.model.device)
         kwargs["output_caption_scores"] = True
-        with self._slots:
-            if settings.do_sample:
-                with _SAMPLING_LOCK:
-                    # Same seed, same captions: sampling is reproducible from the page.
-                    torch.manual_seed(int(settings.seed))
-                    output = self.model.generate(**inputs, **kwargs)
-            else:
-                output = self.model.generate(**inputs, **kwargs)
+        texts = None
+        if kwargs["num_beams"] == 1 and isinstance(self.model, torch.nn.Module):
+            eos = self.model.generation_config.eos_token_id
+            texts = [TextStream(self.processor.tokenizer, eos if isinstance(eos, list) else [eos])
+                     for _ in range(len(images) * count)]
+            steps: queue.SimpleQueue = queue.SimpleQueue()
+
+            def on_step(tokens):
+                for text, token in zip(texts, tokens):
+                    text.add(token)
+                steps.put(None)
+
+            kwargs["streamer"] = StepStreamer(on_step)
+        if texts is None:
+            output = self._generate(inputs, kwargs, settings)
+        else:
+            # Generation runs on its own thread; this one hands the text written so far to the page.
+            done: dict = {}
+
+            def work():
+                try:
+                    done["output"] = self._generate(inputs, kwargs, settings)
+                except BaseException as error:  # raised again below, in the caller's thread
+                    done["error"] = error
+                finally:
+                    steps.put(None)
+
+            worker = threading.Thread(target=work, name="vision-gpt-app-generate", daemon=True)
+            worker.start()
+            shown = time.monotonic()
+            while worker.is_alive() or not steps.empty():
+                steps.get()
+                if worker.is_alive() and time.monotonic() - shown >= every:
+                    shown = time.monotonic()
+                    yield "partial", [[text.sent for text in texts[i * count:(i + 1) * count]]
+                                      for i in range(len(images))]
+            worker.join()
+            if "error" in done:
+                raise done["error"]
+            output = done["output"]
         if kwargs["num_beams"] > 1 or output.logits is None:
             # Beam search scores its sequences; so does ONNX Runtime's captioner, which returns no logits.
             scores = output.sequences_scores
         else:
             eos = self.model.generation_config.eos_token_id
             scores = average_log_probs(output, eos if isinstance(eos, list) else [eos])
-        texts = self.processor.batch_decode(output.sequences)
-        trust = caption_trust(self.model, self.processor, inputs["pixel_values"], output, texts)
+        decoded = self.processor.batch_decode(output.sequences)
+        trust = caption_trust(self.model, self.processor, inputs["pixel_values"], output, decoded)
         captions = [Caption(text, float(score), row.get("confidence"), row.get("grounding"))
-                    for text, score, row in zip(texts, scores.tolist(), trust)]
+                    for text, score, row in zip(decoded, scores.tolist(), trust)]
         # generate returns the `count` captions of each image together, each image's best first.
-        return [captions[i * count:(i + 1) * count] for i in range(len(images))], notes
+        yield "final", ([captions[i * count:(i + 1) * count] for i in range(len(images))], notes)
+
+    def _generate(self, inputs, kwargs, settings: DecodingSettings):
+        import torch
+
+        with self._slots:
+            if settings.do_sample:
+                with _SAMPLING_LOCK:
+                    # Same seed, same captions: sampling is reproducible from the page.
+                    torch.manual_seed(int(settings.seed))
+                    return self.model.generate(**inputs, **kwargs)
+            return self.model.generate(**inputs, **kwargs)
 
 
 INTRO = """\
@@ -322,15 +388,17 @@ def render_results(results, names) -> str:
             trust = "".join(f'<td class="vg-score vg-{name}">{"" if value is None else f"{value:.3f}"}</td>'
                             for name, value in (("confidence", caption.confidence),
                                                 ("grounding", caption.grounding)))
+            score = "" if caption.score is None else f"{caption.score:.3f}"
             parts.append(f'<tr class="{row_class}"><td>{rank}</td><td class="vg-caption">{html.escape(caption.text)}'
-                         f'</td><td class="vg-score">{caption.score:.3f}</td>{trust}</tr>')
+                         f'</td><td class="vg-score">{score}</td>{trust}</tr>')
         parts.append("</tbody></table></section>")
     parts.append("</div>")
     return "".join(parts)
 
 
-def render_status(errors, notes, summary: str = "") -> str:
-    """Problems with inputs (one line each) and notes about settings, as HTML."""
+def render_status(errors, notes, summary: str = "", done: bool = True) -> str:
+    """Problems with inputs (one line each) and notes about settings, as HTML. `done=False` marks an answer still
+    being written (no `data-done` stamp yet)."""
     parts = []
     if summary:
         parts.append(f'<p class="vg-summary">{html.escape(summary)}</p>')
@@ -340,6 +408,8 @@ def render_status(errors, notes, summary: str = "") -> str:
     if notes:
         items = "".join(f'<li class="vg-note">{html.escape(message)}</li>' for message in notes)
         parts.append(f'<ul class="vg-notes">{items}</ul>')
+    if not done:
+        return f'<div class="vg-status vg-writing">{"".join(parts)}</div>'
     # A fresh stamp per answer, so a page (or a test) can tell a new answer from an identical old one.
     return f'<div class="vg-status" data-done="{time.time_ns()}">{"".join(parts)}</div>'
 
@@ -347,31 +417,45 @@ def render_status(errors, notes, summary: str = "") -> str:
 def caption_request(captioner: Captioner, files, urls, num_beams, num_captions, max_new_tokens, do_sample,
                     temperature, top_p, seed):
     """
-    The Caption button's handler: returns (status HTML, results HTML, gallery items). Every failure becomes a message
-    on the page; the traceback of an unexpected one goes to the server log only.
+    The Caption button's handler, a generator: yields (status HTML, results HTML, gallery items) as the captions are
+    written, then once more with the finished captions and their scores. Every failure becomes a message on the page;
+    the traceback of an unexpected one goes to the server log only.
     """
     settings = DecodingSettings(num_beams=num_beams, num_captions=num_captions, max_new_tokens=max_new_tokens,
                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=int(seed or 0))
     try:
         images, errors = captioner.load_inputs(files, urls)
     except InputError as error:
-        return render_status([str(error)], []), "", []
+        yield render_status([str(error)], []), "", []
+        return
     if not images:
         if not errors:
             errors = ["Add an image first: upload a file, click an example, or paste an image URL."]
-        return render_status(errors, [], "Nothing to caption."), "", []
+        yield render_status(errors, [], "Nothing to caption."), "", []
+        return
+    names = [item.name for item in images]
+    plural = "s" if len(images) > 1 else ""
     try:
         started = time.perf_counter()
-        results, notes = captioner.run([item.image for item in images], settings)
+        for kind, payload in captioner.stream([item.image for item in images], settings):
+            if kind == "partial":
+                written = [[Caption(text, None) for text in texts] for texts in payload]
+                yield (render_status(errors, [], f"Writing the caption{plural}...", done=False),
+                       render_results(written, names), [])
+            else:
+                results, notes = payload
         elapsed = time.perf_counter() - started
+    except InputError as error:  # a server in front of which the page runs refused the request
+        yield render_status(errors + [str(error)], []), "", []
+        return
     except Exception:
         logger.exception("captioning failed")
         failure = "Captioning failed because of an error in the server; its log has the details."
-        return render_status(errors + [failure], []), "", []
-    plural = "s" if len(images) > 1 else ""
+        yield render_status(errors + [failure], []), "", []
+        return
     summary = f"Captioned {len(images)} image{plural} in {elapsed:.1f} s."
     gallery = [(item.preview, captions[0].text) for item, captions in zip(images, results)]
-    return render_status(errors, notes, summary), render_results(results, [item.name for item in images]), gallery
+    yield render_status(errors, notes, summary), render_results(results, names), gallery
 
 
 def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtype: str = "float32",
@@ -410,9 +494,7 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
                          f"generation(s) at a time: build the Captioner with concurrency={concurrency} instead.")
     concurrency = captioner.concurrency
     defaults = captioner.default_settings
-    # An ONNX captioner takes float32 pixels whatever its graphs compute in; `precision` names its graphs.
-    model_dtype = getattr(captioner.model, "precision", None) or str(captioner.model.dtype).removeprefix("torch.")
-    limits = (f"Model: `{captioner.name}` ({model_dtype}, {captioner.model.device.type}). Up to "
+    limits = (f"Model: {captioner.description}. Up to "
               f"{captioner.max_images} images at a time, {readable_size(captioner.max_upload_bytes)} each. When others are "
               f"captioning, your request waits in line (up to {queue_size} can wait); if the line is full, the page "
               "says the app is busy: try again in a minute.")
@@ -460,7 +542,10 @@ def build_app(model_path_or_id=None, *, captioner: Captioner | None = None, dtyp
         # Sampling-only settings are greyed out until sampling is on, so it is clear they do nothing otherwise.
         do_sample.change(lambda on: [gr.update(interactive=on)] * 3, inputs=do_sample,
                          outputs=[temperature, top_p, seed], queue=False)
-        button.click(lambda *values: caption_request(captioner, *values),
+        def caption(*values):  # a generator function, so that Gradio streams what it yields to the page
+            yield from caption_request(captioner, *values)
+
+        button.click(caption,
                      inputs=[files, urls, num_beams, num_captions, max_new_tokens, do_sample, temperature, top_p, seed],
                      outputs=[status, results, gallery], api_name="caption", concurrency_limit=concurrency)
 
@@ -518,8 +603,10 @@ def run(args) -> int:
         (args.max_upload_mb <= 0, f"--max-upload-mb must be positive, got {args.max_upload_mb:g}"),
         (args.max_images < 1, f"--max-images must be at least 1, got {args.max_images}"),
         (args.max_queue < 1, f"--max-queue must be at least 1 (requests that may wait), got {args.max_queue}"),
-        (args.concurrency < 1, f"--concurrency must be at least 1 (requests captioned at once), got "
-                               f"{args.concurrency}"),
+        (args.concurrency is not None and args.concurrency < 1,
+         f"--concurrency must be at least 1 (requests captioned at once), got {args.concurrency}"),
+        (bool(args.server) == bool(args.model), "give a model (--model) or a server to caption through (--server), "
+                                                "not both" if args.server else "--model is required (or --server)"),
     ) if bad]
     if problems:
         for message in problems:
@@ -530,12 +617,22 @@ def run(args) -> int:
     if args.share:
         print("warning: --share publishes a public link; anyone who has it can use the app", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"loading {args.model} ({args.dtype}) ...", flush=True)
     try:
-        demo = build_app(args.model, dtype=args.dtype, device=args.device, runtime=args.runtime,
-                         trust_remote_code=args.trust_remote_code, max_upload_mb=args.max_upload_mb,
-                         max_images=args.max_images, allow_urls=not args.no_urls, queue_size=args.max_queue,
-                         concurrency=args.concurrency)
+        if args.server:
+            from ..serving.settings import API_KEY_ENV
+            from .remote import RemoteCaptioner
+
+            print(f"connecting to {args.server} ...", flush=True)
+            captioner = RemoteCaptioner(args.server, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                                        max_upload_mb=args.max_upload_mb, max_images=args.max_images,
+                                        allow_urls=not args.no_urls, concurrency=args.concurrency or 8)
+            demo = build_app(captioner=captioner, queue_size=args.max_queue)
+        else:
+            print(f"loading {args.model} ({args.dtype}) ...", flush=True)
+            demo = build_app(args.model, dtype=args.dtype, device=args.device, runtime=args.runtime,
+                             trust_remote_code=args.trust_remote_code, max_upload_mb=args.max_upload_mb,
+                             max_images=args.max_images, allow_urls=not args.no_urls, queue_size=args.max_queue,
+                             concurrency=args.concurrency or 1)
         launch(demo, host=args.host, port=args.port, share=args.share, block=True)
     except (OSError, ValueError, ImportError) as error:
         # transformers raises OSError for a missing folder, an unknown Hub id or no network; Gradio for a busy port;

@@ -30,12 +30,20 @@ def register(subparsers) -> argparse.ArgumentParser:
                         metavar="N",
                         help=f"most requests waiting for the model (default {DEFAULT_QUEUE_SIZE}); while the line is "
                              "full, new requests are told the app is busy and to try again")
-    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
+    parser.add_argument("--concurrency", type=int, default=None, metavar="N",
                         help="requests captioned at the same time, each its own generation on the one loaded model "
                              "(default 1). One generation already runs its matrix products on every CPU core, but a "
                              "small model spends much of its time between them, so 2-4 can get through a burst "
-                             "sooner, as on a GPU, though each generation then runs slower")
-    add_loading_options(parser.add_argument_group("model"), model_help="model folder or Hub id (e.g. a folder from "
-                                                                       "`vision-gpt assemble` or a trained checkpoint)")
+                             "sooner, as on a GPU, though each generation then runs slower. With --server, requests "
+                             "sent to the server at once (default 8), which it batches")
+    remote = parser.add_argument_group("in front of a server (instead of --model)")
+    remote.add_argument("--server", metavar="URL",
+                        help="caption through a running `vision-gpt serve` at URL (its /v1 address, e.g. "
+                             "http://127.0.0.1:8000/v1) instead of loading a model here: the server batches the "
+                             "page's requests with its other clients' (needs the openai package)")
+    remote.add_argument("--api-key", help="the server's key, with --server (default: $VISION_GPT_API_KEY if set)")
+    add_loading_options(parser.add_argument_group("model"), required=False,
+                        model_help="model folder or Hub id (e.g. a folder from `vision-gpt assemble` or a trained "
+                                   "checkpoint); or --server")
     parser.set_defaults(func=run)
     return parser

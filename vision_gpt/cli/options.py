@@ -61,9 +61,10 @@ def add_command(subparsers, name: str, **kwargs) -> ArgumentParser:
     return command
 
 
-def add_loading_options(group, *, model_help: str, runtime: bool = True, device_help: str | None = None) -> None:
+def add_loading_options(group, *, model_help: str, runtime: bool = True, device_help: str | None = None,
+                        required: bool = True) -> None:
     """`--model`, `--dtype`, `--runtime`, `--device` and `--trust-remote-code`: what `load_model` takes."""
-    group.add_argument("--model", required=True, metavar="FOLDER_OR_ID", help=model_help)
+    group.add_argument("--model", required=required, metavar="FOLDER_OR_ID", help=model_help)
     group.add_argument("--dtype", type=str.lower, choices=DTYPE_CHOICES, default="float32", metavar="DTYPE",
                        help="weights' and compute precision: " + DTYPE_HELP)
     if runtime:

@@ -62,6 +62,7 @@ class Job:
     model: str = ""
     include_usage: bool = False
     inputs: object | None = None  # a chat request's model inputs, built from its messages when it is read
+    caption_scores: bool = False
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Reply:
     finish_reasons: list[str]
     prompt_tokens: int
     completion_tokens: int
+    # With `return_caption_scores`: each choice's confidence and grounding (VisionGPTCaptionScores).
+    scores: list[dict] | None = None
 
 
 class CaptionEngine:
@@ -150,7 +153,8 @@ class CaptionEngine:
             except ValueError as error:
                 raise OpenAIError(400, f"This model cannot read these messages: {error}", param="messages") from None
             self._check_length(inputs["input_ids"].shape[1], decoding, request)
-            return Job(images[0], None, messages, decoding, stream=request.stream, inputs=inputs)
+            return Job(images[0], None, messages, decoding, stream=request.stream, inputs=inputs,
+                       caption_scores=request.return_caption_scores)
         if not self.is_torch and any(text.strip() for _, text in texts):
             raise OpenAIError(400, "The ONNX Runtime captioner takes no text prompt: send the image alone.",
                               param="messages")
@@ -158,7 +162,8 @@ class CaptionEngine:
         prompt = " ".join(text.strip() for role, text in texts if role == "user" and text.strip()) or None
         prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
         self._check_length(self.prefix_positions + 1 + prompt_tokens, decoding, request)
-        return Job(images[0], prompt, None, decoding, stream=request.stream)
+        return Job(images[0], prompt, None, decoding, stream=request.stream,
+                   caption_scores=request.return_caption_scores)
 
     def _check_length(self, prompt_positions: int, decoding: Decoding, request: ChatCompletionRequest) -> None:
         """The prompt and the new tokens must fit in the decoder's positions (GPT-2 small: 1024)."""
@@ -309,13 +314,17 @@ class CaptionEngine:
             kwargs.update(stop_strings=list(decoding.stop), tokenizer=self.tokenizer)
         if self.is_torch and decoding.num_beams == 1 and any(job.stream for job in group):
             kwargs["streamer"] = StepStreamer(lambda tokens: self._on_step(group, streams, copies, tokens, emit))
+        scored = any(job.caption_scores for job in group)
+        if scored:
+            kwargs["output_caption_scores"] = True  # two teacher-forced passes over the finished sequences
         if decoding.do_sample:
             with _SAMPLING_LOCK:
                 if decoding.seed is not None:
                     torch.manual_seed(decoding.seed)
-                sequences = self._generate(inputs, kwargs)
+                output = self._generate(inputs, kwargs)
         else:
-            sequences = self._generate(inputs, kwargs)
+            output = self._generate(inputs, kwargs)
+        sequences = output.sequences if scored else output
         prompt_length = inputs["input_ids"].shape[1] if "input_ids" in inputs else 1
         new_tokens = sequences[:, prompt_length:].tolist()
         prompt_tokens = self._prompt_tokens(inputs)
@@ -333,7 +342,14 @@ class CaptionEngine:
                         logger.warning("streamed %r, but the caption is %r", stream.sent, text)
                     elif text != stream.sent:
                         emit(("delta", job, index, stream.rest(text)))
-            emit(("done", job, Reply(texts, reasons, prompt_tokens[row], generated)))
+            scores = None
+            if job.caption_scores:
+                confidence = output.caption_scores.confidence.tolist()
+                grounding = output.caption_scores.grounding.tolist()
+                scores = [{"confidence": confidence[row * copies + (index if copies > 1 else 0)],
+                           "grounding": grounding[row * copies + (index if copies > 1 else 0)]}
+                          for index in range(decoding.n)]
+            emit(("done", job, Reply(texts, reasons, prompt_tokens[row], generated, scores)))
 
     def _generate(self, inputs, kwargs):
         if self.is_torch:

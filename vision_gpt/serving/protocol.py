@@ -72,6 +72,8 @@ class ChatCompletionRequest(BaseModel):
     # vLLM's names for beam search: `best_of` beams, the best `n` returned.
     use_beam_search: bool = False
     best_of: int | None = Field(default=None, ge=1)
+    # vision-gpt's trust scores: each choice gets `confidence` and `grounding` (see VisionGPTCaptionScores).
+    return_caption_scores: bool = False
 
     def unsupported_fields(self) -> list[str]:
         extra = self.model_extra or {}
@@ -107,22 +109,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(request_id: str, model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int,
-               completion_tokens: int) -> dict:
-    """A whole `chat.completion` reply: one choice per returned caption."""
-    return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": reason} for index, (text, reason) in enumerate(zip(texts, finish_reasons))],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+               completion_tokens: int, scores: list[dict] | None = None) -> dict:
+    """A whole `chat.completion` reply: one choice per returned caption (with its trust scores, where asked)."""
+    choices = [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason} for index, (text, reason) in enumerate(zip(texts, finish_reasons))]
+    for choice, extra in zip(choices, scores or []):
+        choice.update(extra)
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk(request_id: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None = None,
-          usage_counts: dict | None = None, choices: bool = True) -> dict:
-    """One `chat.completion.chunk` of a streamed reply (the usage chunk has no choices)."""
+          usage_counts: dict | None = None, choices: bool = True, scores: dict | None = None) -> dict:
+    """One `chat.completion.chunk` of a streamed reply (the usage chunk has no choices; a choice's last chunk carries
+    its trust scores, where asked)."""
     body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-            if choices else []}
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason,
+                         **(scores or {})}] if choices else []}
     if usage_counts is not None:
         body["usage"] = usage_counts
     return body

@@ -153,7 +153,7 @@ class VisionGPTServer:
                 if kind == "done":
                     reply = rest[0]
                     return completion(job.request_id, job.model, reply.texts, reply.finish_reasons,
-                                      reply.prompt_tokens, reply.completion_tokens)
+                                      reply.prompt_tokens, reply.completion_tokens, reply.scores)
         raise OpenAIError(500, "Generation ended without a reply.", type="server_error")
 
     async def _stream(self, job: Job):
@@ -174,7 +174,8 @@ class VisionGPTServer:
                     elif kind == "done":
                         reply = rest[0]
                         for index, reason in enumerate(reply.finish_reasons):
-                            yield sse(chunk(job.request_id, job.model, job.created, index, {}, reason))
+                            yield sse(chunk(job.request_id, job.model, job.created, index, {}, reason,
+                                            scores=reply.scores[index] if reply.scores else None))
                         if job.include_usage:
                             yield sse(chunk(job.request_id, job.model, job.created, 0, {}, choices=False,
                                             usage_counts=usage(reply.prompt_tokens, reply.completion_tokens)))
