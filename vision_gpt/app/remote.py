@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ..inference.remote_images import InputError
-from .server import Caption, Captioner, DecodingSettings, generate_kwargs
+from .captioner import Caption, Captioner, DecodingSettings, generate_kwargs
 
 
 class RemoteCaptioner(Captioner):
