@@ -98,10 +98,16 @@ def test_settings_a_request_leaves_out_come_from_the_generation_config(engine):
     ({"use_beam_search": True, "best_of": 2, "n": 3}, 400, "set 'best_of' to at least 3"),
     ({"best_of": 3}, 400, "set 'use_beam_search' too"),
     ({"use_beam_search": True, "temperature": 0.5}, 400, "Beam search does not sample"),
+    ({"n": 4}, 400, "set 'use_beam_search' with 'best_of' of at least 4, or sample"),
+    ({"stop": ["x" * 65]}, 400, "'stop' takes up to 4 non-empty strings of at most 64 characters"),
+    ({"seed": 2**64}, 400, "Invalid 'seed'"),
+    ({"top_k": 5, "temperature": 0}, 400, "'top_k' applies to sampling"),
+    ({"text": "<image> a photo of"}, 400, "The text holds '<image>'"),
 ])
 def test_settings_out_of_bounds_are_refused_by_name(engine, fields, status, message):
+    text = fields.pop("text", None)
     with pytest.raises(OpenAIError, match=message) as caught:
-        engine.job_for(parse_request(body(random_images(1)[0], **fields)))
+        engine.job_for(parse_request(body(random_images(1)[0], text, **fields)))
     assert caught.value.status == status and caught.value.body()["error"]["message"]
 
 
@@ -242,18 +248,24 @@ def test_a_text_stream_sends_only_text_that_cannot_change(tokenizer):
     deltas = [stream.add(token) for token in tokens]
     assert "".join(deltas) == "a \U0001F642 dog on the red sofa" and not any("\ufffd" in d for d in deltas)
     assert stream.add(eos[0]) == "" and stream.finished and stream.add(tokens[0]) == ""
-    # A stop string: its beginning waits for the next token; the caption ends before it.
-    stream = TextStream(tokenizer, eos, stop=(" on the",))
-    sent = "".join(stream.add(token) for token in tokens)
-    assert stream.finished and sent + stream.rest("a \U0001F642 dog") == "a \U0001F642 dog"
+    # A stop string: its beginning waits for the next token; the caption ends before it, without the space.
+    for stop in (" on the", "on the"):
+        stream = TextStream(tokenizer, eos, stop=(stop,))
+        sent = "".join(stream.add(token) for token in tokens)
+        assert stream.finished and sent == "a \U0001F642 dog" and stream.rest("a \U0001F642 dog") == ""
 
 
-def test_a_seed_gives_the_same_samples(engine):
-    image = random_images(1, seed=44)[0]
-    job = lambda: engine.job_for(parse_request(body(image, temperature=1.0, seed=5, n=2)))  # noqa: E731
+def test_a_seed_gives_the_same_samples_alone_and_in_a_batch(engine):
+    image, other = random_images(2, seed=44)
+    job = lambda picture=image: engine.job_for(  # noqa: E731
+        parse_request(body(picture, temperature=1.0, seed=5, n=2, top_k=0)))
     first, _ = run_jobs(engine, [job()])
     second, _ = run_jobs(engine, [job()])
     assert first[0].texts == second[0].texts and len(first[0].texts) == 2
+    # Batched with the same request and another image with the same seed: each is drawn as if alone.
+    together, _ = run_jobs(engine, [job(), job(other), job()])
+    assert together[0].texts == together[2].texts == first[0].texts
+    assert together[1].texts == run_jobs(engine, [job(other)])[0][0].texts
 
 
 def test_a_chat_decoder_reads_the_messages_through_its_template(engine, processor):
@@ -278,7 +290,7 @@ def test_a_chat_decoder_reads_the_messages_through_its_template(engine, processo
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                      {"type": "text", "text": "What is in the picture?"}]}]}
     job = chat_engine.job_for(parse_request(request))
-    assert job.messages is not None and job.messages[1]["content"][0] == {"type": "image", "image": job.image}
+    assert job.messages[1]["content"][0]["type"] == "image" and job.pixel_values is None
     replies, _ = run_jobs(chat_engine, [job])
     inputs = chat.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                       return_tensors="pt")
@@ -424,7 +436,8 @@ def test_32_concurrent_clients_are_batched_and_each_gets_its_own_caption(server)
                                                      temperature=0).choices[0].message.content
 
     def metric(name):
-        with urllib.request.urlopen(server["url"] + "/metrics") as response:
+        request = urllib.request.Request(server["url"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        with urllib.request.urlopen(request) as response:
             lines = response.read().decode().splitlines()
         return float(next(line.split()[1] for line in lines if line.startswith(f"vision_gpt_{name} ")))
 
@@ -436,6 +449,7 @@ def test_32_concurrent_clients_are_batched_and_each_gets_its_own_caption(server)
     expected = generated_text(server["model"], server["processor"], images, max_new_tokens=6, num_beams=1)
     assert together == expected
     assert [caption(image) for image in images[:3]] == expected[:3]  # and alone
+    assert metric("in_flight") == 0  # every request, streamed or not, refused or not, was counted out
 
 
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
@@ -520,9 +534,13 @@ def test_models_and_health(server):
     assert [model.id for model in models.data] == ["tiny"]
     with urllib.request.urlopen(server["url"] + "/health") as response:  # no key needed
         assert json.loads(response.read())["status"] == "ok"
-    with pytest.raises(urllib.error.HTTPError) as caught:
-        urllib.request.urlopen(server["url"] + "/v1/models")
-    assert caught.value.code == 401
+    for route in ("/v1/models", "/metrics"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(server["url"] + route)
+        assert caught.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as caught:  # an unknown route, in OpenAI's error shape too
+        urllib.request.urlopen(server["url"] + "/v1/completions")
+    assert caught.value.code == 404 and "error" in json.loads(caught.value.read())
 
 
 def test_sampling_with_a_seed_repeats_over_http(server):

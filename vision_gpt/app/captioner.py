@@ -255,7 +255,7 @@ class Captioner:
             def on_step(tokens):
                 for text, token in zip(texts, tokens):
                     text.add(token)
-                steps.put(None)
+                steps.put("step")
 
             kwargs["streamer"] = StepStreamer(on_step)
         if texts is None:
@@ -270,14 +270,13 @@ class Captioner:
                 except BaseException as error:  # raised again below, in the caller's thread
                     done["error"] = error
                 finally:
-                    steps.put(None)
+                    steps.put("done")
 
             worker = threading.Thread(target=work, name="vision-gpt-app-generate", daemon=True)
             worker.start()
             shown = time.monotonic()
-            while worker.is_alive() or not steps.empty():
-                steps.get()
-                if worker.is_alive() and time.monotonic() - shown >= every:
+            while steps.get() != "done":
+                if time.monotonic() - shown >= every:
                     shown = time.monotonic()
                     yield "partial", [[text.sent for text in texts[i * count:(i + 1) * count]]
                                       for i in range(len(images))]

@@ -55,7 +55,8 @@ class RemoteCaptioner(Captioner):
         fields = {"max_tokens": kwargs["max_new_tokens"], "n": kwargs["num_return_sequences"],
                   "return_caption_scores": True}
         if kwargs["do_sample"]:
-            fields.update(temperature=kwargs["temperature"], top_p=kwargs["top_p"], seed=int(settings.seed))
+            # top_k 0, as the in-process app samples: top-p is the only cut the panel sets.
+            fields.update(temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=0, seed=int(settings.seed))
         elif kwargs["num_beams"] > 1:
             fields.update(use_beam_search=True, best_of=kwargs["num_beams"])
         else:
@@ -66,17 +67,26 @@ class RemoteCaptioner(Captioner):
         import base64
         import io
 
-        from openai import APIStatusError
+        from openai import APIError, APIStatusError
 
         fields, count, notes = self.request_fields(settings)
+        if not images:
+            yield "final", ([], notes)
+            return
         texts = [[""] * count for _ in images]
         scores = [[{} for _ in range(count)] for _ in images]
         updates: queue.SimpleQueue = queue.SimpleQueue()
 
         def caption(index: int) -> None:
             buffer = io.BytesIO()
-            images[index].save(buffer, "PNG")
-            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+            images[index].save(buffer, "PNG")  # lossless, so the server reads the pixels the page read
+            kind = "png"
+            if buffer.tell() > self.max_upload_bytes:
+                # A large photo grows as PNG beyond what was uploaded: send it as a high-quality JPEG instead.
+                buffer = io.BytesIO()
+                images[index].save(buffer, "JPEG", quality=95)
+                kind = "jpeg"
+            url = f"data:image/{kind};base64," + base64.b64encode(buffer.getvalue()).decode()
             messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
             fixed = {key: value for key, value in fields.items() if key in ("max_tokens", "n", "temperature",
                                                                             "top_p", "seed")}
@@ -105,6 +115,8 @@ class RemoteCaptioner(Captioner):
                     future.result()
                 except APIStatusError as error:
                     raise InputError(f"The server refused the request: {error.message}") from None
+                except APIError as error:  # an error event in the stream, a lost connection, a timeout
+                    raise InputError(f"The server could not caption the image: {error}") from None
         results = []
         for row_texts, row_scores in zip(texts, scores):
             results.append([Caption(text, _log(score.get("confidence")), score.get("confidence"),

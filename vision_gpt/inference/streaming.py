@@ -57,7 +57,8 @@ class TextStream:
             self.finished = True  # the finished caption ends before the stop string: what was sent is all of it
             return ""
         settled = text.strip().rstrip("\ufffd")
-        settled = settled[:len(settled) - _stop_prefix_length(settled, self.stop)]
+        # Without a possible stop string's beginning, and then without the spaces that were before it.
+        settled = settled[:len(settled) - _stop_prefix_length(settled, self.stop)].rstrip()
         if not settled.startswith(self.sent) or len(settled) <= len(self.sent):
             return ""
         delta, self.sent = settled[len(self.sent):], settled

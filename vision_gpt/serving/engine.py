@@ -9,6 +9,7 @@ calls as their settings allow, reporting each request's text as the tokens arriv
 
 import base64
 import binascii
+import copy
 import logging
 import re
 import threading
@@ -17,12 +18,15 @@ from dataclasses import dataclass
 from ..inference.remote_images import InputError, fetch_url, image_from_bytes, readable_size
 from ..inference.streaming import StepStreamer, TextStream, cut_at_stop
 from .settings import ServeLimits
+from ..modeling.processing_vision_gpt import IMAGE_TOKEN
 from .protocol import ChatCompletionRequest, OpenAIError
 
 logger = logging.getLogger(__name__)
 
 # Sampled requests share torch's one random generator: a seeded one draws alone, so its seed gives its captions.
 _SAMPLING_LOCK = threading.Lock()
+# transformers' stop-string check builds tables the size of the vocabulary times the string's length.
+MAX_STOP_LENGTH = 64
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,", re.IGNORECASE)
 
 
@@ -34,6 +38,7 @@ class Decoding:
     do_sample: bool = False
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # None: the model's generation_config
     num_beams: int = 1
     n: int = 1
     seed: int | None = None
@@ -43,6 +48,8 @@ class Decoding:
         kwargs = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": self.num_beams}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, num_return_sequences=self.n)
+            if self.top_k is not None:
+                kwargs["top_k"] = self.top_k
         elif self.num_beams > 1:
             kwargs["num_return_sequences"] = self.n
         return kwargs
@@ -50,11 +57,11 @@ class Decoding:
 
 @dataclass(eq=False)
 class Job:
-    """One request, parsed: its image (or none), its text prompt or chat messages, how to decode it."""
+    """One request, parsed: its image as the model reads it (`pixel_values`, `(1, C, H, W)`: the decoded image is not
+    kept while the request waits), its text prompt, or its chat messages' model inputs, and how to decode it."""
 
-    image: object | None
+    pixel_values: object | None
     prompt: str | None
-    messages: list | None
     decoding: Decoding
     stream: bool = False
     request_id: str = ""
@@ -63,6 +70,7 @@ class Job:
     include_usage: bool = False
     inputs: object | None = None  # a chat request's model inputs, built from its messages when it is read
     caption_scores: bool = False
+    messages: list | None = None  # a chat request's messages, as transformers' chat templates take them
 
 
 @dataclass
@@ -83,6 +91,10 @@ class CaptionEngine:
     def __init__(self, model, processor, limits: ServeLimits | None = None):
         self.model = model.eval() if hasattr(model, "eval") else model
         self.processor = processor
+        # Requests are read on several threads while the generation thread uses `processor`: a fast tokenizer's
+        # padding state is shared, so reading requests uses its own copy, one thread at a time.
+        self.request_processor = copy.deepcopy(processor)
+        self._request_lock = threading.Lock()
         self.limits = limits or ServeLimits()
         self.tokenizer = processor.tokenizer
         eos = model.generation_config.eos_token_id
@@ -121,7 +133,7 @@ class CaptionEngine:
     def job_for(self, request: ChatCompletionRequest) -> Job:
         """The request's image, text and decoding settings, or an `OpenAIError` naming what is wrong."""
         decoding = self.decoding_for(request)
-        images, texts = [], []
+        image_parts, texts = [], []
         for position, message in enumerate(request.messages):
             parts = message.content if isinstance(message.content, list) else [message.content or ""]
             for index, part in enumerate(parts):
@@ -138,31 +150,41 @@ class CaptionEngine:
                     if message.role != "user":
                         raise OpenAIError(400, f"{where}: images go in user messages, not {message.role} ones.",
                                           param=where)
-                    images.append(self.read_image(part.image_url.url, where))
-        if len(images) > 1:
-            raise OpenAIError(400, f"The messages hold {len(images)} images; this model captions one image per "
+                    image_parts.append((where, part.image_url.url))
+        # Counted before any image is decoded or fetched.
+        if len(image_parts) > 1:
+            raise OpenAIError(400, f"The messages hold {len(image_parts)} images; this model captions one image per "
                                    "request: send one request per image.", param="messages")
-        if not images:
+        if not image_parts:
             raise OpenAIError(400, "The messages hold no image: add an image_url part (a data: URL) to a user "
                                    "message. This model captions images.", param="messages")
+        where, url = image_parts[0]
+        image = self.read_image(url, where)
         if self.has_chat_template:
-            messages = [self._hf_message(message, images[0]) for message in request.messages]
+            messages = [self._hf_message(message, image) for message in request.messages]
             try:
-                inputs = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                            return_dict=True, return_tensors="pt")
+                with self._request_lock:
+                    inputs = self.request_processor.apply_chat_template(
+                        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
             except ValueError as error:
                 raise OpenAIError(400, f"This model cannot read these messages: {error}", param="messages") from None
             self._check_length(inputs["input_ids"].shape[1], decoding, request)
-            return Job(images[0], None, messages, decoding, stream=request.stream, inputs=inputs,
+            return Job(None, None, decoding, stream=request.stream, inputs=inputs, messages=messages,
                        caption_scores=request.return_caption_scores)
         if not self.is_torch and any(text.strip() for _, text in texts):
             raise OpenAIError(400, "The ONNX Runtime captioner takes no text prompt: send the image alone.",
                               param="messages")
         # A captioner continues the text of the user's messages, or captions when there is none.
         prompt = " ".join(text.strip() for role, text in texts if role == "user" and text.strip()) or None
-        prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+        if prompt is not None and IMAGE_TOKEN in prompt:
+            raise OpenAIError(400, f"The text holds {IMAGE_TOKEN!r}: the image comes from the image_url part, and "
+                                   "the model puts it where it reads images.", param="messages")
+        with self._request_lock:
+            prompt_tokens = len(self.request_processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) \
+                if prompt else 0
         self._check_length(self.prefix_positions + 1 + prompt_tokens, decoding, request)
-        return Job(images[0], prompt, None, decoding, stream=request.stream,
+        pixel_values = self.request_processor(images=[image])["pixel_values"]  # (1, C, H, W)
+        return Job(pixel_values, prompt, decoding, stream=request.stream,
                    caption_scores=request.return_caption_scores)
 
     def _check_length(self, prompt_positions: int, decoding: Decoding, request: ChatCompletionRequest) -> None:
@@ -239,8 +261,9 @@ class CaptionEngine:
             raise OpenAIError(400, f"'n' is {request.n}; this server returns at most {limits.max_n} choices a "
                                    "request.", param="n")
         stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
-        if len(stop) > 4 or any(not s for s in stop):
-            raise OpenAIError(400, "'stop' takes up to 4 non-empty strings.", param="stop")
+        if len(stop) > 4 or any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
+            raise OpenAIError(400, f"'stop' takes up to 4 non-empty strings of at most {MAX_STOP_LENGTH} characters.",
+                              param="stop")
         if request.use_beam_search:
             beams = request.best_of or max(config.num_beams or 1, request.n)
             if request.temperature not in (None, 0) or request.top_p not in (None, 1):
@@ -260,14 +283,17 @@ class CaptionEngine:
             raise OpenAIError(400, f"{beams} beams were asked for; this server runs at most {limits.max_beams}.",
                               param="best_of")
         if not do_sample and beams > 1 and request.n > beams:
-            raise OpenAIError(400, f"'n' is {request.n} but beam search keeps {beams} beams: set 'best_of' to at "
-                                   f"least {request.n}.", param="n")
+            fix = (f"set 'best_of' to at least {request.n}" if request.use_beam_search else
+                   f"set 'use_beam_search' with 'best_of' of at least {request.n}, or sample ('temperature' above 0)")
+            raise OpenAIError(400, f"'n' is {request.n} but beam search keeps {beams} beams: {fix}.", param="n")
+        if request.top_k is not None and not do_sample:
+            raise OpenAIError(400, "'top_k' applies to sampling: set 'temperature' above 0 too.", param="top_k")
         temperature = top_p = None
         if do_sample:
             temperature = request.temperature if request.temperature is not None else (config.temperature or 1.0)
             top_p = request.top_p if request.top_p is not None else (config.top_p or 1.0)
         return Decoding(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                        num_beams=1 if do_sample else beams, n=request.n, seed=request.seed if do_sample else None,
+                        top_k=request.top_k if do_sample else None, num_beams=1 if do_sample else beams, n=request.n, seed=request.seed if do_sample else None,
                         stop=stop)
 
     # ----- generation ----------------------------------------------------------------------------------------------
@@ -280,7 +306,9 @@ class CaptionEngine:
         """
         groups: dict[tuple, list[Job]] = {}
         for job in jobs:
-            key = (job.decoding, job.prompt is not None, id(job) if job.messages is not None else None)
+            # Chat requests, and seeded samples (whose draws depend on the batch's size), run alone.
+            alone = job.inputs is not None or (job.decoding.do_sample and job.decoding.seed is not None)
+            key = (job.decoding, job.prompt is not None, id(job) if alone else None)
             groups.setdefault(key, []).append(job)
         for group in groups.values():
             try:
@@ -291,12 +319,18 @@ class CaptionEngine:
                     emit(("error", job, OpenAIError(500, f"Generation failed: {error}", type="server_error")))
 
     def _inputs(self, group: list[Job]):
+        import torch
+        from transformers import BatchFeature
+
         if group[0].inputs is not None:
             return group[0].inputs
-        images = [job.image for job in group]
-        if group[0].prompt is not None:
-            return self.processor(images=images, text=[job.prompt for job in group])
-        return self.processor(images=images)
+        pixel_values = torch.cat([job.pixel_values for job in group])
+        if group[0].prompt is None:
+            return BatchFeature({"pixel_values": pixel_values})
+        # The prompts' ids are what `processor(images=..., text=prompts)` gives: they hold no image placeholder.
+        inputs = self.processor(text=[job.prompt for job in group])
+        inputs["pixel_values"] = pixel_values
+        return inputs
 
     def _run_group(self, group: list[Job], emit) -> None:
         import torch

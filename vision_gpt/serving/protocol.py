@@ -64,12 +64,14 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's names for beam search: `best_of` beams, the best `n` returned.
+    # vLLM's extra sampling field: sample from the K most likely tokens (0: no such cut).
+    top_k: int | None = Field(default=None, ge=0)
     use_beam_search: bool = False
     best_of: int | None = Field(default=None, ge=1)
     # vision-gpt's trust scores: each choice gets `confidence` and `grounding` (see VisionGPTCaptionScores).

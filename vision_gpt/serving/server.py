@@ -12,7 +12,7 @@ error; the requests that pass wait for `@serve.batch` to gather up to `max_batch
 worker thread, while the event loop streams each request's tokens as they come.
 
 Routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health` (no key needed), `GET /metrics` (Prometheus
-text: requests, batches and their sizes).
+text: requests, batches and their sizes; the key, where set, as for /v1).
 """
 
 import asyncio
@@ -21,11 +21,13 @@ import json
 import logging
 import os
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import CaptionEngine, Job
 from .settings import ServeOptions
@@ -40,6 +42,27 @@ api = FastAPI(title="vision-gpt", docs_url=None, redoc_url=None, openapi_url=Non
 @api.exception_handler(OpenAIError)
 async def _openai_error(request: Request, error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # An unknown route or method, in OpenAI's shape too.
+    return await _openai_error(request, OpenAIError(error.status_code, f"{request.method} {request.url.path}: "
+                                                                       f"{error.detail}"))
+
+
+# Defined before the deployment class: Ray Serve serializes that class, with what it uses, when it is decorated.
+class _Release:
+    """Counts one request in flight on `server` until called; calling it again does nothing."""
+
+    def __init__(self, server):
+        self.server, self.done = server, False
+        server.in_flight += 1
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.server.in_flight -= 1
 
 
 @serve.deployment(name="VisionGPTServer")
@@ -110,7 +133,8 @@ class VisionGPTServer:
                                             "owned_by": "vision-gpt"}]}
 
     @api.get("/metrics")
-    async def metrics(self) -> PlainTextResponse:
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        self._authorize(request)
         lines = []
         for name, value in self.counters.items():
             kind = "gauge" if name == "largest_batch" else "counter"
@@ -132,18 +156,26 @@ class VisionGPTServer:
             raise OpenAIError(429, f"The server is busy: {self.in_flight} requests are waiting or running "
                                    f"(--max-queue {self.limits.max_queue}). Retry shortly.",
                               code="rate_limit_exceeded", type="rate_limit_error")
-        # Reading the image is CPU work too: off the event loop, which keeps streaming other requests.
-        job = await asyncio.get_running_loop().run_in_executor(None, self.engine.job_for, parsed)
+        # Counted from here (no await between the check and the count), released exactly once however it ends.
+        release = _Release(self)
+        try:
+            # Reading the image is CPU work too: off the event loop, which keeps streaming other requests.
+            job = await asyncio.get_running_loop().run_in_executor(None, self.engine.job_for, parsed)
+        except BaseException:
+            release()
+            raise
         job.request_id, job.created, job.model = new_id(), int(time.time()), self.options.name
         job.include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         self.counters["requests"] += 1
-        self.in_flight += 1
         if job.stream:
-            return StreamingResponse(self._stream(job), media_type="text/event-stream")
+            events = self._stream(job, release)
+            # A client that leaves before the stream starts never runs its `finally`: release when it is dropped.
+            weakref.finalize(events, release)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
             return await self._complete(job)
         finally:
-            self.in_flight -= 1
+            release()
 
     async def _complete(self, job: Job) -> dict:
         async for events in self._generate(job):
@@ -156,7 +188,7 @@ class VisionGPTServer:
                                       reply.prompt_tokens, reply.completion_tokens, reply.scores)
         raise OpenAIError(500, "Generation ended without a reply.", type="server_error")
 
-    async def _stream(self, job: Job):
+    async def _stream(self, job: Job, release):
         def sse(payload: dict) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
@@ -181,7 +213,7 @@ class VisionGPTServer:
                                             usage_counts=usage(reply.prompt_tokens, reply.completion_tokens)))
             yield "data: [DONE]\n\n"
         finally:
-            self.in_flight -= 1
+            release()
 
     # ----- batching ----------------------------------------------------------------------------------------------
 
