@@ -2,10 +2,11 @@
 
     vision-gpt app --model user/vision-gpt-flickr8k            # then open http://127.0.0.1:7860
     vision-gpt app --model ./my-model --dtype bfloat16 --port 8000
+    vision-gpt app --server http://127.0.0.1:8000/v1            # in front of `vision-gpt serve`
 
 Upload one or more images (or paste image URLs, where the server has internet access), pick the decoding settings
 (beams, caption length, sampling, temperature, top-p, how many captions) and press Caption. Every image gets its best
-caption and the alternatives with their scores.
+caption and the alternatives with their scores; greedy and sampled captions appear as they are written.
 
 What keeps it safe to leave running: it listens on 127.0.0.1 unless told otherwise; uploads are capped (10 MB a file,
 8 images a request, by default) by Gradio and checked again here; unreadable files get a one-line message, never a
