@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,32 +29,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+try:
+    from bench_app_burst import free_port, save_random_model
+except ImportError:  # run as a module from the repository root
+    from benchmarks.bench_app_burst import free_port, save_random_model
+
 START_TIMEOUT_S = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def save_random_base_model(folder: str) -> str:
-    """A random ViT-B/16 + GPT-2 small model in the default design (cross-attention), greedy, saved in `folder`."""
-    import torch
-    from transformers import GPT2Config, ViTConfig
-
-    from vision_gpt import VisionGPTConfig, VisionGPTForConditionalGeneration
-    from vision_gpt.assembly.build import build_tiny
-
-    _, processor = build_tiny()
-    torch.manual_seed(0)
-    config = VisionGPTConfig(vision_config=ViTConfig().to_dict(), text_config=GPT2Config().to_dict())
-    model = VisionGPTForConditionalGeneration(config)
-    model.generation_config.num_beams = 1
-    processor.image_processor = processor.default_image_processor(config.vision_config)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 class Server:
@@ -186,7 +165,7 @@ def main(argv=None) -> None:
 
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        model = args.model or save_random_base_model(folder)
+        model = args.model or save_random_model(folder, base=True)  # requests ask for greedy: temperature 0
         urls = image_urls(args.requests)
         for size in args.batch_sizes:
             server = Server(model, size, args)

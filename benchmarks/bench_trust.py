@@ -176,6 +176,17 @@ def plot(results: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=90)
 
 
+def model_specs(parser, specs: list[str]) -> list[tuple[str, str]]:
+    """`--model NAME=PATH` flags as (name, path) pairs; a flag without `=PATH` is a usage error."""
+    models = []
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not path:
+            parser.error(f"--model {spec!r}: write NAME=PATH, e.g. demo=vision-gpt-demo/model")
+        models.append((name, path))
+    return models
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True, type=Path, help="a shapes corpus (vision-gpt-demo/shapes)")
@@ -188,12 +199,7 @@ def main(argv=None) -> None:
     if args.replot:
         plot(json.loads((args.output_dir / "trust.json").read_text()), args.output_dir / "selective_captioning.png")
         return
-    models = []
-    for spec in args.model:
-        name, _, path = spec.partition("=")
-        if not path:
-            parser.error(f"--model {spec!r}: write NAME=PATH, e.g. demo=vision-gpt-demo/model")
-        models.append((name, path))
+    models = model_specs(parser, args.model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(name, path, args.data_dir, args.batch_size) for name, path in models]
     print_tables(results)

@@ -36,9 +36,9 @@ from vision_gpt.inference.loading import load_model
 from vision_gpt.inference.trust import caption_trust, rerank_value
 
 try:
-    from bench_trust import auroc, colour_truth
+    from bench_trust import auroc, colour_truth, model_specs
 except ImportError:  # run as a module from the repository root
-    from benchmarks.bench_trust import auroc, colour_truth
+    from benchmarks.bench_trust import auroc, colour_truth, model_specs
 
 NUM_OTHER_IMAGES = 8
 VARIANTS = ("confidence", "grounding", "grounding, zero features", "grounding, other images", "least likely token",
@@ -171,12 +171,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output-dir", type=Path, default=Path("trust-bench"))
     args = parser.parse_args(argv)
-    models = []
-    for spec in args.model:
-        name, _, path = spec.partition("=")
-        if not path:
-            parser.error(f"--model {spec!r}: write NAME=PATH, e.g. demo=vision-gpt-demo/model")
-        models.append((name, path))
+    models = model_specs(parser, args.model)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(name, path, args.data_dir, args.batch_size) for name, path in models]
     print_tables(results)
